@@ -105,9 +105,35 @@ class ModelConfig(Strict):
 # --------------------------------------------------------------------------- data
 
 
+RECORD_FIELDS_FROM_FILES = ("prompt", "answer", "text")
+
+
 class _DomainBase(Strict):
     # Verifier used for GRPO rewards and evaluation; default: the generator's own checker.
     verifier: str | None = None
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, verifier: str | None) -> str | None:
+        # posttrain.data.domains is stdlib-only, so this keeps `import posttrain.config` cheap.
+        from posttrain.data.domains import VERIFIERS
+
+        if verifier is not None and verifier not in VERIFIERS:
+            raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(VERIFIERS)}")
+        return verifier
+
+
+def _check_columns(columns: dict[str, str]) -> dict[str, str]:
+    """A source maps record fields onto its columns: either `text`, or `prompt` and `answer`."""
+    unknown = sorted(set(columns) - set(RECORD_FIELDS_FROM_FILES))
+    if unknown:
+        raise ValueError(f"unknown record field(s) {unknown}; expected keys among {list(RECORD_FIELDS_FROM_FILES)}")
+    if "text" in columns and ({"prompt", "answer"} & set(columns)):
+        raise ValueError("maps both text and prompt/answer; expected either text (text-only) or prompt+answer")
+    empty = sorted(field for field, column in columns.items() if not column.strip())
+    if empty:
+        raise ValueError(f"empty column name for field(s) {empty}; expected a column of the file")
+    return columns
 
 
 class AdditionDomain(_DomainBase):
@@ -146,6 +172,8 @@ class FileDomain(_DomainBase):
     # Drop rows that fail validation instead of failing the stage (counted and reported).
     skip_bad_rows: bool = False
 
+    _columns = field_validator("columns")(_check_columns)
+
 
 class HubDomain(_DomainBase):
     """A `datasets` id (needs network or a local cache) loaded with datasets.load_dataset."""
@@ -156,6 +184,10 @@ class HubDomain(_DomainBase):
     split: str = "train"
     columns: dict[str, str] = {}
     max_items: PositiveInt | None = None
+    # Drop rows that fail validation instead of failing the stage (counted and reported).
+    skip_bad_rows: bool = False
+
+    _columns = field_validator("columns")(_check_columns)
 
 
 DomainConfig = Annotated[
@@ -219,6 +251,9 @@ class MixtureConfig(Strict):
     # Which record shape the stage trains on.
     format: Literal["text", "prompt_completion", "preference", "prompt_answer"] = "text"
     replay: ReplayConfig | None = None
+    # Sampling seed (combined with the stage name). Lives here, not in data, so that the `mix`
+    # stage depends only on the `mixtures` params that dvc.yaml declares for it.
+    seed: int = 0
 
     @field_validator("weights")
     @classmethod
@@ -312,7 +347,28 @@ class GRPOStageConfig(TrainStageConfig):
     def _some_rewards(cls, rewards: list[RewardSpec]) -> list[RewardSpec]:
         if not rewards:
             raise ValueError("no reward functions; expected at least one")
+        # posttrain.rewards is pure Python (no torch), so this check stays cheap.
+        from posttrain.rewards import REWARDS
+
+        unknown = [spec.name for spec in rewards if spec.name not in REWARDS]
+        if unknown:
+            raise ValueError(f"unknown reward function(s) {unknown}; expected names from {sorted(REWARDS)}")
         return rewards
+
+    @model_validator(mode="after")
+    def _groups_fit_batch(self) -> GRPOStageConfig:
+        # TRL samples whole prompt groups: the generation batch must be a multiple of num_generations.
+        extra = self.trainer.model_extra or {}
+        batch = extra.get("generation_batch_size") or (
+            self.trainer.per_device_train_batch_size
+            * (extra.get("steps_per_generation") or self.trainer.gradient_accumulation_steps)
+        )
+        if isinstance(batch, int) and batch % self.num_generations:
+            raise ValueError(
+                f"the generation batch ({batch} = trainer.per_device_train_batch_size x steps per generation) "
+                f"must be divisible by num_generations ({self.num_generations})"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- merge and evaluation
@@ -411,6 +467,12 @@ class ContinualConfig(Strict):
     incoming_dir: str = "data/incoming"
     # Domain the incoming files are registered under.
     domain: str = "incoming"
+    # Weight of that domain in the cpt mixture when it is first registered (later edits are kept).
+    weight: Annotated[float, Field(gt=0.0)] = 1.0
+    # Record field -> column in the incoming files (the file domain's `columns`).
+    columns: dict[str, str] = {}
+    # Where ingested data is versioned: <store_dir>/<domain>/ (`dvc add`) and <domain>.ingested.json.
+    store_dir: str = "data/continual"
     cron: str = "0 2 * * *"
 
 

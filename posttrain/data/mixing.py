@@ -1,0 +1,204 @@
+"""Training mixtures: domain weights -> exact counts -> sampled items -> rows in a stage's format.
+
+- Temperature: weights are raised to 1/T and renormalised (T > 1 flattens, T < 1 sharpens).
+- Counts: largest-remainder allocation, so counts add up to `total` exactly and each domain's
+  share is within 1/total of its target.
+- Sampling: from each domain's TRAIN split only; without replacement, unless a domain has fewer
+  items than its count: then every item once plus the rest drawn with replacement (recorded).
+- Replay: `replay.fraction` of the output is drawn from the items of the `replay.from_stage`
+  mixture, so that stage's mixture must be built first (see `stage_order`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.config import TRAINING_STAGES, MixtureConfig
+from posttrain.data.domains import Record, is_verifiable, wrong_answer
+from posttrain.errors import DataError
+
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "text": ("id", "domain", "text"),
+    "prompt_completion": ("id", "domain", "prompt", "completion"),
+    "preference": ("id", "domain", "prompt", "chosen", "rejected", "answer", "verifier"),
+    "prompt_answer": ("id", "domain", "prompt", "answer", "verifier"),
+}
+
+
+def tempered_proportions(weights: Mapping[str, float], temperature: float) -> dict[str, float]:
+    """weights^(1/T), renormalised; zero-weight domains are dropped."""
+    powered = {d: w ** (1.0 / temperature) for d, w in weights.items() if w > 0}
+    total = sum(powered.values())
+    if total <= 0:
+        raise DataError(f"mixture weights {dict(weights)} are all zero; expected at least one weight > 0")
+    return {d: p / total for d, p in powered.items()}
+
+
+def allocate(total: int, proportions: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder (Hamilton) allocation: integer counts summing exactly to `total`.
+
+    Ties in the remainder go to the domain named first in sorted order, so the result is fixed.
+    """
+    quotas = {d: total * p for d, p in proportions.items()}
+    counts = {d: int(q) for d, q in quotas.items()}
+    left = total - sum(counts.values())
+    by_remainder = sorted(quotas, key=lambda d: (-(quotas[d] - counts[d]), d))
+    for d in by_remainder[:left]:
+        counts[d] += 1
+    return counts
+
+
+def sample_items(items: Sequence[Record], k: int, rng: random.Random) -> tuple[list[Record], int]:
+    """k items from `items`; returns (sample, how many were drawn with replacement)."""
+    if k <= len(items):
+        return rng.sample(list(items), k), 0
+    # Not enough: use every item once, then draw the remainder with replacement.
+    extra = k - len(items)
+    return rng.sample(list(items), len(items)) + rng.choices(list(items), k=extra), extra
+
+
+def stage_order(mixtures: Mapping[str, MixtureConfig]) -> list[str]:
+    """Stages ordered so that every replay source comes before the stages replaying it."""
+    rank = {s: i for i, s in enumerate(TRAINING_STAGES)}
+    pending = sorted(mixtures, key=lambda s: (rank.get(s, len(rank)), s))
+    done: list[str] = []
+    while pending:
+        ready = [s for s in pending if not mixtures[s].replay or mixtures[s].replay.from_stage in done]
+        if not ready:
+            chain = ", ".join(f"{s} <- {mixtures[s].replay.from_stage}" for s in pending)
+            raise DataError(
+                f"mixtures: replay sources form a cycle ({chain}); expected each replay.from_stage to be built first"
+            )
+        done.append(ready[0])
+        pending.remove(ready[0])
+    return done
+
+
+@dataclass
+class Mixture:
+    stage: str
+    records: list[Record]  # the chosen items in output order (what a later stage may replay)
+    rows: list[dict[str, str]]  # the records in the stage's format
+    columns: tuple[str, ...]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random) -> list[dict[str, str]]:
+    if fmt != "text":
+        bad = Counter(r["domain"] for r in records if not is_verifiable(r))
+        if bad:
+            raise DataError(
+                f"mixtures.{stage}: format '{fmt}' needs items with prompt and answer, but domain(s) "
+                f"{sorted(bad)} hold text-only items; expected format 'text' or verifiable domains only"
+            )
+    rows = []
+    for r in records:
+        if fmt == "text":
+            rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"]})
+        elif fmt == "prompt_completion":
+            rows.append({"id": r["id"], "domain": r["domain"], "prompt": r["prompt"], "completion": r["answer"]})
+        elif fmt == "preference":
+            rows.append(
+                {
+                    "id": r["id"],
+                    "domain": r["domain"],
+                    "prompt": r["prompt"],
+                    "chosen": r["answer"],
+                    "rejected": wrong_answer(r, rng),
+                    "answer": r["answer"],
+                    "verifier": r["verifier"],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "id": r["id"],
+                    "domain": r["domain"],
+                    "prompt": r["prompt"],
+                    "answer": r["answer"],
+                    "verifier": r["verifier"],
+                }
+            )
+    return rows
+
+
+def build_mixture(
+    stage: str,
+    config: MixtureConfig,
+    train: Mapping[str, Sequence[Record]],
+    built: Mapping[str, Mixture] | None = None,
+) -> Mixture:
+    """The mixture of `stage` from each domain's train records; `built` holds earlier mixtures (replay)."""
+    built = built or {}
+    replay_n = 0
+    replay_records: list[Record] = []
+    replay_repeats = 0
+    if config.replay:
+        source = built.get(config.replay.from_stage)
+        if source is None:
+            raise DataError(
+                f"mixtures.{stage}.replay.from_stage: mixture {config.replay.from_stage!r} is not built yet"
+            )
+        replay_n = round(config.total * config.replay.fraction)
+        # String seeds are hashed with sha512 by `random`: stable across runs and Python versions.
+        replay_rng = random.Random(f"{config.seed}:{stage}:replay")
+        replay_records, replay_repeats = sample_items(source.records, replay_n, replay_rng)
+    own_n = config.total - replay_n
+
+    targets = tempered_proportions(config.weights, config.temperature)
+    counts = allocate(own_n, targets)
+    chosen: list[Record] = []
+    with_replacement: dict[str, int] = {}
+    for domain in sorted(counts):
+        items = train.get(domain)
+        if items is None:
+            raise DataError(f"mixtures.{stage}.weights.{domain}: no prepared data for domain {domain!r}")
+        if counts[domain] and not items:
+            raise DataError(
+                f"mixtures.{stage}.weights.{domain}: the domain's train split is empty; "
+                "expected items (more n_items, or a smaller val/test fraction)"
+            )
+        # One rng per domain: changing one domain's count leaves the others' picks as they were.
+        sample, repeats = sample_items(items, counts[domain], random.Random(f"{config.seed}:{stage}:{domain}"))
+        if repeats:
+            with_replacement[domain] = repeats
+        chosen.extend(sample)
+
+    rng = random.Random(f"{config.seed}:{stage}:shuffle")
+    records = chosen + replay_records
+    rng.shuffle(records)
+    rows = _format_rows(stage, config.format, records, random.Random(f"{config.seed}:{stage}:rejected"))
+
+    replay_counts = dict(sorted(Counter(r["domain"] for r in replay_records).items()))
+    output_counts = dict(sorted(Counter(r["domain"] for r in records).items()))
+    manifest = {
+        "stage": stage,
+        "format": config.format,
+        "columns": list(FORMAT_COLUMNS[config.format]),
+        "seed": config.seed,
+        "total": len(rows),
+        "weights": dict(config.weights),
+        "temperature": config.temperature,
+        "target_proportions": {d: round(p, 6) for d, p in sorted(targets.items())},
+        "counts": dict(sorted(counts.items())),
+        "effective_proportions": {d: round(c / own_n, 6) if own_n else 0.0 for d, c in sorted(counts.items())},
+        "with_replacement": with_replacement,
+        "available_train_items": {d: len(train[d]) for d in sorted(counts)},
+        "replay": {
+            "from_stage": config.replay.from_stage,
+            "fraction": config.replay.fraction,
+            "items": replay_n,
+            "counts": replay_counts,
+            "with_replacement": replay_repeats,
+        }
+        if config.replay
+        else None,
+        "output_counts": output_counts,
+        "output_proportions": {d: round(c / len(records), 6) for d, c in output_counts.items()} if records else {},
+        "ids": [r["id"] for r in records],
+    }
+    return Mixture(stage=stage, records=records, rows=rows, columns=FORMAT_COLUMNS[config.format], manifest=manifest)
