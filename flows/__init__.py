@@ -1,0 +1,1 @@
+"""Prefect flows that execute the DAG dvc.yaml declares (no training logic here)."""

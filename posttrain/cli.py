@@ -1,0 +1,278 @@
+"""`posttrain`: the command line of the pipeline.
+
+Heavy libraries (prefect, mlflow, dvc, torch) are imported inside the commands that need them, so
+`posttrain --help`, `validate` and `status` answer in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from posttrain.errors import PipelineError
+from posttrain.layout import find_root
+
+app = typer.Typer(
+    name="posttrain",
+    help="Reproducible multi-stage LLM post-training: DVC decides what is stale, Prefect runs it, MLflow records it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="Project folder (default: nearest folder with params.yaml and dvc.yaml).")
+]
+StagesOption = Annotated[
+    list[str] | None,
+    typer.Option("--stages", "-s", help="Stage(s) to run, with their upstream stages (repeat or comma-separate)."),
+]
+
+
+def _root(root: Path | None) -> Path:
+    return (root or find_root()).resolve()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    items = [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+    return items or None
+
+
+def _load(root: Path) -> Any:
+    from posttrain.config import load_params
+
+    return load_params(root / "params.yaml")
+
+
+@app.command()
+def run(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a param, KEY=VALUE (YAML value); repeatable. Written into params.yaml."),
+    ] = None,
+    stages: StagesOption = None,
+    downstream: Annotated[bool, typer.Option("--downstream", help="Also run the stages below --stages.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun the selected stages even if DVC finds them up to date.")
+    ] = False,
+    no_prefect: Annotated[
+        bool, typer.Option("--no-prefect", help="Run plain `dvc repro` (no Prefect server, no retries).")
+    ] = False,
+    root: RootOption = None,
+) -> None:
+    """Run the pipeline: every stale dvc.yaml stage as a Prefect task (independent stages in parallel).
+
+    Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
+    MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
+    """
+    from posttrain import dag
+
+    project = _root(root)
+    targets = _split(stages)
+    try:
+        for change in dag.apply_overrides(project, overrides or []):
+            typer.echo(f"params.yaml: {change}")
+        _load(project)
+    except PipelineError as error:
+        _fail(str(error))
+    if no_prefect:
+        args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
+        raise typer.Exit(subprocess.run(dag.dvc_command(*args), cwd=project).returncode)
+    from flows.pipeline import pipeline_flow
+
+    state = pipeline_flow(
+        root=str(project),
+        overrides=overrides or [],
+        stages=targets,
+        downstream=downstream,
+        force=force,
+        return_state=True,
+    )
+    if state.is_failed():
+        _fail(state.message or "the pipeline flow failed")
+    outcomes = state.result()
+    typer.echo("  ".join(f"{stage}: {outcome}" for stage, outcome in outcomes.items()))
+
+
+def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
+    items = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, str))
+    ]
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+@app.command()
+def status(
+    root: RootOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print stale stages and metrics as JSON.")] = False,
+) -> None:
+    """Which stages are stale and why (DVC's view), and the last metrics of each stage."""
+    from posttrain import dag
+
+    project = _root(root)
+    try:
+        _, statuses = dag.pipeline_status(project)
+    except PipelineError as error:
+        _fail(str(error))
+    metrics = dag.last_metrics(project)
+    if as_json:
+        stale = {name: s.reasons for name, s in statuses.items() if s.stale}
+        typer.echo(json.dumps({"stale": stale, "metrics": metrics}, indent=2, default=str))
+        return
+    for name, state in statuses.items():
+        typer.echo(f"{name:<16} {'stale' if state.stale else 'up to date'}")
+        for reason in state.reasons:
+            typer.echo(f"    {reason}")
+    if metrics:
+        typer.echo("\nlast metrics (artifacts/metrics/):")
+        for name, values in metrics.items():
+            typer.echo(f"  {name:<14} {_scalars(values)}")
+
+
+@app.command()
+def validate(
+    params: Annotated[Path | None, typer.Argument(help="Params file (default: params.yaml of the project).")] = None,
+    root: RootOption = None,
+) -> None:
+    """Load and check a params file; print OK or every bad key with its value, and exit 1."""
+    from posttrain.config import load_params
+
+    path = params or _root(root) / "params.yaml"
+    try:
+        load_params(path)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"OK: {path}")
+
+
+def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        from posttrain import registry  # MLflow: imported only here
+    except ImportError as error:
+        _fail(f"posttrain.registry is not available ({error})")
+    try:
+        return getattr(registry, name)(*args, **kwargs)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+def _print(value: Any) -> None:
+    if value is not None:
+        typer.echo(value if isinstance(value, str) else json.dumps(value, indent=2, default=str))
+
+
+@app.command()
+def promote(
+    version: Annotated[
+        int | None, typer.Option("--version", help="Model version to promote (default: the candidate).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden (recorded).")] = None,
+    root: RootOption = None,
+) -> None:
+    """Apply the promotion gate to the candidate (or --version) and make it champion if it passes."""
+    if force and not reason:
+        _fail("--force needs --reason TEXT (it is recorded with the promotion)")
+    project = _root(root)
+    params = _load_or_fail(project)
+    _print(_registry_call("promote", params, project, version=version, force=force, reason=reason))
+
+
+@app.command()
+def rollback(root: RootOption = None) -> None:
+    """Make the previous champion the champion again."""
+    project = _root(root)
+    _print(_registry_call("rollback", _load_or_fail(project), project))
+
+
+@app.command()
+def registry(root: RootOption = None) -> None:
+    """Show the model registry: versions, champion, candidate and their metrics."""
+    project = _root(root)
+    _print(_registry_call("show", _load_or_fail(project), project))
+
+
+def _load_or_fail(project: Path) -> Any:
+    try:
+        return _load(project)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+@app.command()
+def deploy(
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Schedule (default: orchestration.continual.cron in params.yaml).")
+    ] = None,
+    pool: Annotated[str, typer.Option("--pool", help="Process work pool (created if missing).")] = "posttrain-process",
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "continual",
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve the schedule from this process (blocks) instead of a work pool.")
+    ] = False,
+    root: RootOption = None,
+) -> None:
+    """Create the scheduled deployment of the continual flow on the Prefect server in PREFECT_API_URL.
+
+    Start a server first (`prefect server start`, then `prefect config set
+    PREFECT_API_URL=http://127.0.0.1:4200/api`); after deploying, `prefect worker start --pool
+    posttrain-process` runs the scheduled runs. GPU clusters: see flows/continual.py.
+    """
+    from posttrain.config import ParamsError
+
+    project = _root(root)
+    params = _load_or_fail(project)
+    schedule = cron or params.orchestration.continual.cron
+    try:
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=schedule)
+        except ValidationError:
+            raise ParamsError(f"cron {schedule!r} is not a valid cron expression; expected e.g. '0 2 * * *'") from None
+        from flows.continual import deploy_continual
+
+        deployment = deploy_continual(project, schedule, pool=pool, name=name, serve=serve)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"deployment continual/{name} ({deployment}): cron {schedule!r} on work pool {pool!r}")
+    typer.echo(f"run its scheduled work with: prefect worker start --pool {pool}")
+
+
+@app.command()
+def continual(
+    stages: StagesOption = None,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Do not apply the promotion gate.")] = False,
+    root: RootOption = None,
+) -> None:
+    """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion gate."""
+    project = _root(root)
+    _load_or_fail(project)
+    from flows.continual import DEFAULT_GATE, continual_flow
+
+    state = continual_flow(
+        root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, return_state=True
+    )
+    if state.is_failed():
+        _fail(state.message or "the continual flow failed")
+    _print(state.result())
+
+
+def main() -> None:  # pragma: no cover - `python -m posttrain.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

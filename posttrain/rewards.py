@@ -1,0 +1,160 @@
+"""Reward functions for GRPO, picked by name from params.yaml (`grpo.rewards: [{name, weight}]`).
+
+Each reward is a plain TRL-style callable `f(completions, answer, **columns) -> list[float]`: TRL
+passes every dataset column except `prompt`/`completion` as a keyword list, so the gold column is
+`answer` (see docs/design.md). Pure Python, no torch: importing this module is cheap, which lets
+`posttrain.config` check reward names at validation time.
+
+Completions are plain decoded strings (no chat template; generation stops on EOS).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from posttrain.errors import StageError
+
+RewardFunction = Callable[..., list[float]]
+
+_NUMBER = re.compile(r"-?\d+")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def normalise(text: str) -> str:
+    """The answer a completion gives: leading/trailing space stripped, cut at the first whitespace."""
+    parts = text.strip().split(maxsplit=1)
+    return parts[0] if parts else ""
+
+
+def exact_match(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 when the normalised completion equals the normalised answer, else 0.0."""
+    return [float(normalise(c) == normalise(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def _digit_score(predicted: str, gold: str) -> float:
+    if not gold:
+        return float(not predicted)
+    right = sum(p == g for p, g in zip(predicted, gold, strict=False))
+    # Dividing by the longer length penalises a wrong length: "12" and "1234" for gold "123" both
+    # lose credit, so the reward cannot be gamed by padding or truncating.
+    return right / max(len(predicted), len(gold))
+
+
+def digit_match(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """Partial credit in [0, 1]: share of answer characters right position by position.
+
+    Unlike exact match, a group of samples that are all wrong (or all nearly right) still has
+    reward variance, which is what gives GRPO an advantage signal on items the policy rarely solves.
+    """
+    return [_digit_score(normalise(c), normalise(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def _shape_of(gold: str) -> re.Pattern[str] | None:
+    if _NUMBER.fullmatch(gold):
+        return _NUMBER
+    if _WORD.fullmatch(gold):
+        return _WORD
+    return None
+
+
+def format_reward(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 for an answer-shaped completion: non-empty, one token, same character class as the gold
+    answer (digits for arithmetic, letters for words), nothing trailing after it; else 0.0."""
+    scores = []
+    for completion, gold in zip(completions, answer, strict=True):
+        text = completion.strip()
+        shape = _shape_of(gold.strip())
+        if not text:
+            scores.append(0.0)
+        elif shape is None:  # free-form gold: only ask for a single token without trailing junk
+            scores.append(float(len(text.split()) == 1))
+        else:
+            scores.append(float(shape.fullmatch(text) is not None))
+    return scores
+
+
+format_reward.__name__ = "format"  # the registry name, also what TRL logs as rewards/format/mean
+
+
+def length_penalty(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """0.0 up to the answer's length, then -(extra characters / answer length), floored at -1."""
+    scores = []
+    for completion, gold in zip(completions, answer, strict=True):
+        extra = len(completion.strip()) - len(gold.strip())
+        scores.append(-min(1.0, extra / max(1, len(gold.strip()))) if extra > 0 else 0.0)
+    return scores
+
+
+REWARDS: dict[str, RewardFunction] = {
+    "exact_match": exact_match,
+    "digit_match": digit_match,
+    "format": format_reward,
+    "length_penalty": length_penalty,
+}
+
+
+def known_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def get_reward(name: str) -> RewardFunction:
+    """The registered reward function called `name`; ParamsError listing the known names otherwise."""
+    from posttrain.config import ParamsError  # lazy: config imports this module in its validator
+
+    try:
+        return REWARDS[name]
+    except KeyError:
+        raise ParamsError(
+            f"grpo.rewards: unknown reward function {name!r}; expected one of {known_rewards()}"
+        ) from None
+
+
+def guarded(name: str, func: RewardFunction) -> RewardFunction:
+    """Wrap a reward so that any failure stops the stage with an error naming the function.
+
+    TRL would otherwise surface a bare traceback from deep inside its generation loop, or silently
+    turn a wrong-length result into a shape error.
+    """
+
+    @functools.wraps(func)
+    def call(completions: list[str], **columns: Any) -> list[float]:
+        if "answer" not in columns:
+            raise StageError(
+                f"reward function {name!r}: the dataset has no 'answer' column (got columns {sorted(columns)}); "
+                "GRPO needs the prompt_answer mixture format"
+            )
+        try:
+            values = [float(v) for v in func(completions, **columns)]
+        except Exception as error:
+            raise StageError(f"reward function {name!r} failed: {type(error).__name__}: {error}") from error
+        if len(values) != len(completions):
+            raise StageError(
+                f"reward function {name!r} returned {len(values)} values for {len(completions)} completions"
+            )
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            raise StageError(f"reward function {name!r} returned non-finite values {bad[:3]}")
+        return values
+
+    call.__name__ = name  # TRL logs rewards/<__name__>/mean
+    return call
+
+
+def build_rewards(specs: Sequence[Any]) -> tuple[list[RewardFunction], list[float]]:
+    """Guarded reward callables and their weights from `grpo.rewards` entries (objects with name, weight)."""
+    funcs = [guarded(spec.name, get_reward(spec.name)) for spec in specs]
+    return funcs, [float(spec.weight) for spec in specs]
+
+
+def combined_reward(specs: Sequence[Any], completions: list[str], answer: list[str], **columns: Any) -> list[float]:
+    """The weighted sum of the rewards, as TRL combines them (used to score models outside training)."""
+    funcs, weights = build_rewards(specs)
+    totals = [0.0] * len(completions)
+    for func, weight in zip(funcs, weights, strict=True):
+        for i, value in enumerate(func(completions, answer=answer, **columns)):
+            totals[i] += weight * value
+    return totals

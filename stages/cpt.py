@@ -1,0 +1,50 @@
+"""Stage `cpt`: continual pretraining of the pretrain model on new-domain text, with replay.
+
+The `cpt` mixture holds the new domain(s) plus a replayed share of the pretrain mixture (built by
+the mix stage). The default schedule re-warms the learning rate, holds it and decays it (WSD); the
+continual-evaluation series shows the stability gap on the old domains and the gain on the new.
+
+    reads   artifacts/models/pretrain/, artifacts/data/mixtures/cpt/, artifacts/data/prepared/*/val
+    writes  artifacts/models/cpt/ (+ lineage.json), artifacts/metrics/cpt.json,
+            artifacts/plots/cpt_continual_eval.{png,json}
+"""
+
+from __future__ import annotations
+
+from posttrain import modeling, training
+from posttrain.config import Params
+from posttrain.entry import StageResult, stage_main
+from posttrain.layout import Layout
+
+STAGE = "cpt"
+PARENT = "pretrain"
+
+
+def run(params: Params, layout: Layout) -> StageResult:
+    section = params.cpt
+    runtime = training.setup_runtime(params.compute, params.seed)
+
+    # 1. The pretrain model, its files checked against their lineage hashes.
+    parent = layout.model(PARENT)
+    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
+
+    # 2. Causal-LM training on the cpt mixture (new domain + replay), schedule from params.yaml.
+    mixture = params.mixtures[STAGE]
+    job = training.TrainingJob(
+        stage=STAGE,
+        section=section,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        train_dataset=training.load_text_mixture(layout, STAGE, loaded.tokenizer, section),
+        data_manifest=training.mixture_manifest(layout, STAGE),
+        parents=[parent],
+        metrics_extra={
+            "target_domains": sorted(d for d, w in mixture.weights.items() if w > 0),
+            "replay": mixture.replay.model_dump() if mixture.replay else None,
+        },
+    )
+    return training.run_training(job, params, layout, runtime)
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

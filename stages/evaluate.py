@@ -1,0 +1,131 @@
+"""Stage `evaluate`: score every model of `evaluate.models` on each domain's held-out test split.
+
+Per model per domain: greedy exact match (the domain's verifier), pass@k from sampling, loss and
+perplexity on `text`, each with a bootstrap CI; then the forgetting matrix along the pipeline order
+of `evaluate.models`. Writes artifacts/metrics/eval.json (schema: docs/eval-schema.md) and plots in
+artifacts/plots/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import TRAINING_STAGES, Params
+from posttrain.entry import StageResult, stage_main
+from posttrain.errors import DataError, StageError
+from posttrain.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
+from posttrain.layout import Layout
+from posttrain.lineage import write_json_atomic
+
+log = logging.getLogger("posttrain.evaluate")
+
+TEST_COLUMNS = ("id", "domain", "prompt", "answer", "text", "verifier")
+
+
+def load_test_sets(layout: Layout, domains: list[str], max_items: int) -> dict[str, Any]:
+    """First `max_items` rows of each domain's test split (the split order is fixed by `prepare`)."""
+    import pandas as pd
+
+    sets = {}
+    for domain in domains:
+        path = layout.prepared_split(domain, "test")
+        if not path.is_file():
+            raise DataError(f"{path}: test split of domain '{domain}' not found; has the prepare stage run?")
+        frame = pd.read_parquet(path)
+        missing = [c for c in TEST_COLUMNS if c not in frame.columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; expected columns {list(TEST_COLUMNS)}")
+        frame = frame.head(max_items).reset_index(drop=True)
+        if frame.empty:
+            raise DataError(f"{path}: test split of domain '{domain}' is empty; expected at least one row")
+        sets[domain] = frame
+    return sets
+
+
+def continual_series(layout: Layout, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The training stages' `continual_eval` series from their metrics JSON, where present."""
+    series = {}
+    for stage in stages:
+        path = layout.metrics(stage)
+        if stage in TRAINING_STAGES and path.is_file():
+            rows = json.loads(path.read_text()).get("continual_eval") or []
+            if rows:
+                series[stage] = rows
+    return series
+
+
+def run(params: Params, layout: Layout) -> StageResult:
+    import torch
+
+    from posttrain.data.domains import VERIFIERS
+    from posttrain.modeling import load_stage_model
+    from posttrain.plots import plot_forgetting, plot_scores, plot_stability_gap
+    from posttrain.training import setup_runtime
+
+    cfg = params.evaluate
+    runtime = setup_runtime(params.compute, params.seed)
+    domains = list(cfg.domains or params.data.domains)
+    tests = load_test_sets(layout, domains, cfg.max_items)
+    settings = EvalSettings(
+        bootstrap_samples=cfg.bootstrap_samples,
+        confidence=cfg.confidence,
+        seed=cfg.seed,
+        pass_n=cfg.pass_at_k.n,
+        pass_k=tuple(cfg.pass_at_k.k),
+        pass_temperature=cfg.pass_at_k.temperature,
+        pass_max_items=cfg.pass_at_k.max_items,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    per_item: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for stage in cfg.models:
+        model_dir = layout.model(stage)
+        if not model_dir.is_dir():
+            raise StageError(
+                f"evaluate.models lists '{stage}' but {model_dir} does not exist; run that stage first "
+                "or remove it from evaluate.models"
+            )
+        started = time.perf_counter()
+        loaded = load_stage_model(model_dir, trust_remote_code=params.model.trust_remote_code)
+        model = loaded.model.to(runtime.device)
+        if runtime.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        answerer = ModelAnswerer(model, loaded.tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        results[stage], per_item[stage] = {}, {}
+        for domain, frame in tests.items():
+            entry, vectors = evaluate_domain(answerer, frame, VERIFIERS, settings)
+            results[stage][domain], per_item[stage][domain] = entry, vectors
+            em = entry["exact_match"]
+            log.info(
+                "%s/%s: exact match %s, loss %s (%.1f s)",
+                stage,
+                domain,
+                f"{em['mean']:.3f} [{em['ci_low']:.3f}, {em['ci_high']:.3f}]" if em else "n/a",
+                f"{entry['loss']['mean']:.3f}" if entry["loss"] and entry["loss"]["mean"] is not None else "n/a",
+                entry["seconds"]["total"],
+            )
+        lineage = loaded.lineage or {}
+        info[stage] = {
+            "path": model_dir.relative_to(layout.root).as_posix(),
+            "content_hash": lineage.get("content_hash"),
+            "load_seconds": round(time.perf_counter() - started - sum(r["seconds"]["total"] for r in results[stage].values()), 4),
+        }
+        del loaded, model, answerer
+
+    report = build_report(
+        results, per_item, cfg.models, domains, settings, models_info=info, config=cfg.model_dump(mode="json")
+    )
+    write_json_atomic(layout.metrics("eval"), report)
+    artifacts = [layout.metrics("eval")]
+    artifacts += plot_scores(report, layout.plots)
+    artifacts += plot_forgetting(report, layout.plots)
+    artifacts += plot_stability_gap(continual_series(layout, list(cfg.models)), list(cfg.models), layout.plots)
+    return StageResult(metrics=report["summary"], artifacts=artifacts)
+
+
+if __name__ == "__main__":
+    stage_main("evaluate", run)

@@ -1,0 +1,94 @@
+"""Stage `merge`: merge the output models of `merge.models` into artifacts/models/merge.
+
+Method, weights, base, density, t and seed come from the `merge` section of params.yaml (see
+posttrain/merging.py for the methods). Merge only models of one fine-tuning line (models sharing a
+parent); the stage refuses models whose lineage records share no ancestor, or whose tensors,
+configs or tokenizers differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from posttrain.config import Params, params_hash
+from posttrain.entry import StageResult, stage_main
+from posttrain.layout import Layout
+from posttrain.lineage import atomic_output_dir, parent_entry, verify_model_folder, write_json_atomic, write_lineage
+from posttrain.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
+
+log = logging.getLogger("posttrain.merge")
+
+
+def run(params: Params, layout: Layout) -> StageResult:
+    cfg = params.merge
+    root = layout.root
+    base_dir: Path | None = None
+    if cfg.method == "checkpoint_average":
+        # The last K complete checkpoints of one training run, averaged uniformly; config and
+        # tokenizer come from that stage's finished model.
+        stage = cfg.models[0]
+        inputs = last_checkpoints(root, stage, cfg.last_k)
+        weights = [1.0] * len(inputs)
+        files_from = layout.model(stage)
+        verify_model_folder(files_from)
+    else:
+        inputs = [layout.model(stage) for stage in cfg.models]
+        for folder in inputs:
+            verify_model_folder(folder)  # a flipped byte fails here, with both hashes shown
+        weights = list(cfg.weights) if cfg.weights is not None else [1.0] * len(inputs)
+        if cfg.method in NEEDS_BASE:
+            base_dir = layout.model(cfg.base)  # config validation guarantees base is set here
+            verify_model_folder(base_dir)
+        check_same_line([*inputs, *([base_dir] if base_dir else [])], root)
+        files_from = inputs[0]
+
+    final = layout.model("merge")
+    with atomic_output_dir(final) as tmp:
+        stats = merge_models(
+            inputs,
+            tmp,
+            method=cfg.method,
+            weights=weights,
+            base_dir=base_dir,
+            density=cfg.density,
+            t=cfg.t,
+            seed=cfg.seed,
+            files_from=files_from,
+        )
+        parents = [parent_entry(folder, root, weight=w) for folder, w in zip(inputs, weights)]
+        if base_dir is not None:
+            parents.append({**parent_entry(base_dir, root), "role": "base"})
+        record = write_lineage(
+            tmp,
+            stage="merge",
+            root=root,
+            parents=parents,
+            params=cfg.model_dump(mode="json"),
+            params_hash=params_hash(cfg),
+            seed=cfg.seed,
+            extra={"merge": {k: stats[k] for k in ("method", "weights", "density", "t", "seed")}},
+        )
+    if cfg.method == "checkpoint_average":
+        names = [f"{cfg.models[0]}/{folder.name}" for folder in inputs]
+    else:
+        names = list(cfg.models)
+    metrics = {
+        "method": cfg.method,
+        "inputs": names,
+        "weights": dict(zip(names, weights)),
+        "tensors": stats["tensors"],
+        "parameters": stats["parameters"],
+        "l2_distance_to_inputs": dict(zip(names, stats["l2_distance_to_inputs"])),
+        "seconds": stats["seconds"],
+        "content_hash": record["content_hash"],
+    }
+    write_json_atomic(layout.metrics("merge"), metrics)
+    log.info("merge: %s of %s written to %s in %.1f s", cfg.method, names, final, stats["seconds"])
+    flat = {"tensors": stats["tensors"], "parameters": stats["parameters"], "seconds": stats["seconds"]}
+    flat.update({f"l2_distance_to_inputs.{n}": d for n, d in metrics["l2_distance_to_inputs"].items()})
+    return StageResult(metrics=flat, model_dir=final, artifacts=[layout.metrics("merge")])
+
+
+if __name__ == "__main__":
+    stage_main("merge", run)

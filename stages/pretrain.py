@@ -1,0 +1,103 @@
+"""Stage `pretrain`: bootstrap the base model.
+
+    model.base: scratch   train a BPE tokenizer on every domain's train split, build a tiny Llama
+                          from model.architecture, and train it on the `pretrain` mixture (text)
+    model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
+                          training): the next stages start from it, lineage.json says so
+
+    reads   artifacts/data/prepared/*/train.parquet, artifacts/data/mixtures/pretrain/
+    writes  artifacts/models/pretrain/ (+ lineage.json), artifacts/metrics/pretrain.json,
+            artifacts/plots/pretrain_continual_eval.{png,json}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from posttrain import modeling, training
+from posttrain.config import Params
+from posttrain.entry import StageResult, stage_main
+from posttrain.errors import DataError
+from posttrain.layout import Layout
+from posttrain.lineage import json_hash, parent_entry
+
+log = logging.getLogger("posttrain.pretrain")
+STAGE = "pretrain"
+
+
+def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
+    """The `text` of every domain's train split: what the scratch tokenizer is trained on."""
+    import pandas as pd
+
+    for domain in domains:
+        path = layout.prepared_split(domain, "train")
+        if not path.is_file():
+            raise DataError(f"{path}: not found; run the prepare stage first (python -m stages.prepare)")
+        yield from pd.read_parquet(path, columns=["text"])["text"].tolist()
+
+
+def run(params: Params, layout: Layout) -> StageResult:
+    section = params.pretrain
+    runtime = training.setup_runtime(params.compute, params.seed)
+    if params.model.base != "scratch":
+        return use_given_base(params, layout, runtime)
+
+    # 1. Tokenizer and model from scratch (seeded by setup_runtime, so the init is reproducible).
+    tokenizer = modeling.train_tokenizer(
+        prepared_texts(layout, list(params.data.domains)),
+        params.model.tokenizer,
+        max_length=params.model.architecture.max_position_embeddings,
+    )
+    model = modeling.build_scratch_model(params.model.architecture, tokenizer)
+    log.info("scratch model: %d parameters, vocabulary %d", modeling.count_parameters(model), len(tokenizer))
+
+    # 2. Train on the pretrain mixture as plain language modelling.
+    job = training.TrainingJob(
+        stage=STAGE,
+        section=section,
+        model=model,
+        tokenizer=tokenizer,
+        train_dataset=training.load_text_mixture(layout, STAGE, tokenizer, section),
+        data_manifest=training.mixture_manifest(layout, STAGE),
+        # The tokenizer is trained on the prepared data, so it and the architecture define the run too.
+        key_inputs={
+            "model": params.model.model_dump(mode="json"),
+            "prepared": json_hash(layout.prepared / "manifest.json"),
+        },
+        lineage_extra={"base": "scratch", "model": params.model.model_dump(mode="json")},
+    )
+    return training.run_training(job, params, layout, runtime)
+
+
+def use_given_base(params: Params, layout: Layout, runtime: training.Runtime) -> StageResult:
+    """No training: re-save the configured base so every later stage reads one verified folder."""
+    loaded = modeling.load_base(params.model)
+    sets = training.load_validation_sets(layout, list(params.data.domains), params.pretrain.eval_items)
+    scores = training.evaluate_domains(loaded.model, loaded.tokenizer, sets)
+    parents = [parent_entry(loaded.path, layout.root)] if loaded.path else []
+    log.info("model.base is %r: no pretraining, the base is written out as the pretrain model", params.model.base)
+    return training.write_model_output(
+        STAGE,
+        loaded.model,
+        loaded.tokenizer,
+        params=params,
+        layout=layout,
+        section=params.pretrain,
+        parents=parents,
+        data_manifest=None,
+        metrics={
+            "stage": STAGE,
+            "trained": False,
+            "base": params.model.base,
+            "steps": 0,
+            "parameters": modeling.count_parameters(loaded.model),
+            "val_before": scores,
+            "val_after": scores,
+        },
+        lineage_extra={"base": params.model.base, "revision": params.model.revision, "trained": False},
+    )
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

@@ -1,0 +1,46 @@
+"""Stage `sft`: supervised fine-tuning of the cpt model on prompt/completion pairs.
+
+TRL's SFTTrainer on a prompt-completion dataset: the loss covers only the completion tokens
+(`completion_only_loss=True`; the prompt's labels are -100) and TRL appends the tokenizer's EOS to
+every completion, so the model learns to stop after the answer.
+
+    reads   artifacts/models/cpt/, artifacts/data/mixtures/sft/, artifacts/data/prepared/*/val
+    writes  artifacts/models/sft/ (+ lineage.json), artifacts/metrics/sft.json,
+            artifacts/plots/sft_continual_eval.{png,json}
+"""
+
+from __future__ import annotations
+
+from posttrain import modeling, training
+from posttrain.config import Params
+from posttrain.entry import StageResult, stage_main
+from posttrain.layout import Layout
+
+STAGE = "sft"
+PARENT = "cpt"
+
+
+def run(params: Params, layout: Layout) -> StageResult:
+    section = params.sft
+    runtime = training.setup_runtime(params.compute, params.seed)
+
+    # 1. The cpt model, its files checked against their lineage hashes.
+    parent = layout.model(PARENT)
+    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
+
+    # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only.
+    job = training.TrainingJob(
+        stage=STAGE,
+        section=section,
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        train_dataset=training.load_prompt_completion_mixture(layout, STAGE, loaded.tokenizer, section),
+        data_manifest=training.mixture_manifest(layout, STAGE),
+        parents=[parent],
+        config_fields={"completion_only_loss": True},
+    )
+    return training.run_training(job, params, layout, runtime)
+
+
+if __name__ == "__main__":
+    stage_main(STAGE, run)

@@ -1,0 +1,186 @@
+"""DPO and GRPO stages, for real on a tiny model: a few TRL steps each, then the outputs are checked.
+
+One module-scoped project: real prepare + mix on a few hundred items, an (untrained) tiny "sft"
+model written with the shared model writer, then dpo on it and grpo on the dpo output.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from posttrain.config import Params, parse_params
+from posttrain.errors import StageError
+from posttrain.layout import Layout
+from posttrain.lineage import verify_model_folder
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 3
+
+
+def tiny_raw() -> dict[str, Any]:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for domain in raw["data"]["domains"].values():
+        domain["n_items"] = 300
+    for mixture in raw["mixtures"].values():
+        mixture["total"] = 48
+    raw["model"]["architecture"].update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+    )
+    raw["tracking"] = {"enabled": False}
+    trainer = {"max_steps": STEPS, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2}
+    for stage in ("dpo", "grpo"):
+        raw[stage]["trainer"] = dict(trainer)
+        raw[stage]["eval_items"] = 8
+    raw["dpo"]["pairs"] = "on_policy"
+    raw["dpo"]["on_policy_samples"] = 4
+    raw["grpo"]["num_generations"] = 4
+    return raw
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Params, Layout]:
+    """Prepared data, mixtures and a tiny sft model with lineage, in a temporary project root."""
+    import torch
+
+    from posttrain import modeling, training
+    from posttrain.data import io
+    from posttrain.data.domains import RECORD_COLUMNS
+    from stages import mix, prepare
+
+    params = parse_params(tiny_raw())
+    layout = Layout(tmp_path_factory.mktemp("project"))
+    prepare.run(params, layout)
+    mix.run(params, layout)
+    texts = [
+        r["text"]
+        for d in params.data.domains
+        for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
+    ]
+    tokenizer = modeling.train_tokenizer(texts, params.model.tokenizer)
+    torch.manual_seed(0)
+    model = modeling.build_scratch_model(params.model.architecture, tokenizer)
+    training.write_model_output(
+        "sft", model, tokenizer, params=params, layout=layout, section=params.sft, parents=[],
+        data_manifest=None, metrics={},
+    )  # fmt: skip
+    return params, layout
+
+
+@pytest.fixture(scope="module")
+def dpo_result(project):
+    from stages import dpo
+
+    params, layout = project
+    return dpo.run(params, layout)
+
+
+def weights_differ(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return any(not left[k].equal(right[k]) for k in left)
+
+
+def test_dpo_stage_writes_model_lineage_and_metrics(project, dpo_result) -> None:
+    params, layout = project
+    folder = layout.model("dpo")
+    assert dpo_result.model_dir == folder
+    lineage = verify_model_folder(folder)
+    assert lineage["stage"] == "dpo" and [p["stage"] for p in lineage["parents"]] == ["sft"]
+    assert lineage["params"]["beta"] == params.dpo.beta
+    assert weights_differ(layout.model("sft"), folder)  # DPO actually moved the policy
+
+    metrics = json.loads(layout.metrics("dpo").read_text())
+    assert metrics["steps"] == STEPS and metrics["pairs"] == "on_policy"
+    counts = metrics["pair_counts"]
+    assert counts["on_policy"] + counts["offline"] == 48 and counts["samples"] == 48 * 4
+    assert metrics["held_out_pairs"] == 8 * len(metrics["dpo_domains"])
+    for key in ("logp_margin_before", "logp_margin_after", "reward_margin_after"):
+        assert isinstance(metrics[key], float), key
+    assert metrics["logp_margin_after"] != metrics["logp_margin_before"]
+    assert metrics["reward_margin_after"] == pytest.approx(
+        params.dpo.beta * (metrics["logp_margin_after"] - metrics["logp_margin_before"])
+    )
+    # TRL's own implicit-reward margin is logged every step and starts at 0 (policy == reference).
+    margins = [e["rewards/margins"] for e in metrics["train_series"] if "rewards/margins" in e]
+    assert len(margins) >= STEPS and margins[0] == pytest.approx(0.0, abs=1e-6)
+    assert set(metrics["exact_match_before"]) == set(metrics["dpo_domains"])
+    assert dpo_result.metrics["logp_margin_after"] == metrics["logp_margin_after"]
+
+
+def test_dpo_margin_matches_trl_reward_definition(project, dpo_result) -> None:
+    """Our held-out margin uses TRL's tokenization: on a training pair, beta * (policy - reference)
+    log-ratio margin equals TRL's rewards/margins for the same batch of one pair."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from posttrain import modeling, preferences
+
+    params, layout = project
+    policy = modeling.load_stage_model(layout.model("dpo"))
+    reference = modeling.load_stage_model(layout.model("sft")).model
+    pair = {"prompt": "12+34=", "chosen": "46", "rejected": "45"}
+    config = DPOConfig(
+        output_dir=str(layout.root / "scratch"), beta=0.1, use_cpu=True, bf16=False, report_to="none",
+        per_device_eval_batch_size=1, activation_checkpointing=False,
+    )  # fmt: skip
+    trainer = DPOTrainer(
+        model=policy.model, ref_model=reference, args=config, processing_class=policy.tokenizer,
+        train_dataset=datasets.Dataset.from_list([pair]), eval_dataset=datasets.Dataset.from_list([pair]),
+    )  # fmt: skip
+    trl_margin = trainer.evaluate()["eval_rewards/margins"]
+    ours = 0.1 * (
+        preferences.preference_margins(policy.model, policy.tokenizer, [pair])[0]
+        - preferences.preference_margins(reference, policy.tokenizer, [pair])[0]
+    )
+    assert ours == pytest.approx(trl_margin, rel=1e-3, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def grpo_result(project, dpo_result):
+    from stages import grpo
+
+    params, layout = project
+    return grpo.run(params, layout)
+
+
+def test_grpo_stage_writes_model_lineage_and_reward_metrics(project, grpo_result) -> None:
+    params, layout = project
+    folder = layout.model("grpo")
+    lineage = verify_model_folder(folder)
+    assert lineage["stage"] == "grpo" and [p["stage"] for p in lineage["parents"]] == ["dpo"]
+
+    metrics = json.loads(layout.metrics("grpo").read_text())
+    assert metrics["steps"] == STEPS
+    assert metrics["held_out_prompts"] == 8 * len(metrics["grpo_domains"])
+    for side in ("before", "after"):
+        for key in ("greedy_reward", "sampled_reward", "greedy_exact_match", "sampled_zero_variance_groups"):
+            assert 0.0 <= metrics[f"{key}_{side}"] <= 2.0, (key, side)  # rewards: digit_match + exact_match
+    curve = [e for e in metrics["reward_curve"] if "reward" in e]
+    assert len(curve) >= STEPS
+    # Each registered reward is logged under its registry name; zero-variance share is logged too.
+    assert {"rewards/digit_match/mean", "rewards/exact_match/mean", "frac_reward_zero_std"} <= set(curve[0])
+    assert json.loads((layout.plots / "grpo_rewards.json").read_text()) == metrics["reward_curve"]
+    assert layout.plots / "grpo_rewards.json" in grpo_result.artifacts
+
+
+def test_grpo_stage_fails_naming_a_raising_reward(project, grpo_result, monkeypatch) -> None:
+    from posttrain import rewards
+    from stages import grpo
+
+    def flaky(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        raise KeyError("no such column")
+
+    monkeypatch.setitem(rewards.REWARDS, "flaky", flaky)
+    params, layout = project
+    raw = copy.deepcopy(tiny_raw())
+    raw["grpo"]["rewards"] = [{"name": "exact_match", "weight": 1.0}, {"name": "flaky", "weight": 1.0}]
+    raw["grpo"]["eval_items"] = 1
+    with pytest.raises(StageError, match="reward function 'flaky' failed: KeyError"):
+        grpo.run(parse_params(raw), layout)

@@ -1,0 +1,130 @@
+"""The whole pipeline, for real: `dvc repro` of every stage on the tiny recipe in a copy of the project.
+
+One module-scoped run is shared by the checks below (it takes a couple of minutes on 2 cores):
+every stage runs its real trainer, DVC caches and reruns exactly what changed, and MLflow holds a
+registry version for every model-producing stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
+
+pytestmark = pytest.mark.e2e
+
+
+def make_project_copy(dest: Path, params_source: Path = REPO / "configs" / "tiny.yaml") -> Path:
+    """A fresh git + DVC workspace holding the project's code, its dvc.yaml and the tiny recipe."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("posttrain", "stages", "flows"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
+    shutil.copy(params_source, dest / "params.yaml")
+    (dest / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
+    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    shutil.copy(REPO / ".gitignore", dest / ".gitignore")
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
+    return dest
+
+
+def project_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    root = make_project_copy(tmp_path_factory.mktemp("pipeline"))
+    done = run(["dvc", "repro"], root)
+    assert stages_run(done.stdout) == [
+        "prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate"
+    ], done.stdout
+    return root
+
+
+def test_every_model_stage_writes_a_verified_model_folder(pipeline):
+    from posttrain.lineage import verify_model_folder
+
+    for stage in MODEL_STAGES:
+        folder = pipeline / "artifacts" / "models" / stage
+        assert (folder / "model.safetensors").is_file(), stage
+        assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file(), stage
+        lineage = verify_model_folder(folder)
+        assert lineage["stage"] == stage
+        assert lineage["git"]["commit"], stage
+        metrics = json.loads((pipeline / "artifacts" / "metrics" / f"{stage}.json").read_text())
+        assert metrics, stage
+    # Each training stage names its parent and that parent's content hash.
+    chain = ["pretrain", "cpt", "sft", "dpo", "grpo"]
+    for parent, child in zip(chain, chain[1:]):
+        child_lineage = json.loads((pipeline / "artifacts" / "models" / child / "lineage.json").read_text())
+        parent_lineage = json.loads((pipeline / "artifacts" / "models" / parent / "lineage.json").read_text())
+        assert child_lineage["parents"][0]["content_hash"] == parent_lineage["content_hash"]
+    merge_lineage = json.loads((pipeline / "artifacts" / "models" / "merge" / "lineage.json").read_text())
+    assert {p["stage"] for p in merge_lineage["parents"]} >= {"cpt", "grpo"}
+
+
+def test_evaluation_covers_every_model_and_dvc_reads_it(pipeline):
+    evaluation = json.loads((pipeline / "artifacts" / "metrics" / "eval.json").read_text())
+    text = json.dumps(evaluation)
+    for stage in MODEL_STAGES:
+        assert stage in text
+    shown = run(["dvc", "metrics", "show", "--json"], pipeline)
+    assert "eval.json" in shown.stdout
+
+
+def test_no_change_repro_runs_nothing(pipeline):
+    done = run(["dvc", "repro"], pipeline)
+    assert stages_run(done.stdout) == []
+    assert "up to date" in done.stdout
+
+
+def test_changing_a_grpo_param_reruns_only_grpo_and_descendants(pipeline):
+    params_path = pipeline / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["grpo"]["trainer"]["learning_rate"] = params["grpo"]["trainer"]["learning_rate"] * 0.5
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    done = run(["dvc", "repro"], pipeline)
+    assert stages_run(done.stdout) == ["grpo", "merge", "evaluate"]
+
+
+def test_registry_has_a_version_per_model_stage_and_a_candidate(pipeline):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlflow.db'}")
+    client = MlflowClient()
+    names = {model.name for model in client.search_registered_models()}
+    for stage in MODEL_STAGES:
+        assert any(name.endswith(stage) for name in names), (stage, names)
+    final = yaml.safe_load((pipeline / "params.yaml").read_text())["promotion"]["final_stage"]
+    final_name = next(name for name in names if name.endswith(final))
+    assert client.get_model_version_by_alias(final_name, "candidate")
