@@ -29,9 +29,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     torch_version=$(grep -E '^torch==' constraints.txt | cut -d= -f3)
     echo "setup: no GPU found: installing the CPU build of torch $torch_version first"
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
-      "${pip[@]}" "torch==$torch_version" --index-url "$TORCH_INDEX_URL"
+      "${pip[@]}" -c constraints.txt "torch==$torch_version" --index-url "$TORCH_INDEX_URL"
     else
-      "${pip[@]}" "torch==$torch_version"
+      "${pip[@]}" -c constraints.txt "torch==$torch_version"
     fi
   fi
 fi
