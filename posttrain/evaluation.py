@@ -60,7 +60,9 @@ def mean_ci(values: Sequence[float], *, samples: int, confidence: float, seed: i
     return {"mean": float(x.mean()), "ci_low": low, "ci_high": high, "n": int(x.size)}
 
 
-def ratio_ci(num: Sequence[float], den: Sequence[float], *, samples: int, confidence: float, seed: int) -> dict[str, Any]:
+def ratio_ci(
+    num: Sequence[float], den: Sequence[float], *, samples: int, confidence: float, seed: int
+) -> dict[str, Any]:
     """sum(num)/sum(den) (token-weighted loss) with a bootstrap CI over items."""
     a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     if a.size == 0 or b.sum() <= 0:
@@ -95,7 +97,9 @@ class ModelAnswerer:
     def greedy(self, prompts: list[str]) -> list[str]:
         from posttrain.generation import generate
 
-        out = generate(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        out = generate(
+            self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+        )
         return [c[0] for c in out]
 
     def sample(self, prompts: list[str], n: int, *, temperature: float, seed: int) -> list[list[str]]:
@@ -198,7 +202,7 @@ def evaluate_domain(
     exact = None
     if prompts:
         completions = answerer.greedy(prompts)
-        hits = np.array([float(check(c, a)) for check, c, a in zip(checks, completions, answers)])
+        hits = np.array([float(check(c, a)) for check, c, a in zip(checks, completions, answers, strict=True)])
         per_item["exact_match"] = hits
         exact = mean_ci(hits, samples=s.bootstrap_samples, confidence=s.confidence, seed=s.seed)
     seconds["greedy"] = time.perf_counter() - started
@@ -208,7 +212,10 @@ def evaluate_domain(
     if prompts and s.pass_k:
         m = min(len(prompts), s.pass_max_items)
         samples = answerer.sample(prompts[:m], s.pass_n, temperature=s.pass_temperature, seed=s.seed)
-        correct = [sum(check(c, a) for c in outs) for check, outs, a in zip(checks, samples, answers)]
+        correct = [
+            sum(check(c, a) for c in outs)
+            for check, outs, a in zip(checks[: len(samples)], samples, answers[: len(samples)], strict=True)
+        ]
         pass_k = {"n_samples": s.pass_n, "temperature": s.pass_temperature}
         for k in s.pass_k:
             scores = np.array([pass_at_k(s.pass_n, c, k) for c in correct])
@@ -310,7 +317,9 @@ def build_report(
     }
     forgetting_by_stage: dict[str, dict[str, Any]] = {st: {} for st in stages}
     for d in domains:
-        vectors = {st: per_item[st][d]["exact_match"] for st in stages if "exact_match" in per_item.get(st, {}).get(d, {})}
+        vectors = {
+            st: per_item[st][d]["exact_match"] for st in stages if "exact_match" in per_item.get(st, {}).get(d, {})
+        }
         if len(vectors) < 1:
             continue
         f = forgetting(vectors, stages, samples=s.bootstrap_samples, confidence=s.confidence, seed=s.seed)
@@ -322,6 +331,10 @@ def build_report(
         if candidates:
             st, v = max(candidates, key=lambda item: item[1]["value"])
             worst[d] = {"stage": st, **v}
+
+    # Also per model, so a reader of one model's entry (e.g. the promotion gate) finds its forgetting.
+    for st in stages:
+        models[st]["forgetting"] = {d: v for d, v in forgetting_by_stage[st].items() if v is not None}
 
     summary: dict[str, float] = {}
     for st in stages:

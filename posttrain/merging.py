@@ -71,7 +71,7 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     if total <= 0:
         raise ValueError(f"linear merge needs weights with a positive sum, got {list(weights)}")
     out = tensors[0] * (weights[0] / total)
-    for tensor, weight in zip(tensors[1:], weights[1:]):
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
         out = out + tensor * (weight / total)
     return out
 
@@ -83,9 +83,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
     return base + merge_utils.task_arithmetic(deltas, _stack_weights(weights, base))
 
 
-def ties(
-    base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float
-) -> torch.Tensor:
+def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
     """TIES: magnitude-prune each task vector to `density`, elect the sign by total mass, average
     the weighted entries that agree with it (PEFT's disjoint merge divides by their count)."""
     from peft.utils import merge_utils
@@ -449,8 +447,11 @@ def merge_models(
 
     source = Path(files_from) if files_from is not None else model_dirs[0]
     for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in WEIGHT_FILES and path.name != "lineage.json" and (
-            path.suffix in (".json", ".txt", ".model", ".jinja") or path.name.startswith("tokenizer")
+        if (
+            path.is_file()
+            and path.name not in WEIGHT_FILES
+            and path.name != "lineage.json"
+            and (path.suffix in (".json", ".txt", ".model", ".jinja") or path.name.startswith("tokenizer"))
         ):
             shutil.copy2(path, out_dir / path.name)
     return {

@@ -89,7 +89,11 @@ def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
         if xs:
             ax.bar(xs, ys, width=width, yerr=np.array([lo, hi]), capsize=2, label=stage)
     ax.set_xticks(range(len(domains)), domains)
-    ax.set(ylabel="greedy exact match", ylim=(0, 1.05), title=f"Exact match per stage ({report['config'].get('confidence', 0.95):.0%} CI)")
+    ax.set(
+        ylabel="greedy exact match",
+        ylim=(0, 1.05),
+        title=f"Exact match per stage ({report['config'].get('confidence', 0.95):.0%} CI)",
+    )
     ax.legend(fontsize="small", ncol=min(len(stages), 6))
     fig.tight_layout()
     png = folder / "eval_scores.png"
@@ -110,7 +114,7 @@ def plot_forgetting(report: dict[str, Any], folder: Path) -> list[Path]:
             value = table.get(stage, {}).get(domain)
             if value:
                 grid[i, j] = value["value"]
-                rows.append({"stage": stage, "domain": domain, **value})
+                rows.append({"model_domain": f"{stage}/{domain}", "stage": stage, "domain": domain, **value})
     data = folder / "forgetting.json"
     write_json_atomic(data, rows)
     plt = _pyplot()
@@ -120,10 +124,11 @@ def plot_forgetting(report: dict[str, Any], folder: Path) -> list[Path]:
     for i in range(len(stages)):
         for j in range(len(domains)):
             text = "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:+.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+            dark = not np.isnan(grid[i, j]) and abs(grid[i, j]) > 0.6 * bound
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xticks(range(len(domains)), domains)
     ax.set_yticks(range(len(stages)), stages)
-    ax.set_title("Forgetting: best earlier exact match − current (red = forgotten)")
+    ax.set_title("Forgetting (best earlier − current exact match)\nred = forgotten", fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     png = folder / "forgetting.png"
@@ -156,7 +161,9 @@ def stability_gap_rows(series_by_stage: dict[str, list[dict[str, Any]]], stages:
     return rows
 
 
-def plot_stability_gap(series_by_stage: dict[str, list[dict[str, Any]]], stages: Sequence[str], folder: Path) -> list[Path]:
+def plot_stability_gap(
+    series_by_stage: dict[str, list[dict[str, Any]]], stages: Sequence[str], folder: Path
+) -> list[Path]:
     rows = stability_gap_rows(series_by_stage, stages)
     if not rows:
         return []
@@ -168,10 +175,10 @@ def plot_stability_gap(series_by_stage: dict[str, list[dict[str, Any]]], stages:
         mine = [r for r in rows if r["domain"] == domain]
         em = [(r["pipeline_step"], r["exact_match"]) for r in mine if r["exact_match"] is not None]
         if em:
-            ax_em.plot(*zip(*em), marker=".", label=domain)
+            ax_em.plot(*zip(*em, strict=True), marker=".", label=domain)
         loss = [(r["pipeline_step"], r["loss"]) for r in mine if r["loss"] is not None]
         if loss:
-            ax_loss.plot(*zip(*loss), marker=".", label=domain)
+            ax_loss.plot(*zip(*loss, strict=True), marker=".", label=domain)
     # A dashed line where each stage starts: the stability gap is the dip just after it.
     for stage in dict.fromkeys(r["stage"] for r in rows):
         start = min(r["pipeline_step"] - r["step"] for r in rows if r["stage"] == stage)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from posttrain.config import TRAINING_STAGES, Params
@@ -112,7 +111,9 @@ def run(params: Params, layout: Layout) -> StageResult:
         info[stage] = {
             "path": model_dir.relative_to(layout.root).as_posix(),
             "content_hash": lineage.get("content_hash"),
-            "load_seconds": round(time.perf_counter() - started - sum(r["seconds"]["total"] for r in results[stage].values()), 4),
+            "load_seconds": round(
+                time.perf_counter() - started - sum(r["seconds"]["total"] for r in results[stage].values()), 4
+            ),
         }
         del loaded, model, answerer
 

@@ -56,7 +56,7 @@ def run(params: Params, layout: Layout) -> StageResult:
             seed=cfg.seed,
             files_from=files_from,
         )
-        parents = [parent_entry(folder, root, weight=w) for folder, w in zip(inputs, weights)]
+        parents = [parent_entry(folder, root, weight=w) for folder, w in zip(inputs, weights, strict=True)]
         if base_dir is not None:
             parents.append({**parent_entry(base_dir, root), "role": "base"})
         record = write_lineage(
@@ -76,10 +76,10 @@ def run(params: Params, layout: Layout) -> StageResult:
     metrics = {
         "method": cfg.method,
         "inputs": names,
-        "weights": dict(zip(names, weights)),
+        "weights": dict(zip(names, weights, strict=True)),
         "tensors": stats["tensors"],
         "parameters": stats["parameters"],
-        "l2_distance_to_inputs": dict(zip(names, stats["l2_distance_to_inputs"])),
+        "l2_distance_to_inputs": dict(zip(names, stats["l2_distance_to_inputs"], strict=True)),
         "seconds": stats["seconds"],
         "content_hash": record["content_hash"],
     }

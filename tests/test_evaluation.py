@@ -56,7 +56,9 @@ def test_forgetting_is_best_earlier_minus_current_with_paired_ci():
     for stage in ("b", "c"):
         assert f[stage]["ci_low"] <= f[stage]["value"] <= f[stage]["ci_high"]
     # Paired: a stage identical to its predecessor has exactly zero forgetting in every resample.
-    same = evaluation.forgetting({"a": vectors["a"], "b": vectors["a"].copy()}, ["a", "b"], samples=200, confidence=0.95, seed=0)
+    same = evaluation.forgetting(
+        {"a": vectors["a"], "b": vectors["a"].copy()}, ["a", "b"], samples=200, confidence=0.95, seed=0
+    )
     assert (same["b"]["value"], same["b"]["ci_low"], same["b"]["ci_high"]) == (0.0, 0.0, 0.0)
 
 
@@ -66,7 +68,16 @@ def addition_items(n: int, seed: int = 0) -> pd.DataFrame:
     for _ in range(n):
         a, b = (int(x) for x in rng.integers(10, 100, size=2))
         prompt, answer = f"{a}+{b}=", str(a + b)
-        rows.append({"id": prompt, "domain": "add", "prompt": prompt, "answer": answer, "text": prompt + answer, "verifier": "exact"})
+        rows.append(
+            {
+                "id": prompt,
+                "domain": "add",
+                "prompt": prompt,
+                "answer": answer,
+                "text": prompt + answer,
+                "verifier": "exact",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -74,7 +85,7 @@ class Oracle:
     """Answers every prompt correctly: the scoring path must give it 100%."""
 
     def __init__(self, items: pd.DataFrame, right_samples: int | None = None) -> None:
-        self.answers = dict(zip(items["prompt"], items["answer"]))
+        self.answers = dict(zip(items["prompt"], items["answer"], strict=True))
         self.right_samples = right_samples
 
     def greedy(self, prompts: list[str]) -> list[str]:
@@ -155,6 +166,7 @@ def test_report_schema_summary_and_forgetting():
     f = report["forgetting"]["forgetting"]["grpo"]["add"]
     assert f["value"] == 1.0 and f["best_earlier_stage"] == "sft"
     assert report["forgetting"]["worst"]["add"]["stage"] == "grpo"
+    assert report["models"]["grpo"]["forgetting"]["add"]["value"] == 1.0 and report["models"]["sft"]["forgetting"] == {}
     summary = report["summary"]
     assert summary["sft.add.exact_match"] == 1.0 and summary["grpo.add.forgetting"] == 1.0
     assert all(isinstance(v, float) for v in summary.values())

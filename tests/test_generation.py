@@ -57,7 +57,7 @@ def build_tiny_model(
 
 def train_to_memorize(model, tokenizer, prompts: list[str], answers: list[str], steps: int = 300) -> None:
     """A few hundred Adam steps on prompt+answer+EOS: enough for a tiny model to memorize ~16 items."""
-    rows = [tokenizer(p + a)["input_ids"] + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+    rows = [tokenizer(p + a)["input_ids"] + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     labels = torch.full((len(rows), width), -100)

@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_generation import build_tiny_model, build_tokenizer, save_tiny, train_to_memorize
+
 from posttrain.config import params_hash, parse_params
 from posttrain.errors import StageError
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, verify_model_folder, write_lineage
-from test_generation import build_tiny_model, build_tokenizer, save_tiny, train_to_memorize
 
 ITEMS = {
     "add": [("12+34=", "46"), ("7+8=", "15"), ("50+25=", "75"), ("9+9=", "18"), ("31+4=", "35"), ("66+11=", "77")],
@@ -44,14 +45,18 @@ def project(tmp_path_factory) -> Layout:
     model, _ = build_tiny_model(tokenizer, hidden=32, layers=2, seed=0)
     write_model(layout, "pretrain", model, tokenizer, None)
     pairs = [pair for pairs in ITEMS.values() for pair in pairs]
-    train_to_memorize(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], steps=200)
+    train_to_memorize(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], steps=80)
     write_model(layout, "sft", model, tokenizer, "pretrain")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-4)
     write_model(layout, "grpo", model, tokenizer, "sft")
     # A training stage's continual-evaluation series, for the stability-gap plot.
-    series = [{"step": s, "domain": d, "loss": 1.0 / s, "exact_match": min(1.0, s / 100)} for s in (25, 50, 100) for d in ITEMS]
+    series = [
+        {"step": s, "domain": d, "loss": 1.0 / s, "exact_match": min(1.0, s / 100)}
+        for s in (25, 50, 100)
+        for d in ITEMS
+    ]
     layout.metrics("sft").parent.mkdir(parents=True, exist_ok=True)
     layout.metrics("sft").write_text(json.dumps({"continual_eval": series}))
     return layout
@@ -59,6 +64,8 @@ def project(tmp_path_factory) -> Layout:
 
 def params_for(tiny_params: dict, **sections) -> object:
     raw = copy.deepcopy(tiny_params)
+    # One thread: on a busy 2-core machine two torch threads spin against each other (~10x slower).
+    raw["compute"] = {**raw.get("compute", {}), "num_threads": 1}
     raw.update(sections)
     return parse_params(raw)
 
@@ -66,7 +73,9 @@ def params_for(tiny_params: dict, **sections) -> object:
 def test_merge_stage_writes_model_lineage_and_metrics(project, tiny_params):
     from stages import merge
 
-    params = params_for(tiny_params, merge={"method": "ties", "models": ["sft", "grpo"], "weights": [1.0, 1.0], "base": "pretrain"})
+    params = params_for(
+        tiny_params, merge={"method": "ties", "models": ["sft", "grpo"], "weights": [1.0, 1.0], "base": "pretrain"}
+    )
     result = merge.run(params, project)
     out = project.model("merge")
     assert result.model_dir == out
@@ -149,7 +158,14 @@ def test_evaluate_stage_end_to_end(project, tiny_params):
     assert report["forgetting"]["forgetting"]["sft"]["add"]["value"] == -1.0
     assert report["forgetting"]["forgetting"]["pretrain"]["add"] is None
     assert result.metrics == report["summary"] and result.metrics["sft.rev.exact_match"] == 1.0
-    for name in ("eval_scores.png", "eval_scores.csv", "forgetting.png", "forgetting.json", "stability_gap.png", "stability_gap.csv"):
+    for name in (
+        "eval_scores.png",
+        "eval_scores.csv",
+        "forgetting.png",
+        "forgetting.json",
+        "stability_gap.png",
+        "stability_gap.csv",
+    ):
         assert (project.plots / name).stat().st_size > 0, name
     gap = pd.read_csv(project.plots / "stability_gap.csv")
     assert set(gap["stage"]) == {"sft"} and len(gap) == 6

@@ -88,7 +88,7 @@ def test_dare_ties_with_fixed_seed():
     m1, m2 = _dare_masks(3, "w", [d1.shape, d2.shape], 0.5)
     r1, r2 = d1 * m1 / 0.5, d2 * m2 / 0.5
     expected = []
-    for a, b in zip(r1.tolist(), r2.tolist()):
+    for a, b in zip(r1.tolist(), r2.tolist(), strict=True):
         sign = 1.0 if a + b >= 0 else -1.0
         agree = [x for x in (a, b) if x != 0 and math.copysign(1, x) == sign]
         expected.append(sum(agree) / max(len(agree), 1))
@@ -99,7 +99,10 @@ def test_dare_is_unbiased_on_average():
     base = torch.zeros(8)
     d = torch.arange(1.0, 9.0)
     runs = torch.stack(
-        [merging.merge_tensor("dare_linear", [d], weights=[1.0], base=base, density=0.5, seed=s, name="x") for s in range(400)]
+        [
+            merging.merge_tensor("dare_linear", [d], weights=[1.0], base=base, density=0.5, seed=s, name="x")
+            for s in range(400)
+        ]
     )
     assert torch.allclose(runs.mean(0), d, rtol=0.15)
 
