@@ -57,13 +57,16 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
     started = time.perf_counter()
     try:
         params = load_params(params_path)
+        if params.tracking.enabled:
+            from posttrain import tracking  # cheap: mlflow itself is imported only when needed
+
+            # A configured tracking server that is down must fail the stage before any training.
+            tracking.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
         if params.tracking.enabled:
-            from posttrain import tracking  # MLflow is only imported when tracking is on
-
             tracking.record_stage(stage, params, Layout(root), result, seconds=seconds)
     except PipelineError as error:
         if args.debug:

@@ -46,7 +46,9 @@ def build_model_card(name: str, version: str | None, tags: dict[str, str]) -> st
         + (" with uncommitted changes" if dirty == "True" else "" if dirty == "False" else " (dirty state unknown)"),
         f"- Created: {tags.get(TAG + 'created_at', 'unknown')}",
     ]
-    libraries = sorted((key[len(TAG + "version.") :], value) for key, value in tags.items() if key.startswith(TAG + "version."))
+    libraries = sorted(
+        (key[len(TAG + "version.") :], value) for key, value in tags.items() if key.startswith(TAG + "version.")
+    )
     if libraries:
         lines.append("- Libraries: " + ", ".join(f"{lib} {ver}" for lib, ver in libraries))
     lines += ["", "## Evaluation", ""]

@@ -49,6 +49,7 @@ log = logging.getLogger("posttrain.registry")
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 EVAL_TAG = TAG + "eval"
 HISTORY_TAG = TAG + "champion_history"
+ROLLED_BACK_TAG = TAG + "rolled_back"  # kept when the status tag changes later
 
 
 class PromotionError(TrackingError):
@@ -130,7 +131,9 @@ def _stage_chain(client: MlflowClient, params: Params, stage: str, lineage: dict
 def _pip_requirements() -> list[str]:
     # Explicit: MLflow's inference of requirements pulls in torchvision and fails (STACK-NOTES).
     versions = library_versions()
-    pins = [f"{lib}=={versions[lib].split('+')[0]}" for lib in ("torch", "transformers", "tokenizers") if lib in versions]
+    pins = [
+        f"{lib}=={versions[lib].split('+')[0]}" for lib in ("torch", "transformers", "tokenizers") if lib in versions
+    ]
     return [*pins, "safetensors", "accelerate"]
 
 
@@ -197,7 +200,10 @@ def register_stage_model(
                 pip_requirements=_pip_requirements(),
                 signature=_signature(),
                 # A card of our own: MLflow would otherwise try to fetch one from the Hub.
-                model_card=ModelCard(modelcard.build_model_card(name, None, tags)),
+                model_card=ModelCard(
+                    "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n"
+                    + modelcard.build_model_card(name, None, tags)
+                ),
             )
         version = retry_locked(
             client.create_model_version,
@@ -265,7 +271,8 @@ def _score(node: Any) -> dict[str, Any] | None:
 def parse_eval(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per model stage: {exact_match: {domain: score}, forgetting: {domain: float}, content_hash}.
 
-    Tolerant of the shapes eval.json may take (docs/eval-schema.md): models under `models`,
+    Reads docs/eval-schema.md version 1 (models.<stage>.domains.<domain>.exact_match,
+    forgetting.forgetting.<stage>.<domain>.value, models.<stage>.content_hash). Tolerant of the shapes eval.json may take (docs/eval-schema.md): models under `models`,
     `scores` or `results` (a mapping or a list of {model|stage|name, ...}) or at the top level;
     domains under `domains`, `scores`, `exact_match` or directly; forgetting per model or as a
     top-level mapping {model: {domain: x}}, {domain: {model: x}} or a matrix {models, domains, values}.
@@ -289,42 +296,66 @@ def parse_eval(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
             score = _score(value.get("exact_match") if isinstance(value, dict) and "exact_match" in value else value)
             if score is not None:
                 exact[domain] = score
-        forgetting = {d: v for d, v in ((d, _number(_score(x)["mean"] if _score(x) else None)) for d, x in (entry.get("forgetting") or {}).items()) if v is not None}
+        forgetting = {
+            d: v
+            for d, v in (
+                (d, _number(_score(x)["mean"] if _score(x) else None))
+                for d, x in (entry.get("forgetting") or {}).items()
+            )
+            if v is not None
+        }
         parsed[model] = {
             "exact_match": exact,
             "forgetting": forgetting,
             "content_hash": entry.get("content_hash") or entry.get("model_content_hash"),
         }
     top = data.get("forgetting")
+    if isinstance(top, dict) and isinstance(top.get("forgetting"), dict):
+        top = top["forgetting"]  # schema v1: {metric, scores, forgetting: {stage: {domain: {value, ...}}}, worst}
     if isinstance(top, dict):
         rows = top.get("models") or top.get("rows")
         cols = top.get("domains") or top.get("columns")
         values = top.get("values") or top.get("matrix")
         if isinstance(rows, list) and isinstance(cols, list) and isinstance(values, list):
-            top = {m: dict(zip(cols, row)) for m, row in zip(rows, values) if isinstance(row, list)}
-        elif top and all(isinstance(v, dict) for v in top.values()) and not set(top) & set(parsed) and set().union(*top.values()) & set(parsed):
+            top = {
+                m: dict(zip(cols, row, strict=False))
+                for m, row in zip(rows, values, strict=False)
+                if isinstance(row, list)
+            }
+        elif (
+            top
+            and all(isinstance(v, dict) for v in top.values())
+            and not set(top) & set(parsed)
+            and set().union(*top.values()) & set(parsed)
+        ):
             top = {m: {d: row[m] for d, row in top.items() if m in row} for m in parsed}  # {domain: {model: x}}
         for model, per_domain in top.items():
             if model in parsed and isinstance(per_domain, dict):
                 for domain, value in per_domain.items():
-                    number = _number(value) if not isinstance(value, dict) else _number((_score(value) or {}).get("mean"))
+                    number = (
+                        _number(value) if not isinstance(value, dict) else _number((_score(value) or {}).get("mean"))
+                    )
                     if number is not None and not math.isnan(number):
                         parsed[model]["forgetting"].setdefault(domain, number)
     return parsed
 
 
-def record_evaluation(client: MlflowClient, params: Params, layout: Layout, run_id: str, data: dict[str, Any]) -> dict[str, str]:
+def record_evaluation(
+    client: MlflowClient, params: Params, layout: Layout, run_id: str, data: dict[str, Any]
+) -> dict[str, str]:
     """Put each evaluated model's scores on its registry version (found by content hash); returns
     {stage: version}. Promotion reads scores from these tags, not from files."""
     updated: dict[str, str] = {}
     prepared = json_hash(layout.prepared / "manifest.json")
-    confidence = data.get("confidence", params.evaluate.confidence)
+    confidence = data.get("confidence") or (data.get("config") or {}).get("confidence") or params.evaluate.confidence
     for stage, scores in parse_eval(data).items():
         name = registered_model_name(params, stage)
         content = scores["content_hash"] or (read_lineage(layout.model(stage)) or {}).get("content_hash")
         version = find_version(client, name, content) if _exists(client, name) else None
         if version is None:
-            log.warning("evaluate: no registry version of %s with content %s; scores not attached", name, str(content)[:12])
+            log.warning(
+                "evaluate: no registry version of %s with content %s; scores not attached", name, str(content)[:12]
+            )
             continue
         record = {
             "exact_match": scores["exact_match"],
@@ -335,13 +366,19 @@ def record_evaluation(client: MlflowClient, params: Params, layout: Layout, run_
         }
         tags = {EVAL_TAG: json.dumps(record, sort_keys=True)}
         for domain, score in scores["exact_match"].items():
-            interval = f" [{score['ci_low']:.4f}, {score['ci_high']:.4f}]" if score["ci_low"] is not None and score["ci_high"] is not None else ""
+            interval = (
+                f" [{score['ci_low']:.4f}, {score['ci_high']:.4f}]"
+                if score["ci_low"] is not None and score["ci_high"] is not None
+                else ""
+            )
             tags[f"{EVAL_TAG}.{domain}.exact_match"] = f"{score['mean']:.4f}{interval} n={score['n']}"
         for domain, value in scores["forgetting"].items():
             tags[f"{EVAL_TAG}.{domain}.forgetting"] = f"{value:.4f}"
         _set_tags(client, name, _ver(version), tags)
         _set_description(client, name, _ver(version))
-        card = modelcard.build_model_card(name, _ver(version), retry_locked(client.get_model_version, name, _ver(version)).tags)
+        card = modelcard.build_model_card(
+            name, _ver(version), retry_locked(client.get_model_version, name, _ver(version)).tags
+        )
         retry_locked(client.log_text, run_id, card, f"model_cards/{name}-v{_ver(version)}.md")
         updated[stage] = _ver(version)
     return updated
@@ -383,7 +420,12 @@ def _scores(version: ModelVersion | None) -> dict[str, Any] | None:
     return json.loads(version.tags[EVAL_TAG])
 
 
-def check_gates(params: Params, candidate: dict[str, Any] | None, champion: dict[str, Any] | None, champion_version: str | None = None) -> list[Gate]:
+def check_gates(
+    params: Params,
+    candidate: dict[str, Any] | None,
+    champion: dict[str, Any] | None,
+    champion_version: str | None = None,
+) -> list[Gate]:
     """The promotion rule of this module's docstring, as a list of named pass/fail checks."""
     rules = params.promotion
     if candidate is None:
@@ -395,7 +437,13 @@ def check_gates(params: Params, candidate: dict[str, Any] | None, champion: dict
         if score is None:
             gates.append(Gate(f"min_exact_match.{domain}", False, f"no exact-match score for domain '{domain}'"))
         else:
-            gates.append(Gate(f"min_exact_match.{domain}", score["mean"] >= threshold, f"{score['mean']:.4f} (needs >= {threshold})"))
+            gates.append(
+                Gate(
+                    f"min_exact_match.{domain}",
+                    score["mean"] >= threshold,
+                    f"{score['mean']:.4f} (needs >= {threshold})",
+                )
+            )
     for domain, threshold in sorted(rules.max_forgetting.items()):
         value = forgetting.get(domain)
         if value is None:
@@ -449,7 +497,9 @@ def _move_champion(client: MlflowClient, name: str, version: str, before: ModelV
     _set_history(client, name, [*history, version])
 
 
-def promote(params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None) -> PromotionResult:
+def promote(
+    params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None
+) -> PromotionResult:
     """Promote the `candidate` (or `version`) of the final stage's model to `champion` if it passes
     the gates; `force` skips them and needs a `reason`, which is recorded. Prints the decision."""
     if force and not (reason and reason.strip()):
@@ -457,19 +507,37 @@ def promote(params: Params, root: Path, version: str | None = None, force: bool 
     client = connect(params, Path(root))
     name = registered_model_name(params, params.promotion.final_stage)
     if not _exists(client, name):
-        raise PromotionError(f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first")
+        raise PromotionError(
+            f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first"
+        )
     target = retry_locked(client.get_model_version, name, str(version)) if version else _alias(client, name, CANDIDATE)
     if target is None:
-        raise PromotionError(f"registered model '{name}' has no '{CANDIDATE}' alias; run the '{params.promotion.final_stage}' stage first")
+        raise PromotionError(
+            f"registered model '{name}' has no '{CANDIDATE}' alias; run the '{params.promotion.final_stage}' stage first"
+        )
     champion = _alias(client, name, CHAMPION)
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
-        result = PromotionResult(name, _ver(target), before, before, promoted=True, changed=False, reason=f"version {_ver(target)} is already the champion; nothing to do")
+        result = PromotionResult(
+            name,
+            _ver(target),
+            before,
+            before,
+            promoted=True,
+            changed=False,
+            reason=f"version {_ver(target)} is already the champion; nothing to do",
+        )
         print(result.summary())
         return result
     gates = check_gates(params, _scores(target), _scores(champion), before)
-    if target.tags.get(TAG + "promotion.status") == "rolled-back":
-        gates.append(Gate("not_rolled_back", False, f"version {_ver(target)} was rolled back; promote it again only with force and a reason"))
+    if target.tags.get(ROLLED_BACK_TAG) == "true":
+        gates.append(
+            Gate(
+                "not_rolled_back",
+                False,
+                f"version {_ver(target)} was rolled back; promote it again only with force and a reason",
+            )
+        )
     passed = all(g.passed for g in gates)
     gate_record = json.dumps([asdict(g) for g in gates], sort_keys=True)
     if passed or force:
@@ -490,22 +558,41 @@ def promote(params: Params, root: Path, version: str | None = None, force: bool 
         _set_description(client, name, _ver(target))
         forced = force and not passed
         result = PromotionResult(
-            name, _ver(target), before, _ver(target), promoted=True, changed=True, forced=forced,
-            reason=f"version {_ver(target)} is now the champion" + (f" (FORCED past failed gates: {why})" if forced else f" ({why})")
+            name,
+            _ver(target),
+            before,
+            _ver(target),
+            promoted=True,
+            changed=True,
+            forced=forced,
+            reason=f"version {_ver(target)} is now the champion"
+            + (f" (FORCED past failed gates: {why})" if forced else f" ({why})")
             + (f"; version {before} is previous-champion" if before else ""),
             gates=gates,
         )
     else:
         failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
         changed = _set_tags(
-            client, name, _ver(target),
-            {TAG + "promotion.status": "refused", TAG + "promotion.reason": failed, TAG + "promotion.gates": gate_record},
+            client,
+            name,
+            _ver(target),
+            {
+                TAG + "promotion.status": "refused",
+                TAG + "promotion.reason": failed,
+                TAG + "promotion.gates": gate_record,
+            },
         )
         if changed:
             _set_description(client, name, _ver(target))
         result = PromotionResult(
-            name, _ver(target), before, before, promoted=False, changed=changed,
-            reason=f"version {_ver(target)} NOT promoted (champion stays {before or 'unset'}): {failed}", gates=gates,
+            name,
+            _ver(target),
+            before,
+            before,
+            promoted=False,
+            changed=changed,
+            reason=f"version {_ver(target)} NOT promoted (champion stays {before or 'unset'}): {failed}",
+            gates=gates,
         )
     print(result.summary())
     return result
@@ -527,9 +614,20 @@ def rollback(params: Params, root: Path) -> PromotionResult:
         alias = _alias(client, name, PREVIOUS)
         previous = _ver(alias) if alias else None
     if previous is None or champion is None:
-        raise PromotionError(f"'{name}' has no previous champion to roll back to (champion: {_ver(champion) if champion else 'unset'})")
+        raise PromotionError(
+            f"'{name}' has no previous champion to roll back to (champion: {_ver(champion) if champion else 'unset'})"
+        )
     _set_alias(client, name, CHAMPION, previous)
-    _set_tags(client, name, _ver(champion), {TAG + "promotion.status": "rolled-back", TAG + "promotion.reason": f"rolled back to version {previous}"})
+    _set_tags(
+        client,
+        name,
+        _ver(champion),
+        {
+            TAG + "promotion.status": "rolled-back",
+            ROLLED_BACK_TAG: "true",
+            TAG + "promotion.reason": f"rolled back to version {previous}",
+        },
+    )
     _set_tags(client, name, previous, {TAG + "promotion.status": "champion"})
     if len(history) >= 2:
         _set_alias(client, name, PREVIOUS, history[-2])
@@ -538,7 +636,15 @@ def rollback(params: Params, root: Path) -> PromotionResult:
     _set_history(client, name, history)
     for v in (_ver(champion), previous):
         _set_description(client, name, v)
-    result = PromotionResult(name, previous, _ver(champion), previous, promoted=True, changed=True, reason=f"rolled back: version {previous} is the champion again (version {_ver(champion)} demoted)")
+    result = PromotionResult(
+        name,
+        previous,
+        _ver(champion),
+        previous,
+        promoted=True,
+        changed=True,
+        reason=f"rolled back: version {previous} is the champion again (version {_ver(champion)} demoted)",
+    )
     print(result.summary())
     return result
 
@@ -558,15 +664,17 @@ def show(params: Params, root: Path, echo: bool = True) -> dict[str, Any]:
         versions = []
         for v in _versions(client, model.name):
             scores = _scores(v) or {}
-            versions.append({
-                "version": _ver(v),
-                "aliases": sorted(a for a, n in aliases.items() if n == _ver(v)),
-                "content_hash": v.tags.get(TAG + "content_hash", "")[:12],
-                "status": v.tags.get(TAG + "promotion.status", ""),
-                "reason": v.tags.get(TAG + "promotion.reason", ""),
-                "exact_match": {d: s["mean"] for d, s in (scores.get("exact_match") or {}).items()},
-                "run_id": v.run_id,
-            })
+            versions.append(
+                {
+                    "version": _ver(v),
+                    "aliases": sorted(a for a, n in aliases.items() if n == _ver(v)),
+                    "content_hash": v.tags.get(TAG + "content_hash", "")[:12],
+                    "status": v.tags.get(TAG + "promotion.status", ""),
+                    "reason": v.tags.get(TAG + "promotion.reason", ""),
+                    "exact_match": {d: s["mean"] for d, s in (scores.get("exact_match") or {}).items()},
+                    "run_id": v.run_id,
+                }
+            )
         state["models"].append({"name": model.name, "aliases": aliases, "versions": versions})
     if echo:
         print(f"MLflow registry at {state['tracking_uri']}")
@@ -574,5 +682,7 @@ def show(params: Params, root: Path, echo: bool = True) -> dict[str, Any]:
             print(f"{model['name']}  aliases: {model['aliases'] or 'none'}")
             for v in model["versions"]:
                 scores = " ".join(f"{d}={m:.3f}" for d, m in sorted(v["exact_match"].items()))
-                print(f"  v{v['version']:<4} {','.join(v['aliases']) or '-':<28} {v['content_hash']:<12} {v['status'] or '-':<12} {scores}")
+                print(
+                    f"  v{v['version']:<4} {','.join(v['aliases']) or '-':<28} {v['content_hash']:<12} {v['status'] or '-':<12} {scores}"
+                )
     return state

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -229,7 +230,7 @@ def _points(node: Any, prefix: str) -> Iterable[tuple[str, float, int]]:
             for key, values in node.items():
                 if key in ("steps", "step") or not isinstance(values, list) or len(values) != len(steps):
                     continue
-                for step, value in zip(steps, values):
+                for step, value in zip(steps, values, strict=True):
                     if _is_number(value):
                         yield f"{prefix}/{key}", float(value), int(step)
             return
@@ -288,8 +289,24 @@ def pipeline_key(params: Params, root: Path) -> str:
     if os.environ.get(PIPELINE_ENV):
         return os.environ[PIPELINE_ENV]
     git = git_state(root)
-    commit = (git.get("commit") or "nogit")[:12] + ("+dirty" if git.get("dirty") else "")
+    commit = (git.get("commit") or "nogit")[:12] + ("+dirty" if git.get("dirty") and _code_dirty(root) else "")
     return f"git:{commit}/params:{params_hash(params)}"
+
+
+def _code_dirty(root: Path) -> bool:
+    """Uncommitted changes other than dvc.lock: DVC rewrites dvc.lock after every stage, which would
+    otherwise flip the key (and start a new parent) in the middle of one `dvc repro`."""
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and bool(done.stdout.strip())
 
 
 def _log_params(client: MlflowClient, run_id: str, values: dict[str, str]) -> None:
@@ -319,10 +336,14 @@ def start_pipeline_run(params: Params, root: Path, key: str | None = None, name:
     its own key) as POSTTRAIN_PIPELINE_RUN_ID, so parallel stages never race to create the parent.
     """
     client = connect(params, root)
-    return _pipeline_run(client, experiment_id(client, params), params, Path(root), key or pipeline_key(params, root), name)
+    return _pipeline_run(
+        client, experiment_id(client, params), params, Path(root), key or pipeline_key(params, root), name
+    )
 
 
-def _pipeline_run(client: MlflowClient, experiment: str, params: Params, root: Path, key: str, name: str | None = None) -> str:
+def _pipeline_run(
+    client: MlflowClient, experiment: str, params: Params, root: Path, key: str, name: str | None = None
+) -> str:
     from mlflow.exceptions import MlflowException
 
     if re.fullmatch(r"[0-9a-f]{32}", key):  # the flow exported an MLflow run id
@@ -399,8 +420,11 @@ def _stage_files(stage: str, layout: Layout, result: StageResult) -> list[tuple[
                 files.append((path, "plots"))
     for path in result.artifacts:
         path = Path(path)
-        if path.exists() and (result.model_dir is None or path.resolve() != Path(result.model_dir).resolve()):
-            files.append((path, "outputs"))
+        if not path.exists() or any(path.resolve() == known.resolve() for known, _ in files):
+            continue
+        if result.model_dir is not None and path.resolve() == Path(result.model_dir).resolve():
+            continue  # the model goes to the registry, not a second time as a plain artifact
+        files.append((path, "plots" if path.resolve().is_relative_to(layout.plots.resolve()) else "outputs"))
     return files
 
 
@@ -466,16 +490,24 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
         try:
             _log_params(client, run_id, logged_params)
             metrics_file = layout.artifacts / "metrics" / "eval.json" if stage == "evaluate" else layout.metrics(stage)
-            metrics = {**result.metrics, **_read_json(layout.metrics(stage)), **_read_json(metrics_file)}
+            evaluation = _read_json(metrics_file) if stage == "evaluate" else {}
+            metrics = {**result.metrics, **_read_json(layout.metrics(stage))}
+            # eval.json's flat `summary` is the part meant for MLflow (docs/eval-schema.md); the
+            # nested rest goes to the registry versions, not into hundreds of run metrics.
+            metrics.update(evaluation.get("summary") if isinstance(evaluation.get("summary"), dict) else evaluation)
             now = int(time.time() * 1000)
-            points = [Metric(name, value, now, 0) for name, value in scalar_metrics(metrics).items() if not math.isinf(value)]
+            points = [
+                Metric(name, value, now, 0) for name, value in scalar_metrics(metrics).items() if not math.isinf(value)
+            ]
             points += [Metric(name, value, now, step) for name, value, step in series_metrics(metrics)]
             points.append(Metric("stage_seconds", float(seconds), now, 0))
             for start in range(0, len(points), 1000):  # MLflow's batch limit
                 retry_locked(client.log_batch, run_id, metrics=points[start : start + 1000])
             for path, artifact_path in _stage_files(stage, layout, result):
                 log_artifact = client.log_artifacts if path.is_dir() else client.log_artifact
-                retry_locked(log_artifact, run_id, str(path), artifact_path + ("/" + path.name if path.is_dir() else ""))
+                retry_locked(
+                    log_artifact, run_id, str(path), artifact_path + ("/" + path.name if path.is_dir() else "")
+                )
             if model_dir is not None:
                 if lineage:
                     retry_locked(client.log_artifact, run_id, str(model_dir / "lineage.json"), "lineage")
@@ -484,12 +516,19 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
                 retry_locked(
                     client.log_batch,
                     run_id,
-                    tags=[RunTag(f"{TAG}registered_model", version.name), RunTag(f"{TAG}registered_version", str(version.version))],
+                    tags=[
+                        RunTag(f"{TAG}registered_model", version.name),
+                        RunTag(f"{TAG}registered_version", str(version.version)),
+                    ],
                 )
             if stage == "evaluate":
-                registry.record_evaluation(client, params, layout, run_id, metrics)
+                registry.record_evaluation(client, params, layout, run_id, evaluation)
             record.seconds = time.perf_counter() - started
-            retry_locked(client.log_batch, run_id, metrics=[Metric("tracking_seconds", record.seconds, int(time.time() * 1000), 0)])
+            retry_locked(
+                client.log_batch,
+                run_id,
+                metrics=[Metric("tracking_seconds", record.seconds, int(time.time() * 1000), 0)],
+            )
             retry_locked(client.set_terminated, run_id, "FINISHED")
             # The parent ends with its latest stage; a later stage of the same key reopens nothing,
             # it only adds a child (the parent's end time then moves on).

@@ -64,7 +64,9 @@ def tiny_tokenizer() -> Any:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<pad>", "<eos>", "<unk>"])
         tok.train_from_iterator([f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], trainer)
-        _TOKENIZER = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+        _TOKENIZER = PreTrainedTokenizerFast(
+            tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        )
     return _TOKENIZER
 
 
@@ -77,9 +79,17 @@ def make_model(layout: Layout, stage: str, seed: int, parents: tuple[str, ...] =
 
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -89,8 +99,14 @@ def make_model(layout: Layout, stage: str, seed: int, parents: tuple[str, ...] =
     tokenizer.save_pretrained(folder)
     section = {"seed": seed, "stage": stage}
     write_lineage(
-        folder, stage=stage, root=layout.root, parents=[parent_entry(layout.model(p), layout.root) for p in parents],
-        params=section, params_hash=params_hash(section), seed=seed, data_manifest=layout.prepared / "manifest.json",
+        folder,
+        stage=stage,
+        root=layout.root,
+        parents=[parent_entry(layout.model(p), layout.root) for p in parents],
+        params=section,
+        params_hash=params_hash(section),
+        seed=seed,
+        data_manifest=layout.prepared / "manifest.json",
     )
     source = layout.root / "sources" / f"{stage}-{seed}"
     shutil.rmtree(source, ignore_errors=True)
@@ -101,7 +117,13 @@ def make_model(layout: Layout, stage: str, seed: int, parents: tuple[str, ...] =
 def write_stage_metrics(layout: Layout, stage: str, steps: int = 4) -> dict[str, Any]:
     """A training stage's metrics JSON: scalars, the Trainer's log history and a continual-eval series."""
     history = [
-        {"loss": 2.0 - 0.25 * i, "learning_rate": 1e-3 * (1 - i / steps), "grad_norm": 1.0 + i, "epoch": i / steps, "step": 10 * (i + 1)}
+        {
+            "loss": 2.0 - 0.25 * i,
+            "learning_rate": 1e-3 * (1 - i / steps),
+            "grad_norm": 1.0 + i,
+            "epoch": i / steps,
+            "step": 10 * (i + 1),
+        }
         for i in range(steps)
     ]
     history.append({"train_runtime": 3.5, "train_loss": 1.6, "step": 10 * steps})
@@ -126,12 +148,34 @@ def score(mean: float, half: float = 0.02, n: int = 500) -> dict[str, Any]:
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
-def write_eval(layout: Layout, models: dict[str, dict[str, dict[str, Any]]], forgetting: dict[str, dict[str, float]]) -> None:
-    """eval.json in the contract's shape: per model per domain exact_match {mean, ci_low, ci_high, n}."""
+def write_eval(
+    layout: Layout, models: dict[str, dict[str, dict[str, Any]]], forgetting: dict[str, dict[str, float]]
+) -> None:
+    """eval.json as docs/eval-schema.md (version 1) describes it, with the fields promotion reads."""
     data = {
-        "confidence": 0.95,
-        "models": {m: {"domains": {d: {"exact_match": s} for d, s in per.items()}} for m, per in models.items()},
-        "forgetting": forgetting,
+        "schema_version": 1,
+        "config": {"confidence": 0.95},
+        "stages": list(models),
+        "models": {
+            m: {
+                "path": f"artifacts/models/{m}",
+                "content_hash": json.loads((layout.model(m) / "lineage.json").read_text())["content_hash"],
+                "domains": {d: {"n_items": s["n"], "exact_match": s, "pass_at_k": None} for d, s in per.items()},
+            }
+            for m, per in models.items()
+        },
+        "forgetting": {
+            "metric": "exact_match",
+            "scores": {m: {d: s["mean"] for d, s in per.items()} for m, per in models.items()},
+            "forgetting": {
+                m: {
+                    d: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01, "best_earlier_stage": "sft"}
+                    for d, v in per.items()
+                }
+                for m, per in forgetting.items()
+            },
+        },
+        "summary": {f"{m}.{d}.exact_match": s["mean"] for m, per in models.items() for d, s in per.items()},
     }
     path = layout.artifacts / "metrics" / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,10 +258,17 @@ def test_child_run_has_stage_params_metrics_series_and_artifacts(pipeline: dict[
     assert run.data.metrics["tokens_per_second"] == 1234.5
     assert run.data.metrics["from_result"] == 1.0
     loss = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [(10, 2.0), (20, 1.75), (30, 1.5), (40, 1.25)]
+    assert [(m.step, m.value) for m in sorted(loss, key=lambda m: m.step)] == [
+        (10, 2.0),
+        (20, 1.75),
+        (30, 1.5),
+        (40, 1.25),
+    ]
     continual = client.get_metric_history(run.info.run_id, "continual_eval/add/exact_match")
     assert sorted((m.step, m.value) for m in continual) == [(20, 0.25), (40, 0.5)]
-    artifacts = {a.path for folder in ("metrics", "plots", "lineage") for a in client.list_artifacts(run.info.run_id, folder)}
+    artifacts = {
+        a.path for folder in ("metrics", "plots", "lineage") for a in client.list_artifacts(run.info.run_id, folder)
+    }
     assert {"metrics/sft.json", "plots/sft_loss.png", "lineage/lineage.json"} <= artifacts
 
 
@@ -321,7 +372,9 @@ def test_secrets_in_the_tracking_uri_never_reach_logged_params(tmp_path: Path, m
     layout = make_project(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     secret_uri = "https://alice:s3cretpass@mlflow.example.com"
-    params = make_params(tmp_path, tracking={"tracking_uri": secret_uri}, model={"base": "https://hf:hf_s3crettoken@hub.example.com/m"})
+    params = make_params(
+        tmp_path, tracking={"tracking_uri": secret_uri}, model={"base": "https://hf:hf_s3crettoken@hub.example.com/m"}
+    )
     # The store is local; the params still carry the secret-bearing URI the run would have used.
     monkeypatch.setattr(tracking, "resolve_tracking_uri", lambda p, r: (store, "test"))
     make_model(layout, "pretrain", seed=3)
@@ -398,5 +451,7 @@ def test_tracking_overhead_per_stage_is_small(pipeline: dict[str, Any]) -> None:
     write_stage_metrics(layout, "dpo")
     rec = record("dpo", params, layout)
     print(f"\nMLflow overhead for a model stage: {rec.seconds:.2f} s")
-    assert client_for(params).get_run(rec.run_id).data.metrics["tracking_seconds"] == pytest.approx(rec.seconds, abs=0.5)
+    assert client_for(params).get_run(rec.run_id).data.metrics["tracking_seconds"] == pytest.approx(
+        rec.seconds, abs=0.5
+    )
     assert rec.seconds < 15
