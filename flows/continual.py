@@ -55,6 +55,7 @@ from flows.pipeline import execute_pipeline, failure_state
 from posttrain import dag
 from posttrain.config import ContinualConfig, load_params
 from posttrain.errors import DataError, PipelineError
+from posttrain.workspace import pipeline_lock
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_GATE = "posttrain.registry:promote"
@@ -228,13 +229,23 @@ def continual_flow(
     root: str = ".",
     stages: list[str] | None = None,
     gate: str | None = DEFAULT_GATE,
+    wait: float = 600.0,
 ) -> dict[str, Any] | State:
     """Ingest new data, rerun the pipeline (all stages, or `stages` with their upstream), apply the gate.
 
     `gate`: the promotion function as `module:function`, called as gate(params, root); None skips it.
+    `wait`: seconds to wait for another pipeline run in the same workspace to finish.
     """
-    logger = get_run_logger()
     project = Path(root).resolve()
+    try:
+        with pipeline_lock(project, wait_seconds=wait):
+            return _continual(project, stages, gate)
+    except PipelineError as error:
+        return Failed(message=str(error))
+
+
+def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dict[str, Any] | State:
+    logger = get_run_logger()
     cfg = load_params(project / "params.yaml").orchestration.continual
     found = ingest_task(str(project))
     if not found.version:
@@ -243,13 +254,7 @@ def continual_flow(
     if found.pending:
         logger.info("continual: no new files; finishing the unfinished ingest of version %s", found.version)
     else:
-        logger.info(
-            "continual: ingested %s -> %s (%d rows in domain %s)",
-            ", ".join(found.files),
-            found.path,
-            found.rows,
-            cfg.domain,
-        )
+        logger.info("continual: ingested %s -> %s (%d rows)", ", ".join(found.files), found.path, found.rows)
     result = execute_pipeline(project, stages, echo=logger.info)
     logger.info(result.summary())
     if result.failed:
@@ -257,9 +262,11 @@ def continual_flow(
     decision = None
     if gate:
         try:
-            decision = gate_task(str(project), gate)
+            outcome = gate_task(str(project), gate)
         except Exception as error:  # the gate's own message is what the user needs
             return Failed(message=f"promotion gate: {error}")
+        # posttrain.registry.promote returns a PromotionResult; a refusal is a decision, not a failure.
+        decision = outcome.summary() if callable(getattr(outcome, "summary", None)) else outcome
         logger.info("continual: promotion gate: %s", decision)
     mark_done(project, cfg)
     return {
@@ -301,8 +308,10 @@ def deploy_continual(
         continual_flow.serve(name=name, cron=cron, parameters=parameters)
         return name
     ensure_process_pool(pool)
-    # The code is taken from the project folder itself (local storage): the worker runs it there.
-    source = continual_flow.from_source(source=str(root), entrypoint="flows/continual.py:continual_flow")
+    # The code comes from the folder holding flows/ (local storage: the worker runs it from there);
+    # `root` is the project whose params.yaml and dvc.yaml the runs use (usually the same folder).
+    code = Path(__file__).resolve().parents[1]
+    source = continual_flow.from_source(source=str(code), entrypoint="flows/continual.py:continual_flow")
     deployment_id = source.deploy(
         name=name, work_pool_name=pool, cron=cron, parameters=parameters, print_next_steps=False, ignore_warnings=True
     )

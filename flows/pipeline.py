@@ -29,7 +29,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from posttrain import dag
 from posttrain.config import Params, load_params
-from posttrain.errors import StageError
+from posttrain.errors import PipelineError, StageError
+from posttrain.workspace import pipeline_lock
 
 TAIL_LINES = 15
 OK = ("ran", "unchanged", "restored", "cached")  # outcomes that let downstream stages start
@@ -45,12 +46,16 @@ class StageFailed(StageError):
         own = [line for line in tail if line.startswith("error:")]
         rest = [line for line in tail if line not in own and not line.startswith("ERROR: failed to reproduce")]
         head = own or rest[-5:] or [f"stage {stage}: command failed"]
+        context = [line for line in tail if line not in head]
         super().__init__(
             "\n".join(head)
-            + f"\n(`dvc repro --single-item {stage}` exited {returncode}; last lines of its stderr:"
-            + "".join(f"\n    {line}" for line in tail)
+            + f"\n(`dvc repro --single-item {stage}` exited {returncode}"
+            + ("; other stderr lines:" + "".join(f"\n    {line}" for line in context) if context else "")
             + ")"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable for Prefect's state storage
+        return (StageFailed, (self.stage, self.returncode, self.tail))
 
 
 def _pump(stream: IO[str], sink: IO[str], prefix: str, keep: deque[str] | None, seen: list[str]) -> None:
@@ -207,19 +212,25 @@ def pipeline_flow(
     stages: list[str] | None = None,
     downstream: bool = False,
     force: bool = False,
+    wait: float = 0.0,
 ) -> dict[str, str] | State:
     """Run dvc.yaml's stages (all, or `stages` with their upstream; `downstream`: and below).
 
     `overrides` (`key=value`) are written into params.yaml first, validated, so DVC's lock,
-    MLflow's params and this run agree. Returns stage -> outcome; a failed stage fails the flow
-    with that stage's own error message.
+    MLflow's params and this run agree. One run per workspace: another run's lock is waited on
+    for `wait` seconds. Returns stage -> outcome; a failed stage fails the flow with that stage's
+    own error message (user errors fail it with their message, without a traceback).
     """
     logger = get_run_logger()
     project = Path(root).resolve()
-    changed = dag.apply_overrides(project, overrides or [])
-    if changed:
-        logger.info("params.yaml: set %s", ", ".join(changed))
-    result = execute_pipeline(project, stages, downstream=downstream, force=force, echo=logger.info)
+    try:
+        with pipeline_lock(project, wait_seconds=wait):
+            changed = dag.apply_overrides(project, overrides or [])
+            if changed:
+                logger.info("params.yaml: set %s", ", ".join(changed))
+            result = execute_pipeline(project, stages, downstream=downstream, force=force, echo=logger.info)
+    except PipelineError as error:
+        return Failed(message=str(error))
     logger.info(result.summary())
     if result.failed:
         return failure_state(result)

@@ -28,6 +28,9 @@ app = typer.Typer(
 RootOption = Annotated[
     Path | None, typer.Option("--root", help="Project folder (default: nearest folder with params.yaml and dvc.yaml).")
 ]
+WaitOption = Annotated[
+    float, typer.Option("--wait", help="Seconds to wait for another pipeline run in this workspace to finish.")
+]
 StagesOption = Annotated[
     list[str] | None,
     typer.Option("--stages", "-s", help="Stage(s) to run, with their upstream stages (repeat or comma-separate)."),
@@ -39,7 +42,8 @@ def _root(root: Path | None) -> Path:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    # A stage's own message already starts with "error: stage X:" (posttrain.entry).
+    typer.echo(message if message.startswith("error:") else f"error: {message}", err=True)
     raise typer.Exit(1)
 
 
@@ -68,6 +72,7 @@ def run(
     no_prefect: Annotated[
         bool, typer.Option("--no-prefect", help="Run plain `dvc repro` (no Prefect server, no retries).")
     ] = False,
+    wait: WaitOption = 0.0,
     root: RootOption = None,
 ) -> None:
     """Run the pipeline: every stale dvc.yaml stage as a Prefect task (independent stages in parallel).
@@ -86,8 +91,15 @@ def run(
     except PipelineError as error:
         _fail(str(error))
     if no_prefect:
+        from posttrain.workspace import pipeline_lock
+
         args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
-        raise typer.Exit(subprocess.run(dag.dvc_command(*args), cwd=project).returncode)
+        try:
+            with pipeline_lock(project, wait_seconds=wait):
+                code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
+        except PipelineError as error:
+            _fail(str(error))
+        raise typer.Exit(code)
     from flows.pipeline import pipeline_flow
 
     state = pipeline_flow(
@@ -96,6 +108,7 @@ def run(
         stages=targets,
         downstream=downstream,
         force=force,
+        wait=wait,
         return_state=True,
     )
     if state.is_failed():
@@ -168,11 +181,6 @@ def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
         _fail(str(error))
 
 
-def _print(value: Any) -> None:
-    if value is not None:
-        typer.echo(value if isinstance(value, str) else json.dumps(value, indent=2, default=str))
-
-
 @app.command()
 def promote(
     version: Annotated[
@@ -182,26 +190,34 @@ def promote(
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden (recorded).")] = None,
     root: RootOption = None,
 ) -> None:
-    """Apply the promotion gate to the candidate (or --version) and make it champion if it passes."""
+    """Apply the promotion gate to the candidate (or --version); champion if it passes, else exit 1."""
     if force and not reason:
         _fail("--force needs --reason TEXT (it is recorded with the promotion)")
     project = _root(root)
-    params = _load_or_fail(project)
-    _print(_registry_call("promote", params, project, version=version, force=force, reason=reason))
+    result = _registry_call(
+        "promote",
+        _load_or_fail(project),
+        project,
+        version=None if version is None else str(version),
+        force=force,
+        reason=reason,
+    )
+    if not result.promoted:
+        raise typer.Exit(1)
 
 
 @app.command()
 def rollback(root: RootOption = None) -> None:
     """Make the previous champion the champion again."""
     project = _root(root)
-    _print(_registry_call("rollback", _load_or_fail(project), project))
+    _registry_call("rollback", _load_or_fail(project), project)
 
 
 @app.command()
 def registry(root: RootOption = None) -> None:
-    """Show the model registry: versions, champion, candidate and their metrics."""
+    """Show the model registry: versions, aliases (champion, candidate), promotion status and scores."""
     project = _root(root)
-    _print(_registry_call("show", _load_or_fail(project), project))
+    _registry_call("show", _load_or_fail(project), project)
 
 
 def _load_or_fail(project: Path) -> Any:
@@ -255,6 +271,7 @@ def deploy(
 def continual(
     stages: StagesOption = None,
     no_gate: Annotated[bool, typer.Option("--no-gate", help="Do not apply the promotion gate.")] = False,
+    wait: WaitOption = 600.0,
     root: RootOption = None,
 ) -> None:
     """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion gate."""
@@ -263,11 +280,11 @@ def continual(
     from flows.continual import DEFAULT_GATE, continual_flow
 
     state = continual_flow(
-        root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, return_state=True
+        root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, wait=wait, return_state=True
     )
     if state.is_failed():
         _fail(state.message or "the continual flow failed")
-    _print(state.result())
+    typer.echo(json.dumps(state.result(), indent=2, default=str))
 
 
 def main() -> None:  # pragma: no cover - `python -m posttrain.cli`

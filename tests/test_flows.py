@@ -41,7 +41,7 @@ def record_gate(params: object, root: Path) -> str:
     return "promoted"
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def prefect_server():
     with prefect_test_harness(server_startup_timeout=180):
         yield
@@ -49,7 +49,7 @@ def prefect_server():
 
 
 @pytest.fixture
-def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_server: None) -> Path:
     monkeypatch.setenv("PATH", toy_env()["PATH"])
     return make_toy_project(tmp_path / "toy")
 
@@ -96,7 +96,9 @@ def test_flow_tasks_follow_dvcs_graph(toy: Path) -> None:
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     by_id = {run.id: run.name for run in runs}
     edges = {(by_id[i.id], run.name) for run in runs for i in run.task_inputs.get("wait_for", [])}
     assert {run.name for run in runs} == {"source", "left", "right", "join"}
@@ -112,7 +114,7 @@ def test_failing_stage_stops_descendants_and_surfaces_its_message(toy: Path) -> 
     state = pipeline_flow(str(toy), return_state=True)
     assert state.is_failed()
     assert state.message.startswith("error: stage right: planted failure in row 3")
-    assert "`dvc repro --single-item right` exited 1" in state.message
+    assert "`dvc repro --single-item right` exited 255" in state.message  # DVC's code for a failed stage
     assert (toy / "attempts.txt").read_text() == "xx"
     assert (toy / "out" / "join.txt").read_text() == join_before  # join did not run
     assert set(dag.stale_stages(toy)) == {"right", "join"}
@@ -187,7 +189,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.e2e
-def test_deploy_creates_a_cron_deployment_on_a_local_server(toy: Path, tmp_path: Path) -> None:
+def test_deploy_creates_a_cron_deployment_on_a_local_server(tmp_path: Path) -> None:
+    toy = make_toy_project(tmp_path / "toy")
     port = _free_port()
     home = tmp_path / "server-home"
     env = toy_env() | {
@@ -215,7 +218,18 @@ def test_deploy_creates_a_cron_deployment_on_a_local_server(toy: Path, tmp_path:
             assert server.poll() is None and time.monotonic() < deadline, "prefect server did not start"
             time.sleep(1)
         done = subprocess.run(
-            [sys.executable, "-m", "posttrain.cli", "deploy", "--root", str(toy), "--cron", "*/30 * * * *", "--pool", "toy-pool"],
+            [
+                sys.executable,
+                "-m",
+                "posttrain.cli",
+                "deploy",
+                "--root",
+                str(toy),
+                "--cron",
+                "*/30 * * * *",
+                "--pool",
+                "toy-pool",
+            ],
             env=env,
             capture_output=True,
             text=True,
