@@ -134,7 +134,9 @@ def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
     return SCHEDULES[cfg.name](step, max(1, total), cfg)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following `cfg` over `total_steps` optimizer steps.
 
     The lambda is a closure (not a picklable object), so `LambdaLR.state_dict()` stores only the step

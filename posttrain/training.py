@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from transformers import TrainerCallback
+
 from posttrain.config import ComputeConfig, Params, ParamsError, ScheduleConfig, TrainStageConfig, params_hash
 from posttrain.entry import StageResult
 from posttrain.errors import DataError, StageError
 from posttrain.layout import Layout
 from posttrain.lineage import atomic_output_dir, json_hash, parent_entry, write_json_atomic, write_lineage
-
-from transformers import TrainerCallback
 
 if TYPE_CHECKING:
     import datasets
@@ -106,7 +106,9 @@ def setup_runtime(compute: ComputeConfig, seed: int) -> Runtime:
     cuda = torch.cuda.is_available()
     if compute.device == "cuda" and not cuda:
         raise StageError("compute.device is 'cuda' but no CUDA device is visible; expected a GPU or device: auto/cpu")
-    device: Literal["cpu", "cuda"] = "cuda" if compute.device == "cuda" or (compute.device == "auto" and cuda) else "cpu"
+    device: Literal["cpu", "cuda"] = (
+        "cuda" if compute.device == "cuda" or (compute.device == "auto" and cuda) else "cpu"
+    )
     precision: Literal["fp32", "bf16", "fp16"]
     if compute.precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -193,7 +195,9 @@ def with_schedule(trainer_cls: type) -> type:
             from posttrain.schedules import build_scheduler
 
             if self.lr_scheduler is None:
-                self.lr_scheduler = build_scheduler(optimizer or self.optimizer, self.schedule_config, num_training_steps)
+                self.lr_scheduler = build_scheduler(
+                    optimizer or self.optimizer, self.schedule_config, num_training_steps
+                )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
@@ -251,7 +255,9 @@ def check_lengths(
     return len(too_long)
 
 
-def load_text_mixture(layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig) -> datasets.Dataset:
+def load_text_mixture(
+    layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig
+) -> datasets.Dataset:
     """Language-modelling data: the mixture's `text` column, lengths checked (TRL appends EOS)."""
     data = read_mixture(layout, stage, ["id", "text"])
     where = str(layout.mixture(stage) / "train.parquet")
@@ -265,7 +271,7 @@ def load_prompt_completion_mixture(
     """Prompt-completion data (`prompt`, `completion`), lengths of prompt + completion + EOS checked."""
     data = read_mixture(layout, stage, ["id", "prompt", "completion"])
     where = str(layout.mixture(stage) / "train.parquet")
-    texts = [p + c for p, c in zip(data["prompt"], data["completion"])]
+    texts = [p + c for p, c in zip(data["prompt"], data["completion"], strict=False)]
     check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
     return data.select_columns(["prompt", "completion"])
 
@@ -334,7 +340,7 @@ def evaluate_domains(
                     answer_ids = tokenizer(vset.answers, add_special_tokens=False)["input_ids"]
                     max_new = max(len(ids) for ids in answer_ids) + 1  # +1: room for EOS
                     outputs = generate(model, tokenizer, vset.prompts, max_new_tokens=max_new, batch_size=batch_size)
-                    hits = [out[0].strip() == ans.strip() for out, ans in zip(outputs, vset.answers)]
+                    hits = [out[0].strip() == ans.strip() for out, ans in zip(outputs, vset.answers, strict=False)]
                     exact = sum(hits) / len(hits)
                 results[domain] = {"loss": loss, "exact_match": exact}
     finally:
@@ -342,7 +348,9 @@ def evaluate_domains(
     return results
 
 
-def _mean_token_loss(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int) -> float:
+def _mean_token_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int
+) -> float:
     import torch
 
     device = next(model.parameters()).device
@@ -390,7 +398,7 @@ def find_resume_checkpoint(folder: Path, *, remove_incomplete: bool = False) -> 
     skipped, and with `remove_incomplete` deleted so the Trainer does not write into them later.
     """
     newest: Path | None = None
-    for step, path in _checkpoints(folder):
+    for _step, path in _checkpoints(folder):
         if (path / COMPLETE_MARKER).is_file():
             newest = path
         else:
@@ -630,7 +638,9 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
 
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     domains = list(params.data.domains)
-    evaluation = ContinualEvaluation(job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every)
+    evaluation = ContinualEvaluation(
+        job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
+    )
     preemption = Preemption()
     trainer = with_schedule(job.trainer_cls or SFTTrainer)(
         model=job.model,
@@ -644,7 +654,13 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     # ProgressLog replaces the raw log dicts the Trainer prints when tqdm is off.
     trainer.remove_callback(PrinterCallback)
     model = trainer.model
-    log.info("%s: %d parameters, %d training examples, checkpoints in %s", stage, count_parameters(model), len(job.train_dataset), ckpt_dir)
+    log.info(
+        "%s: %d parameters, %d training examples, checkpoints in %s",
+        stage,
+        count_parameters(model),
+        len(job.train_dataset),
+        ckpt_dir,
+    )
 
     # Scored on the input model: the same "before" whether or not the run resumes.
     before = evaluation.record(0, model)
@@ -761,7 +777,7 @@ def write_eval_plot(stage: str, series: list[dict[str, Any]], layout: Layout) ->
         ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", label=domain)
         em = [(r["step"], r["exact_match"]) for r in rows if r["exact_match"] is not None]
         if em:
-            ax_em.plot(*zip(*em), marker="o", label=domain)
+            ax_em.plot(*zip(*em, strict=False), marker="o", label=domain)
     ax_loss.set(title=f"{stage}: validation loss", xlabel="step", ylabel="loss per token")
     ax_em.set(title=f"{stage}: greedy exact match", xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02))
     ax_loss.legend()

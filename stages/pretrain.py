@@ -1,13 +1,13 @@
 """Stage `pretrain`: bootstrap the base model.
 
-    model.base: scratch   train a BPE tokenizer on every domain's train split, build a tiny Llama
-                          from model.architecture, and train it on the `pretrain` mixture (text)
-    model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
-                          training): the next stages start from it, lineage.json says so
+model.base: scratch   train a BPE tokenizer on every domain's train split, build a tiny Llama
+                      from model.architecture, and train it on the `pretrain` mixture (text)
+model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
+                      training): the next stages start from it, lineage.json says so
 
-    reads   artifacts/data/prepared/*/train.parquet, artifacts/data/mixtures/pretrain/
-    writes  artifacts/models/pretrain/ (+ lineage.json), artifacts/metrics/pretrain.json,
-            artifacts/plots/pretrain_continual_eval.{png,json}
+reads   artifacts/data/prepared/*/train.parquet, artifacts/data/mixtures/pretrain/
+writes  artifacts/models/pretrain/ (+ lineage.json), artifacts/metrics/pretrain.json,
+        artifacts/plots/pretrain_continual_eval.{png,json}
 """
 
 from __future__ import annotations

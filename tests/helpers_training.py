@@ -27,7 +27,13 @@ TINY_ARCH = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 32,
 }
-TINY_TRAINER = {"learning_rate": 3.0e-3, "max_steps": 6, "per_device_train_batch_size": 8, "logging_steps": 2, "save_steps": 3}
+TINY_TRAINER = {
+    "learning_rate": 3.0e-3,
+    "max_steps": 6,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 2,
+    "save_steps": 3,
+}
 
 
 def _record(domain: str, prompt: str, answer: str) -> dict[str, str]:
@@ -79,7 +85,9 @@ def _deep_update(target: dict[str, Any], update: dict[str, Any]) -> None:
             target[key] = value
 
 
-def make_project(root: Path, raw: dict[str, Any] | None = None, n_train: int = 120, seed: int = 0) -> tuple[Params, Layout]:
+def make_project(
+    root: Path, raw: dict[str, Any] | None = None, n_train: int = 120, seed: int = 0
+) -> tuple[Params, Layout]:
     """Write params.yaml, prepared splits of every domain and the pretrain/cpt/sft mixtures under `root`."""
     raw = raw or tiny_raw_params()
     root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +120,8 @@ def write_mixture(layout: Layout, stage: str, records: list[dict[str, str]], fmt
     if fmt == "text":
         rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"]} for r in records]
     else:
-        rows = [{"id": r["id"], "domain": r["domain"], "prompt": r["prompt"], "completion": r["answer"]} for r in records]
+        rows = [
+            {"id": r["id"], "domain": r["domain"], "prompt": r["prompt"], "completion": r["answer"]} for r in records
+        ]
     pd.DataFrame(rows).to_parquet(folder / "train.parquet", index=False)
     (folder / "manifest.json").write_text(json.dumps({"stage": stage, "ids": [r["id"] for r in records]}))

@@ -21,9 +21,11 @@ from posttrain.modeling import (
 )
 
 TINY = ArchitectureConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
-TEXTS = [f"{a}+{b}={a + b}" for a in range(10, 60) for b in range(10, 60, 7)] + [
-    f"rev:{w}={w[::-1]}" for w in ("abc", "hello", "world", "cab", "bead", "deed")
-] + ["a plain sentence with spaces", "another plain sentence"]
+TEXTS = (
+    [f"{a}+{b}={a + b}" for a in range(10, 60) for b in range(10, 60, 7)]
+    + [f"rev:{w}={w[::-1]}" for w in ("abc", "hello", "world", "cab", "bead", "deed")]
+    + ["a plain sentence with spaces", "another plain sentence"]
+)
 
 
 @pytest.fixture(scope="module")

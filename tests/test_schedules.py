@@ -22,11 +22,11 @@ def curve(c: ScheduleConfig) -> list[float]:
 
 
 def non_increasing(values: list[float]) -> bool:
-    return all(b <= a + 1e-12 for a, b in zip(values, values[1:]))
+    return all(b <= a + 1e-12 for a, b in zip(values, values[1:], strict=False))
 
 
 def strictly_increasing(values: list[float]) -> bool:
-    return all(b > a for a, b in zip(values, values[1:]))
+    return all(b > a for a, b in zip(values, values[1:], strict=False))
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -57,7 +57,7 @@ def test_cosine_without_warmup_starts_at_peak():
 def test_linear():
     values = curve(cfg("linear"))
     assert non_increasing(values[10:])
-    diffs = {round(a - b, 9) for a, b in zip(values[10:], values[11:])}
+    diffs = {round(a - b, 9) for a, b in zip(values[10:], values[11:], strict=False)}
     assert len(diffs) == 1  # a straight line
     assert values[55] == pytest.approx(FLOOR + (1 - FLOOR) * 0.5)
 
@@ -81,7 +81,7 @@ def test_constant_cooldown_is_sqrt_shaped():
     assert strictly_increasing(cooldown[80:][::-1])
     assert cooldown[99] == pytest.approx(FLOOR)
     # 1 - sqrt(p) drops faster than 1 - p early in the cool-down.
-    assert all(c < w for c, w in zip(cooldown[80:99], wsd[80:99]))
+    assert all(c < w for c, w in zip(cooldown[80:99], wsd[80:99], strict=False))
 
 
 def test_infinite_cooldown_constant_anneal():
