@@ -165,8 +165,8 @@ def plot_stability_gap(
     series_by_stage: dict[str, list[dict[str, Any]]], stages: Sequence[str], folder: Path
 ) -> list[Path]:
     rows = stability_gap_rows(series_by_stage, stages)
-    if not rows:
-        return []
+    # Written even without rows: dvc.yaml declares these plots, and a recipe with continual
+    # evaluation off everywhere must still produce them (empty, saying why).
     data = folder / "stability_gap.csv"
     _write_csv(data, rows, ["stage", "step", "pipeline_step", "domain", "loss", "exact_match"])
     plt = _pyplot()
@@ -187,7 +187,11 @@ def plot_stability_gap(
         ax_em.text(start, 1.0, f" {stage}", fontsize=8, va="top")
     ax_em.set(ylabel="validation exact match", ylim=(-0.02, 1.05), title="Stability gap along the pipeline")
     ax_loss.set(ylabel="validation loss", xlabel="training step (stages end to end)")
-    ax_em.legend(fontsize="small")
+    if rows:
+        ax_em.legend(fontsize="small")
+    else:
+        ax_em.text(0.5, 0.5, "no continual evaluation recorded\n(set <stage>.eval_every > 0)", ha="center",
+                   transform=ax_em.transAxes)
     fig.tight_layout()
     png = folder / "stability_gap.png"
     _save(fig, png)

@@ -170,3 +170,14 @@ def test_report_schema_summary_and_forgetting():
     summary = report["summary"]
     assert summary["sft.add.exact_match"] == 1.0 and summary["grpo.add.forgetting"] == 1.0
     assert all(isinstance(v, float) for v in summary.values())
+
+
+def test_stability_gap_files_exist_without_any_series(tmp_path):
+    # dvc.yaml declares these plots: a recipe with continual evaluation off must still write them.
+    from posttrain.plots import plot_stability_gap
+
+    written = plot_stability_gap({}, ["pretrain", "cpt"], tmp_path)
+    assert {p.name for p in written} == {"stability_gap.png", "stability_gap.csv"}
+    assert (tmp_path / "stability_gap.csv").read_text().splitlines() == [
+        "stage,step,pipeline_step,domain,loss,exact_match"
+    ]
