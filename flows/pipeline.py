@@ -29,6 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from posttrain import dag
 from posttrain.config import Params, load_params
+from posttrain.entry import EXIT_NOT_RETRYABLE
 from posttrain.errors import PipelineError, StageError
 from posttrain.workspace import pipeline_lock
 
@@ -56,6 +57,51 @@ class StageFailed(StageError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # picklable for Prefect's state storage
         return (StageFailed, (self.stage, self.returncode, self.tail))
+
+    @property
+    def retryable(self) -> bool:
+        """False when the stage exited EXIT_NOT_RETRYABLE (out of memory / disk): the same rerun fails again.
+
+        DVC exits 255 whatever the stage's status, but names it: "failed to run: <cmd>, exited with 3".
+        """
+        return not any(line.rstrip().endswith(f"exited with {EXIT_NOT_RETRYABLE}") for line in self.tail)
+
+
+def _should_retry(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry anything but a non-retryable stage failure."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return not (isinstance(error, StageFailed) and not error.retryable)
+
+
+def check_prefect_api(timeout: float = 3.0) -> str | None:
+    """Fail fast, before any stage runs, when PREFECT_API_URL names a server that does not answer.
+
+    None when no URL is set (Prefect then starts its own ephemeral server on 127.0.0.1). Prefect's
+    client would otherwise retry each request with backoff and fail deep inside the flow.
+    """
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    from posttrain.lineage import redact
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # something answered: a server is there
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise PipelineError(
+            f"Prefect API {redact(url)} (PREFECT_API_URL) cannot be reached ({getattr(error, 'reason', error)}; "
+            f"gave up after {time.perf_counter() - started:.1f} s). Start it (`prefect server start`), fix "
+            "PREFECT_API_URL, unset it to use Prefect's ephemeral server, or run `posttrain run --no-prefect`."
+        ) from None
+    return url
 
 
 def _pump(stream: IO[str], sink: IO[str], prefix: str, keep: deque[str] | None, seen: list[str]) -> None:
@@ -96,7 +142,7 @@ def run_dvc_stage(root: Path, stage: str, force: bool = False) -> str:
     return "unchanged" if skipped else "ran"
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, log_prints=False)
+@task(cache_policy=NO_CACHE, persist_result=False, log_prints=False, retry_condition_fn=_should_retry)
 def dvc_stage(root: str, stage: str, force: bool = False) -> str:
     """One DVC stage. Retries rerun the same command (training stages resume from their checkpoint)."""
     started = time.perf_counter()

@@ -100,8 +100,12 @@ def run(
         except PipelineError as error:
             _fail(str(error))
         raise typer.Exit(code)
-    from flows.pipeline import pipeline_flow
+    from flows.pipeline import check_prefect_api, pipeline_flow
 
+    try:
+        check_prefect_api()  # a configured server that is down fails here, before any stage
+    except PipelineError as error:
+        _fail(str(error))
     state = pipeline_flow(
         root=str(project),
         overrides=overrides or [],
@@ -278,6 +282,12 @@ def continual(
     project = _root(root)
     _load_or_fail(project)
     from flows.continual import DEFAULT_GATE, continual_flow
+    from flows.pipeline import check_prefect_api
+
+    try:
+        check_prefect_api()
+    except PipelineError as error:
+        _fail(str(error))
 
     state = continual_flow(
         root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, wait=wait, return_state=True

@@ -311,10 +311,32 @@ class ScheduleConfig(Strict):
         return self
 
 
+class LoRAConfig(Strict):
+    """LoRA / QLoRA through PEFT (posttrain.adapters; docs/scale-out.md)."""
+
+    r: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0.0)] = 32.0
+    dropout: Fraction = 0.05
+    # "all-linear" (PEFT's shortcut: every linear layer but the output head) or module names.
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # What this stage writes: `merge` = adapter merged into a full model folder (merge_and_unload);
+    # `pass_on` = the adapter folder + a pointer to its base in lineage.json; the next stage then
+    # continues training this adapter on that same base (it must set `lora:` too).
+    handoff: Literal["merge", "pass_on"] = "merge"
+    # QLoRA: the frozen base loaded in 4 or 8 bit with bitsandbytes (CUDA only).
+    quantization: Literal["4bit", "8bit"] | None = None
+
+
 class TrainStageConfig(Strict):
     trainer: TrainerArgs = TrainerArgs()
     schedule: ScheduleConfig = ScheduleConfig()
     max_length: PositiveInt = 64
+    # Memory levers. None: TRL's default (forced off on CPU, where it only slows a small model).
+    gradient_checkpointing: bool | None = None
+    # Pack several examples into each max_length row (SFTTrainer stages only: pretrain, cpt, sft).
+    packing: bool = False
+    # null: full fine-tuning; else train a LoRA adapter (see LoRAConfig.handoff for what is written).
+    lora: LoRAConfig | None = None
     # A training example longer than max_length: cut it, or stop the stage.
     on_too_long: Literal["truncate", "refuse"] = "refuse"
     # Continual evaluation: every N optimizer steps (0 = off) score each domain's validation set.

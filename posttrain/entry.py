@@ -7,6 +7,7 @@ the run in MLflow. Stage functions themselves know nothing of DVC, Prefect or ML
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Params, load_params
-from posttrain.errors import PipelineError
+from posttrain.errors import PipelineError, StageError
 from posttrain.layout import Layout, find_root
 
 log = logging.getLogger("posttrain")
@@ -32,6 +33,49 @@ class StageResult:
 
 
 StageFunction = Callable[[Params, Layout], StageResult]
+
+# Exit status of a stage that ran out of memory or disk: rerunning the same command cannot help, so
+# the Prefect flow does not retry it (flows/pipeline.py). Every other PipelineError exits 1.
+EXIT_NOT_RETRYABLE = 3
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_SIGNS = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "unexpected pos")
+
+
+class ResourceExhausted(StageError):
+    """Out of memory or out of disk: the message says what to change; not retried."""
+
+    exit_code = EXIT_NOT_RETRYABLE
+
+
+def resource_error(error: BaseException, stage: str) -> ResourceExhausted | None:
+    """The actionable error for an out-of-memory or disk-full failure, None for anything else.
+
+    Recognised without importing torch: torch.OutOfMemoryError (CUDA), the CPU allocator's
+    RuntimeError, Python's MemoryError; OSError ENOSPC/EDQUOT/EFBIG and torch.save's write failure.
+    """
+    text = str(error)
+    if (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+    ):
+        return ResourceExhausted(
+            f"out of memory ({type(error).__name__}: {text.strip().splitlines()[-1][:300]}); "
+            f"not retried. Lower {stage}.trainer.per_device_train_batch_size (raise gradient_accumulation_steps "
+            f"to keep the effective batch), set {stage}.gradient_checkpointing: true, or train a LoRA adapter "
+            f"({stage}.lora)"
+        )
+    # safetensors (Rust) and torch.save (C++) report a failed write in their own words, not as OSError.
+    disk = (isinstance(error, OSError) and error.errno in _DISK_ERRNOS) or any(sign in text for sign in _DISK_SIGNS)
+    if disk:
+        where = getattr(error, "filename", None) or text.strip().splitlines()[-1][:300]
+        return ResourceExhausted(
+            f"disk full or file size limit reached while writing ({type(error).__name__}: {where}); "
+            "the previous model folder and complete checkpoints were kept (atomic writes), a half-written "
+            "checkpoint is left unmarked. Free disk space and rerun: the stage resumes from its last complete "
+            "checkpoint"
+        )
+    return None
 
 
 def setup_logging() -> None:
@@ -57,7 +101,14 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
     started = time.perf_counter()
     try:
         params = load_params(params_path)
-        if params.tracking.enabled:
+        from posttrain import launch  # cheap: no torch
+
+        if launch.should_relaunch(stage, params.compute):
+            # compute.launcher: accelerate -> run this same module under `accelerate launch`.
+            sys.exit(launch.relaunch(stage, params.compute, root, params_path, debug=args.debug))
+        # Other ranks of a distributed run train, but write nothing and track nothing.
+        track = params.tracking.enabled and launch.is_main_process()
+        if track:
             from posttrain import tracking  # cheap: mlflow itself is imported only when needed
 
             # A configured tracking server that is down must fail the stage before any training.
@@ -66,10 +117,12 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         result = run(params, Layout(root))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
-        if params.tracking.enabled:
+        if track:
             tracking.record_stage(stage, params, Layout(root), result, seconds=seconds)
-    except PipelineError as error:
-        if args.debug:
+    except Exception as error:
+        # Out of memory / disk outside the training loop (model build, saving, evaluation) too.
+        known = error if isinstance(error, PipelineError) else resource_error(error, stage)
+        if known is None or args.debug:
             raise
-        print(f"error: stage {stage}: {error}", file=sys.stderr)
-        sys.exit(1)
+        print(f"error: stage {stage}: {known}", file=sys.stderr)
+        sys.exit(getattr(known, "exit_code", 1))

@@ -42,6 +42,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path | None = None
     lineage: dict[str, Any] | None = None
+    # Set when `model` carries a LoRA adapter (posttrain.adapters.AdapterSetup): base and hand-off.
+    adapter: Any = None
 
 
 # --------------------------------------------------------------------------- from scratch
@@ -147,9 +149,23 @@ def load_stage_model(model_dir: Path, *, trust_remote_code: bool = False) -> Loa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (model_dir / "adapter_config.json").is_file():
+        # A LoRA adapter passed on by its stage: whoever only uses the model gets it merged into its base.
+        from posttrain.adapters import load_merged
+
+        return load_merged(model_dir, trust_remote_code=trust_remote_code)
     lineage = verify_model_folder(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        # safetensors only: a pickle checkpoint (pytorch_model.bin) can run code when unpickled.
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise StageError(
+            f"{model_dir}: cannot load the model ({error}); expected a save_pretrained folder with "
+            "model.safetensors (pickle weights such as pytorch_model.bin are refused)"
+        ) from None
     check_tokenizer_fits(model, tokenizer, where=str(model_dir))
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, lineage=lineage)
 
@@ -176,10 +192,47 @@ def check_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """save_pretrained (safetensors) + tokenizer + generation_config carrying the EOS and PAD ids."""
+def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What must agree between stages and evaluation: vocabulary, special tokens and ids, template."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    return {
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16],
+        "eos": [tokenizer.eos_token, tokenizer.eos_token_id],
+        "pad": [tokenizer.pad_token, tokenizer.pad_token_id],
+        "bos": [tokenizer.bos_token, tokenizer.bos_token_id],
+        "special_tokens": sorted(map(str, tokenizer.all_special_tokens)),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+
+
+def check_same_tokenizer(
+    reference: dict[str, Any], other: dict[str, Any], *, reference_where: str, other_where: str
+) -> None:
+    """StageError naming each differing field with both values (EOS/template drift is silent otherwise)."""
+    diffs = [f"{key}: {value!r} vs {other.get(key)!r}" for key, value in reference.items() if value != other.get(key)]
+    if diffs:
+        raise StageError(
+            f"tokenizer of {other_where} differs from that of {reference_where}: {'; '.join(diffs)}; "
+            "expected every model of one pipeline to share the tokenizer, special tokens and prompt template"
+        )
+
+
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    state_dict: dict[str, Any] | None = None,
+) -> None:
+    """save_pretrained (safetensors) + tokenizer + generation_config carrying the EOS and PAD ids.
+
+    `state_dict`: full weights gathered from a sharded run (FSDP / DeepSpeed ZeRO-3); None = the model's own.
+    """
     _set_generation_ids(model, tokenizer)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

@@ -89,11 +89,78 @@ def length_penalty(completions: list[str], answer: list[str], **_: Any) -> list[
     return scores
 
 
+# --------------------------------------------------------------------------- code execution
+
+# Limits for running a generated snippet: CPU seconds, address space, bytes written, wall seconds.
+CODE_CPU_SECONDS = 2
+CODE_MEMORY_BYTES = 256 * 1024 * 1024
+CODE_FILE_BYTES = 1024 * 1024
+CODE_WALL_SECONDS = 5.0
+CODE_OUTPUT_CHARS = 10_000
+
+
+def _limit_child() -> None:  # pragma: no cover - runs in the child between fork and exec
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CPU, (CODE_CPU_SECONDS, CODE_CPU_SECONDS))
+    resource.setrlimit(resource.RLIMIT_AS, (CODE_MEMORY_BYTES, CODE_MEMORY_BYTES))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (CODE_FILE_BYTES, CODE_FILE_BYTES))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_snippet(code: str, timeout: float = CODE_WALL_SECONDS) -> tuple[int | None, str]:
+    """Run untrusted `code` with `python -I` in a throwaway folder: (exit status or None on timeout, stdout).
+
+    Generated code is never run in the trainer's process: a child with CPU, memory and file-size
+    limits, an empty environment (no tokens or passwords inherited), isolated mode (no user site,
+    no PYTHON* variables) and its own session, killed as a group when the wall timeout passes.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="posttrain-snippet-") as folder:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-c", code],
+            cwd=folder,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            preexec_fn=_limit_child,
+            start_new_session=True,
+        )
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the snippet's own children too
+            process.communicate()
+            return None, ""
+    return process.returncode, out[:CODE_OUTPUT_CHARS]
+
+
+def python_output(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 when the completion, run as a Python snippet (sandboxed, see run_snippet), prints `answer`.
+
+    A snippet that fails, times out or hits a resource limit scores 0.0.
+    """
+    scores = []
+    for completion, gold in zip(completions, answer, strict=True):
+        status, out = run_snippet(completion)
+        scores.append(float(status == 0 and out.strip() == gold.strip()))
+    return scores
+
+
 REWARDS: dict[str, RewardFunction] = {
     "exact_match": exact_match,
     "digit_match": digit_match,
     "format": format_reward,
     "length_penalty": length_penalty,
+    "python_output": python_output,
 }
 
 

@@ -53,14 +53,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from transformers import TrainerCallback
 
 from posttrain.config import ComputeConfig, Params, ParamsError, ScheduleConfig, TrainStageConfig, params_hash
-from posttrain.entry import StageResult
+from posttrain.entry import StageResult, resource_error
 from posttrain.errors import DataError, StageError
+from posttrain.launch import is_main_process, world_size
 from posttrain.layout import Layout
 from posttrain.lineage import atomic_output_dir, json_hash, parent_entry, write_json_atomic, write_lineage
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from posttrain.adapters import AdapterSetup
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +173,38 @@ def trl_config(
     }
     if "max_length" in known:
         kwargs["max_length"] = section.max_length
+    if section.gradient_checkpointing is not None:
+        kwargs["activation_checkpointing"] = section.gradient_checkpointing
+    if section.packing:
+        if "packing" not in known:
+            raise ParamsError(
+                f"{stage}.packing: got true, but TRL's {config_cls.__name__} has no packing; expected false"
+            )
+        kwargs["packing"] = True
     kwargs.update(stage_fields)
     kwargs.update(user)
+    if kwargs.get("use_vllm"):
+        kwargs["use_vllm"] = vllm_usable(stage, runtime)
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ParamsError(f"{stage}.trainer: TRL's {config_cls.__name__} rejected the settings: {error}") from None
+
+
+def vllm_usable(stage: str, runtime: Runtime) -> bool:
+    """`<stage>.trainer.use_vllm: true` holds only with CUDA and vLLM; otherwise TRL's own generation runs.
+
+    vLLM is an optional extra (`pip install -e .[vllm]`); a recipe written for a GPU cluster must
+    still run on a laptop, so its absence is a warning, not an error.
+    """
+    from trl.import_utils import is_vllm_available
+
+    missing = [why for why, absent in (("no CUDA device", runtime.device != "cuda"),
+                                       ("vllm not installed", not is_vllm_available())) if absent]  # fmt: skip
+    if missing:
+        log.warning("%s.trainer.use_vllm: %s; falling back to ordinary generation", stage, " and ".join(missing))
+        return False
+    return True
 
 
 def with_schedule(trainer_cls: type) -> type:
@@ -463,8 +492,11 @@ class CheckpointMarker(TrainerCallback):
     """Write COMPLETE into a checkpoint once the Trainer has fully saved it (on_save runs after the save)."""
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Distributed: every rank writes part of a checkpoint (its RNG state, optimizer shards);
+        # it is complete only once all have finished, and only rank 0 marks it.
+        _barrier()
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not folder.is_dir():
+        if not state.is_world_process_zero or not folder.is_dir():
             return
         marker = folder / COMPLETE_MARKER
         marker.write_text(json.dumps({"step": state.global_step, "time": time.time()}) + "\n")
@@ -537,7 +569,7 @@ class ContinualEvaluation(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
+        if state.is_world_process_zero and folder.is_dir():  # every rank holds the same series
             write_json_atomic(folder / SERIES_FILE, self.series)
 
 
@@ -567,6 +599,13 @@ class Preemption(TrainerCallback):
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _fsync(path: Path) -> None:
@@ -604,6 +643,8 @@ class TrainingJob:
     key_inputs: dict[str, Any] = field(default_factory=dict)  # anything else that determines the result
     lineage_extra: dict[str, Any] = field(default_factory=dict)
     metrics_extra: dict[str, Any] = field(default_factory=dict)
+    # The model's LoRA adapter, from posttrain.adapters.load_input_model (None: full fine-tuning).
+    adapter: AdapterSetup | None = None
 
 
 def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runtime) -> StageResult:
@@ -614,6 +655,11 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     from posttrain.modeling import count_parameters
 
     stage, section = job.stage, job.section
+    if section.lora is not None and job.adapter is None:
+        raise ParamsError(
+            f"{stage}.lora: set, but stage {stage} does not load its model through posttrain.adapters "
+            "(LoRA needs a pretrained input model); expected null here"
+        )
     positions = getattr(job.model.config, "max_position_embeddings", None)
     if positions is not None and section.max_length > positions:
         raise ParamsError(
@@ -629,12 +675,17 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             "parents": [p["content_hash"] for p in parents],
             "data_manifest": json_hash(job.data_manifest) if job.data_manifest else None,
             "precision": runtime.precision,
+            # A continued adapter is only as good as its base: the base's hash decides the run too.
+            **({"adapter_base": job.adapter.base["content_hash"]} if job.adapter else {}),
+            # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
+            **({"world_size": world_size()} if world_size() > 1 else {}),
             **job.key_inputs,
         },
     )
     ckpt_dir = layout.checkpoints(stage, key)
     ckpt_shown = ckpt_dir.relative_to(layout.root).as_posix() if ckpt_dir.is_relative_to(layout.root) else str(ckpt_dir)
-    resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=True)
+    # Only rank 0 deletes half-written checkpoints (the others skip them the same way).
+    resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
 
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     domains = list(params.data.domains)
@@ -669,7 +720,14 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         evaluation.load(resume)
     started = time.perf_counter()
     with preemption.installed():
-        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Exception as error:
+            # Out of memory or disk: an actionable, non-retryable StageError instead of a traceback.
+            exhausted = resource_error(error, stage)
+            if exhausted is None:
+                raise
+            raise exhausted from error
     seconds = time.perf_counter() - started
     state = trainer.state
     if preemption.requested:
@@ -700,14 +758,26 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "val_after": after,
         "continual_eval": evaluation.series,
         "parameters": count_parameters(model),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_examples": len(job.train_dataset),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "device": runtime.device,
         "precision": runtime.precision,
         "threads": runtime.num_threads,
         "checkpoints": ckpt_shown,
+        "world_size": config.world_size,
         **job.metrics_extra,
     }
+    # FSDP / DeepSpeed hold shards: gather the full weights (a collective, so every rank calls it).
+    state_dict = (
+        trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        else None
+    )
+    if not trainer.accelerator.is_main_process:
+        # Global rank 0 writes the model, lineage and metrics; the others must not race on its renames.
+        return StageResult(metrics=_flat_metrics(metrics), model_dir=None)
+    distributed = {"world_size": config.world_size, "type": str(trainer.accelerator.distributed_type.value)}
     return write_model_output(
         stage,
         job.model,
@@ -718,7 +788,9 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         parents=parents,
         data_manifest=job.data_manifest,
         metrics=metrics,
-        lineage_extra={"checkpoints": ckpt_shown, **job.lineage_extra},
+        lineage_extra={"checkpoints": ckpt_shown, "distributed": distributed, **job.lineage_extra},
+        adapter=job.adapter,
+        state_dict=state_dict,
     )
 
 
@@ -734,13 +806,25 @@ def write_model_output(
     data_manifest: Path | None,
     metrics: dict[str, Any],
     lineage_extra: dict[str, Any] | None = None,
+    adapter: AdapterSetup | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> StageResult:
-    """Model folder (atomically, lineage last), then metrics JSON, then plots of the eval series."""
+    """Model folder (atomically, lineage last), then metrics JSON, then plots of the eval series.
+
+    With an `adapter`, the folder is the merged model or the adapter itself (its `lora.handoff`).
+    """
     from posttrain.modeling import save_model
 
     final = layout.model(stage)
     with atomic_output_dir(final) as tmp:
-        save_model(model, tokenizer, tmp)
+        if adapter is not None:
+            from posttrain.adapters import save_output
+
+            lineage_extra = {**(lineage_extra or {}), "adapter": save_output(
+                model, tokenizer, tmp, adapter, final=final, state_dict=state_dict
+            )}  # fmt: skip
+        else:
+            save_model(model, tokenizer, tmp, state_dict=state_dict)
         record = write_lineage(
             tmp,
             stage=stage,

@@ -11,7 +11,7 @@ continual-evaluation series shows the stability gap on the old domains and the g
 
 from __future__ import annotations
 
-from posttrain import modeling, training
+from posttrain import adapters, training
 from posttrain.config import Params
 from posttrain.entry import StageResult, stage_main
 from posttrain.layout import Layout
@@ -26,7 +26,8 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 1. The pretrain model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
-    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
+    # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.adapters).
+    loaded = adapters.load_input_model(layout, STAGE, parent, params, runtime)
 
     # 2. Causal-LM training on the cpt mixture (new domain + replay), schedule from params.yaml.
     mixture = params.mixtures[STAGE]
@@ -38,6 +39,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         train_dataset=training.load_text_mixture(layout, STAGE, loaded.tokenizer, section),
         data_manifest=training.mixture_manifest(layout, STAGE),
         parents=[parent],
+        adapter=loaded.adapter,
         metrics_extra={
             "target_domains": sorted(d for d, w in mixture.weights.items() if w > 0),
             "replay": mixture.replay.model_dump() if mixture.replay else None,

@@ -61,7 +61,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     import torch
 
     from posttrain.data.domains import VERIFIERS
-    from posttrain.modeling import load_stage_model
+    from posttrain.modeling import check_same_tokenizer, load_stage_model, tokenizer_signature
     from posttrain.plots import plot_forgetting, plot_scores, plot_stability_gap
     from posttrain.training import setup_runtime
 
@@ -81,6 +81,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     results: dict[str, dict[str, Any]] = {}
     per_item: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
+    reference: tuple[str, dict[str, Any]] | None = None  # (folder, tokenizer signature) of the first model
     for stage in cfg.models:
         model_dir = layout.model(stage)
         if not model_dir.is_dir():
@@ -90,6 +91,12 @@ def run(params: Params, layout: Layout) -> StageResult:
             )
         started = time.perf_counter()
         loaded = load_stage_model(model_dir, trust_remote_code=params.model.trust_remote_code)
+        # Every model is scored with its own tokenizer on the same prompts: they must all agree
+        # (vocabulary, EOS/PAD, template), or scores differ for a reason that is not the model.
+        signature = tokenizer_signature(loaded.tokenizer)
+        if reference is None:
+            reference = (str(model_dir), signature)
+        check_same_tokenizer(reference[1], signature, reference_where=reference[0], other_where=str(model_dir))
         model = loaded.model.to(runtime.device)
         if runtime.precision == "bf16":
             model = model.to(torch.bfloat16)

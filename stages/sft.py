@@ -11,7 +11,7 @@ every completion, so the model learns to stop after the answer.
 
 from __future__ import annotations
 
-from posttrain import modeling, training
+from posttrain import adapters, training
 from posttrain.config import Params
 from posttrain.entry import StageResult, stage_main
 from posttrain.layout import Layout
@@ -26,7 +26,8 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 1. The cpt model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
-    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
+    # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.adapters).
+    loaded = adapters.load_input_model(layout, STAGE, parent, params, runtime)
 
     # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only.
     job = training.TrainingJob(
@@ -37,6 +38,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         train_dataset=training.load_prompt_completion_mixture(layout, STAGE, loaded.tokenizer, section),
         data_manifest=training.mixture_manifest(layout, STAGE),
         parents=[parent],
+        adapter=loaded.adapter,
         config_fields={"completion_only_loss": True},
     )
     return training.run_training(job, params, layout, runtime)

@@ -1,0 +1,131 @@
+"""Run trainer stages under `accelerate launch` without changing the stage code or dvc.yaml.
+
+dvc.yaml always calls `python -m stages.<name>`. When params.yaml says
+
+    compute:
+      launcher: accelerate
+      accelerate_config: configs/accelerate/fsdp.yaml
+
+`posttrain.entry.stage_main` of a trainer stage re-executes the same module under
+`accelerate launch --config_file <file> -m stages.<name> --params <abs> --root <abs>` and exits with
+its status. The re-executed processes see the launcher's environment (RANK, LOCAL_RANK, ...) and run
+the stage normally; only global rank 0 writes outputs, lineage, metrics and MLflow records.
+
+Importing this module stays cheap (no torch): stage_main calls it before any heavy import.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import TRAINING_STAGES, ComputeConfig, ParamsError
+
+log = logging.getLogger(__name__)
+
+# Set on the processes we start, so a stage never re-launches itself twice.
+LAUNCHED_ENV = "POSTTRAIN_LAUNCHED"
+# Any of these means a launcher already started this process: torchrun / accelerate's multi-process
+# launchers set RANK/LOCAL_RANK/WORLD_SIZE, its single-process launcher sets ACCELERATE_* variables,
+# mpirun sets the OMPI_/PMI_ ranks.
+_LAUNCHER_VARS = (
+    LAUNCHED_ENV,
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_DYNAMO_BACKEND",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+)
+
+
+def inside_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """True when this process was started by accelerate, torchrun, mpirun or by `relaunch`."""
+    env = os.environ if env is None else env
+    return any(env.get(name) not in (None, "") for name in _LAUNCHER_VARS)
+
+
+def process_rank(env: Mapping[str, str] | None = None) -> int:
+    """Global rank of this process (0 when not distributed)."""
+    env = os.environ if env is None else env
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if env.get(name):
+            return int(env[name])
+    return 0
+
+
+def world_size(env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    return int(env.get("WORLD_SIZE") or 1)
+
+
+def is_main_process(env: Mapping[str, str] | None = None) -> bool:
+    """Only global rank 0 writes outputs: other ranks would race on the same atomic renames."""
+    return process_rank(env) == 0
+
+
+def should_relaunch(stage: str, compute: ComputeConfig, env: Mapping[str, str] | None = None) -> bool:
+    return stage in TRAINING_STAGES and compute.launcher == "accelerate" and not inside_launcher(env)
+
+
+def resolve_accelerate_config(compute: ComputeConfig, root: Path) -> Path:
+    """compute.accelerate_config as an existing file (relative paths are relative to the project root)."""
+    if not compute.accelerate_config:
+        raise ParamsError("compute.launcher is 'accelerate' but compute.accelerate_config is not set")
+    path = Path(compute.accelerate_config)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ParamsError(
+            f"compute.accelerate_config: got {compute.accelerate_config!r}, expected an accelerate config file "
+            f"({path} does not exist; see configs/accelerate/)"
+        )
+    return path
+
+
+def accelerate_command(stage: str, config_file: Path, stage_args: list[str]) -> list[str]:
+    """`accelerate launch` as a module of this interpreter, so the venv's accelerate is the one used."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(config_file),
+        "-m", f"stages.{stage}",
+        *stage_args,
+    ]  # fmt: skip
+
+
+def relaunch(stage: str, compute: ComputeConfig, root: Path, params_path: Path, *, debug: bool = False) -> int:
+    """Run the stage under `accelerate launch`; return its exit status.
+
+    SIGTERM/SIGINT are forwarded to the whole process group of the launch, so every rank gets the
+    signal and the stage's Preemption callback saves a checkpoint, as in a single-process run.
+    """
+    config_file = resolve_accelerate_config(compute, root)
+    stage_args = ["--params", str(params_path.resolve()), "--root", str(root.resolve())]
+    if debug:
+        stage_args.append("--debug")
+    cmd = accelerate_command(stage, config_file, stage_args)
+    env = dict(os.environ)
+    env[LAUNCHED_ENV] = "1"
+    # The children import `stages.<name>` and `posttrain` from the project, whatever their cwd.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
+    log.info("stage %s: launching through accelerate (%s)", stage, config_file)
+    process = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
+
+    def forward(signum: int, frame: Any) -> None:
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
