@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from posttrain.errors import PipelineError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.errors import PipelineError
 
 STAGE_NAMES = ("prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate")
 MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
@@ -191,7 +192,7 @@ class HubDomain(_DomainBase):
 
 
 DomainConfig = Annotated[
-    Union[AdditionDomain, SubtractionDomain, ReverseDomain, FileDomain, HubDomain],
+    AdditionDomain | SubtractionDomain | ReverseDomain | FileDomain | HubDomain,
     Field(discriminator="kind"),
 ]
 
@@ -397,9 +398,9 @@ class GRPOStageConfig(TrainStageConfig):
 
 
 class MergeConfig(Strict):
-    method: Literal[
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average"
-    ] = "linear"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average"] = (
+        "linear"
+    )
     # Stages whose output models are merged (same architecture, one fine-tuning line).
     models: list[str] = ["sft", "grpo"]
     weights: list[Annotated[float, Field(ge=0.0)]] | None = None

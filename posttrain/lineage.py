@@ -90,9 +90,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return _SECRET_IN_URI.sub(r"\g<scheme>\g<user>:***@", value)
     if isinstance(value, dict):
-        return {
-            key: ("***" if _SECRET_KEYS.search(str(key)) and item else redact(item)) for key, item in value.items()
-        }
+        return {key: ("***" if _SECRET_KEYS.search(str(key)) and item else redact(item)) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(item) for item in value]
     return value

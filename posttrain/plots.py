@@ -190,8 +190,13 @@ def plot_stability_gap(
     if rows:
         ax_em.legend(fontsize="small")
     else:
-        ax_em.text(0.5, 0.5, "no continual evaluation recorded\n(set <stage>.eval_every > 0)", ha="center",
-                   transform=ax_em.transAxes)
+        ax_em.text(
+            0.5,
+            0.5,
+            "no continual evaluation recorded\n(set <stage>.eval_every > 0)",
+            ha="center",
+            transform=ax_em.transAxes,
+        )
     fig.tight_layout()
     png = folder / "stability_gap.png"
     _save(fig, png)

@@ -88,7 +88,9 @@ def projects(tmp_path_factory) -> tuple[Path, Path]:
     prepare.run(params, layout)
     mix.run(params, layout)
     texts = [
-        r["text"] for d in params.data.domains for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
+        r["text"]
+        for d in params.data.domains
+        for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
     ]
     tokenizer = modeling.train_tokenizer(texts, params.model.tokenizer)
     torch.manual_seed(0)

@@ -24,9 +24,7 @@ def _model_folder(path: Path) -> Path:
 
 def test_lineage_records_hashes_and_verifies(tmp_path):
     model = _model_folder(tmp_path / "m")
-    record = write_lineage(
-        model, stage="sft", root=tmp_path, parents=[], params={"lr": 1}, params_hash="abc", seed=3
-    )
+    record = write_lineage(model, stage="sft", root=tmp_path, parents=[], params={"lr": 1}, params_hash="abc", seed=3)
     assert set(record["files"]) == {"model.safetensors", "config.json"}
     assert record["seed"] == 3 and record["params_hash"] == "abc"
     assert "torch" in record["versions"] or "python" in record["versions"]

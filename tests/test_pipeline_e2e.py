@@ -7,6 +7,7 @@ registry version for every model-producing stage.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -52,7 +53,9 @@ def project_env(root: Path) -> dict[str, str]:
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     done = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+        )
     return done
 
 
@@ -65,7 +68,15 @@ def pipeline(tmp_path_factory) -> Path:
     root = make_project_copy(tmp_path_factory.mktemp("pipeline"))
     done = run(["dvc", "repro"], root)
     assert stages_run(done.stdout) == [
-        "prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate"
+        "prepare",
+        "mix",
+        "pretrain",
+        "cpt",
+        "sft",
+        "dpo",
+        "grpo",
+        "merge",
+        "evaluate",
     ], done.stdout
     return root
 
@@ -84,7 +95,7 @@ def test_every_model_stage_writes_a_verified_model_folder(pipeline):
         assert metrics, stage
     # Each training stage names its parent and that parent's content hash.
     chain = ["pretrain", "cpt", "sft", "dpo", "grpo"]
-    for parent, child in zip(chain, chain[1:]):
+    for parent, child in itertools.pairwise(chain):
         child_lineage = json.loads((pipeline / "artifacts" / "models" / child / "lineage.json").read_text())
         parent_lineage = json.loads((pipeline / "artifacts" / "models" / parent / "lineage.json").read_text())
         assert child_lineage["parents"][0]["content_hash"] == parent_lineage["content_hash"]
