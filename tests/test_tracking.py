@@ -249,11 +249,15 @@ def test_one_parent_run_and_a_child_per_stage(pipeline: dict[str, Any]) -> None:
 def test_child_run_has_stage_params_metrics_series_and_artifacts(pipeline: dict[str, Any]) -> None:
     client = client_for(pipeline["params"])
     run = client.get_run(pipeline["records"]["sft"].run_id)
-    # Exactly the params keys dvc.yaml declares for the stage (seed, compute, sft), flattened.
+    # Exactly the params keys dvc.yaml declares for the stage, flattened.
     assert run.data.params["sft.trainer.learning_rate"] == "0.001"
     assert run.data.params["seed"] == "1234"
     assert run.data.params["compute.device"] == "auto"
-    assert not any(key.startswith(("dpo.", "data.", "tracking.")) for key in run.data.params)
+    # ...including data.domains (continual evaluation reads every domain), and nothing undeclared.
+    assert any(key.startswith("data.domains.") for key in run.data.params)
+    assert not any(
+        key.startswith(("dpo.", "data.split", "data.decontamination", "tracking.")) for key in run.data.params
+    )
     assert run.data.metrics["train_loss"] == 1.6
     assert run.data.metrics["tokens_per_second"] == 1234.5
     assert run.data.metrics["from_result"] == 1.0
