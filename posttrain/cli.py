@@ -58,6 +58,24 @@ def _load(root: Path) -> Any:
     return load_params(root / "params.yaml")
 
 
+def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, wait: float) -> bool:
+    """True when DVC finds every selected stage up to date.
+
+    Starting Prefect (its temporary server) costs 10-20 s; a no-change run should cost what
+    `dvc status` costs. Checked under the workspace lock so a run in progress is not misread.
+    """
+    from posttrain import dag
+    from posttrain.workspace import pipeline_lock
+
+    try:
+        with pipeline_lock(project, wait_seconds=wait):
+            _, statuses = dag.pipeline_status(project)
+        graph = {name: status.upstream for name, status in statuses.items()}
+        return not any(statuses[name].stale for name in dag.select(graph, targets, downstream))
+    except PipelineError as error:
+        _fail(str(error))
+
+
 @app.command()
 def run(
     overrides: Annotated[
@@ -100,6 +118,9 @@ def run(
         except PipelineError as error:
             _fail(str(error))
         raise typer.Exit(code)
+    if not force and _nothing_to_run(project, targets, downstream, wait):
+        typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
+        return
     from flows.pipeline import check_prefect_api, pipeline_flow
 
     try:

@@ -120,3 +120,24 @@ def test_failing_run_through_prefect_ends_with_the_stages_own_error(toy: Path, t
     assert final.startswith("error: stage left: bad row 7 in out/source.txt\n"), final
     assert not (toy / "out" / "join.txt").exists() and (toy / "out" / "right.txt").exists()
     assert os.path.exists(toy / "dvc.lock")
+
+
+def test_no_change_run_answers_from_dvc_status_without_starting_prefect(toy: Path, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=toy, check=True, env=toy_env())
+    home = tmp_path / "prefect"
+    env = toy_env() | {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+    }
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, "-m", "posttrain.cli", "run", "--root", str(toy)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to run, Prefect not started" in done.stdout
+    assert not (home / "prefect.db").exists()  # no Prefect server or database was started
+    # Once a param changes, the shortcut no longer applies: the stale stages go through the flow.
+    from posttrain.cli import _nothing_to_run
+
+    assert _nothing_to_run(toy, None, False, 0.0)
+    (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("seed: 1", "seed: 2"))
+    assert not _nothing_to_run(toy, None, False, 0.0)
