@@ -1,0 +1,186 @@
+"""Quality ladder and CPT ablations.
+
+Ladder: from the end-to-end run of the default recipe, per stage and per domain the held-out exact
+match with its 95% bootstrap CI (artifacts/metrics/eval.json) and the wall time per stage.
+
+Ablations (each in its own clone of that run, the equivalent of `dvc exp run -S ...` restricted to
+the stages that change: mix when the mixture changes, cpt, and evaluate on pretrain + cpt only):
+  - replay: cpt with the recipe's replay (25% of the pretrain mixture) vs without replay
+    -> forgetting on the old domains (add, rev), gain on the new one (sub);
+  - schedule: cosine re-warm vs WSD vs constant-with-cooldown, same steps, peak LR, warm-up and floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench` importable
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from bench.common import (
+    PYTHON,
+    RESULTS,
+    clone_project,
+    full_root,
+    load_result,
+    log,
+    read_json,
+    set_params,
+    timed,
+    write_result,
+)  # fmt: skip
+
+OLD_DOMAINS = ("add", "rev")
+NEW_DOMAIN = "sub"
+
+# name -> params changed from the recipe (cpt.schedule is replaced as a whole: same budget).
+SCHEDULES = {
+    "cosine": {"name": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0},
+    "wsd": {"name": "wsd", "warmup_fraction": 0.05, "decay_fraction": 0.2, "min_lr_ratio": 0.0},
+    "constant_cooldown": {
+        "name": "constant_cooldown",
+        "warmup_fraction": 0.05,
+        "decay_fraction": 0.2,
+        "min_lr_ratio": 0.0,
+    },
+}
+
+
+def ladder(root) -> dict[str, Any]:
+    evaluation = read_json(root / "artifacts" / "metrics" / "eval.json")
+    e2e = load_result("e2e") or {}
+    walls = {s: v["wall_seconds"] for s, v in e2e.get("full_run", {}).get("stages", {}).items()}
+    rows: dict[str, Any] = {}
+    for stage in evaluation["stages"]:
+        model = evaluation["models"][stage]
+        rows[stage] = {
+            "wall_seconds": walls.get(stage),
+            "domains": {
+                d: ({k: v[k] for k in ("mean", "ci_low", "ci_high", "n")} if (v := info.get("exact_match")) else None)
+                for d, info in model["domains"].items()
+            },
+            "forgetting": model.get("forgetting"),
+        }
+    return {
+        "stages": rows,
+        "confidence": evaluation["config"].get("confidence"),
+        "bootstrap_samples": evaluation["config"].get("bootstrap_samples"),
+        "max_items": evaluation["config"].get("max_items"),
+        "other_stage_wall_seconds": {s: w for s, w in walls.items() if s not in rows},
+    }
+
+
+def cpt_scores(root) -> dict[str, Any]:
+    evaluation = read_json(root / "artifacts" / "metrics" / "eval.json")
+    out = {}
+    for stage in ("pretrain", "cpt"):
+        out[stage] = {
+            d: info["exact_match"] for d, info in evaluation["models"][stage]["domains"].items() if info["exact_match"]
+        }
+    out["forgetting"] = evaluation["models"]["cpt"].get("forgetting", {})
+    cpt = read_json(root / "artifacts" / "metrics" / "cpt.json")
+    out["cpt_train_seconds"] = cpt.get("seconds")
+    out["cpt_final_train_loss"] = cpt.get("final_train_loss")
+    out["threads"] = cpt.get("threads")
+    return out
+
+
+def variant(source, name: str, updates: dict[str, Any]) -> dict[str, Any]:
+    root = clone_project(source, f"ablation-{name}")
+    set_params(root, {**updates, "evaluate.models": ["pretrain", "cpt"], "tracking.enabled": False})
+    ran: list[str] = []
+    seconds = {}
+    stages = (["mix"] if any(k.startswith("mixtures.") for k in updates) else []) + (["cpt"] if updates else [])
+    stages.append("evaluate")  # no updates: the run's own cpt, evaluated on pretrain + cpt only
+    for stage in stages:
+        # The stage modules directly (what dvc.yaml's cmd runs): evaluate's DVC deps name every model
+        # folder, and a clone taken mid-run (or with only pretrain + cpt evaluated) lacks some.
+        done = timed([PYTHON, "-m", f"stages.{stage}"], root)
+        ran.append(stage)
+        seconds[stage] = done["seconds"]
+    scores = cpt_scores(root)
+    pre, cpt = scores["pretrain"], scores["cpt"]
+    summary = {
+        "forgetting_old": {d: round(pre[d]["mean"] - cpt[d]["mean"], 4) for d in OLD_DOMAINS if d in cpt},
+        "forgetting_ci": {d: scores["forgetting"].get(d) for d in OLD_DOMAINS},
+        "gain_new": round(cpt[NEW_DOMAIN]["mean"] - pre[NEW_DOMAIN]["mean"], 4),
+        "em_cpt": {d: v["mean"] for d, v in cpt.items()},
+    }
+    log(f"  {name}: forgetting {summary['forgetting_old']}, gain on {NEW_DOMAIN} {summary['gain_new']}")
+    return {"root": str(root), "params": updates, "stages_ran": ran, "seconds": seconds, "scores": scores, **summary}
+
+
+def run_ablations(source: Path, only: str | None) -> dict[str, Any]:
+    import yaml
+
+    recipe = yaml.safe_load((source / "params.yaml").read_text())
+    wanted = set(only.split(",")) if only else None
+    runs: dict[str, Any] = {}
+    if wanted is not None and "recipe" in wanted:
+        runs["recipe"] = variant(source, "recipe", {})
+    if wanted is None or "no_replay" in wanted:
+        runs["no_replay"] = variant(source, "no_replay", {"mixtures.cpt.replay": None})
+    for name, schedule in SCHEDULES.items():
+        if wanted is not None and name not in wanted:
+            continue
+        if recipe["cpt"]["schedule"] == schedule:
+            continue  # the recipe's own cpt is this variant
+        runs[name] = variant(source, name, {"cpt.schedule": schedule})
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--only-ablations", default=None, help="comma-separated: no_replay,cosine,constant_cooldown")
+    parser.add_argument("--ablations-only", action="store_true",
+                        help="run the ablations only (from --source, e.g. while the e2e run is still going) into "
+                             "ablations.json; a later run without it takes them from there")  # fmt: skip
+    parser.add_argument("--source", type=Path, default=None, help="run to clone (default: the e2e run's)")
+    args = parser.parse_args(argv)
+    source = args.source or full_root()
+    import yaml
+
+    if args.ablations_only:
+        runs = run_ablations(source, args.only_ablations)
+        name = "ablations" if not args.only_ablations else "ablations-" + args.only_ablations.replace(",", "-")
+        return write_result(name, {"source": str(source), "ablations": runs, "schedules": SCHEDULES})
+
+    recipe = yaml.safe_load((source / "params.yaml").read_text())
+    finished = (source / "artifacts" / "metrics" / "eval.json").is_file()
+    result: dict[str, Any] = {"source": str(source), "ladder": ladder(source) if finished else None}
+    runs: dict[str, Any] = {}
+    for path in sorted(RESULTS.glob("ablations*.json")):  # from --ablations-only runs of this source
+        earlier = read_json(path)
+        if earlier.get("source") == str(source):
+            runs.update(earlier["ablations"])
+    if not args.skip_ablations:
+        runs.update(run_ablations(source, args.only_ablations))
+    if finished:
+        # The recipe's own cpt (WSD, with replay) from the end-to-end run: evaluated on the same items,
+        # and stages are deterministic for a seed, so it is the baseline of both ablations.
+        base = cpt_scores(source)
+        pre, cpt = base["pretrain"], base["cpt"]
+        result["recipe_cpt"] = {
+            "scores": base,
+            "forgetting_old": {d: round(pre[d]["mean"] - cpt[d]["mean"], 4) for d in OLD_DOMAINS if d in cpt},
+            "forgetting_ci": {d: base["forgetting"].get(d) for d in OLD_DOMAINS},
+            "gain_new": round(cpt[NEW_DOMAIN]["mean"] - pre[NEW_DOMAIN]["mean"], 4),
+            "em_cpt": {d: v["mean"] for d, v in cpt.items()},
+        }
+    elif "recipe" in runs:
+        result["recipe_cpt"] = runs.pop("recipe")
+    result["recipe_cpt_params"] = {"cpt.schedule": recipe["cpt"]["schedule"],
+                                   "mixtures.cpt.replay": recipe["mixtures"]["cpt"].get("replay")}  # fmt: skip
+    result["ablations"] = runs
+    result["schedules"] = SCHEDULES
+    write_result("quality", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Render the benchmark JSON (artifacts/bench/*.json) as the README table between
+`<!-- bench:start -->` and `<!-- bench:end -->`. Every figure comes from those files.
+
+    python bench/report.py [--readme README.md] [--print]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench` importable
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO, RESULTS, load_result, machine_info, now
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def f(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def met(flag: Any) -> str:
+    return "met" if flag else "**missed**"
+
+
+def ci(value: Any, interval: dict[str, Any] | None) -> str:
+    if value is None:
+        return "–"
+    if not interval:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval['ci_low']:.3f}, {interval['ci_high']:.3f}]"
+
+
+def em(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return "–"
+    return f"{cell['mean']:.3f} [{cell['ci_low']:.3f}, {cell['ci_high']:.3f}]"
+
+
+def section_e2e(e2e: dict[str, Any]) -> list[str]:
+    run = e2e["full_run"]
+    threads = sorted({s.get("threads") for s in run["stages"].values() if s.get("threads")})
+    lines = [
+        "### End to end (default recipe, clean copy, set-up excluded)",
+        "",
+        f"Total **{run['total_seconds']:.0f} s** ({run['total_seconds'] / 60:.1f} min; target ≤ 10 min on 2 cores: "
+        f"{met(run['total_seconds'] <= 600)}); torch threads {threads}; nothing left to run afterwards: "
+        f"{f(not run['left_to_run_after'])}. Measured {e2e['measured_at']}, load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in e2e['machine']['load_average'])}.",
+    ]
+    lines += [
+        "",
+        "| stage | wall s (`dvc repro --single-item`) | inside the stage function s | trainer.train() s | "
+        "outside the stage function s (process start, imports, DVC, MLflow) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    trainer = e2e.get("trainer_metrics") or {}
+    for stage, row in run["stages"].items():
+        inner = row.get("stage_seconds")
+        train = trainer.get(stage, {}).get("seconds")
+        lines.append(
+            f"| {stage} | {row['wall_seconds']:.1f} | {f(inner, 1)} | {f(train, 1)} | "
+            f"{f(row['wall_seconds'] - inner if inner is not None else None, 1)} |"
+        )
+    setup = e2e.get("setup")
+    if setup:
+        lines.append(
+            f"Set-up (`bash scripts/setup.sh`, fresh venv): {setup['seconds']:.0f} s (exit {setup['returncode']})."
+        )
+    return lines + [""]
+
+
+def section_quality(q: dict[str, Any]) -> list[str]:
+    ladder = q.get("ladder")
+    if not ladder:
+        return ["### Quality ladder", "", "Not measured: the end-to-end run of the default recipe did not finish.", ""] + \
+            section_ablations(q)  # fmt: skip
+    stages = ladder["stages"]
+    domains = sorted({d for s in stages.values() for d in s["domains"]}, key=["add", "rev", "sub", "add3"].index
+                     if set(d for s in stages.values() for d in s["domains"]) <= {"add", "rev", "sub", "add3"} else str)  # fmt: skip
+    lines = [
+        f"### Quality ladder: held-out exact match [{int(100 * (ladder['confidence'] or 0.95))}% bootstrap CI], "
+        f"first {ladder['max_items']} test items per domain",
+        "",
+        "| stage | wall s | " + " | ".join(domains) + " |",
+        "|---|---:|" + "---|" * len(domains),
+    ]
+    for stage, row in stages.items():
+        lines.append(
+            f"| {stage} | {f(row['wall_seconds'], 1)} | "
+            + " | ".join(em(row["domains"].get(d)) for d in domains)
+            + " |"
+        )
+    other = ladder.get("other_stage_wall_seconds") or {}
+    if other:
+        lines += ["", "Wall time of the other stages: " + ", ".join(f"{s} {v:.1f} s" for s, v in other.items())
+                  + " (each `dvc repro --single-item <stage>`, process start and DVC included)."]  # fmt: skip
+    return lines + [""] + section_ablations(q)
+
+
+def section_ablations(q: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    runs = {"recipe (WSD, replay 25%)": q.get("recipe_cpt"), **{k: v for k, v in (q.get("ablations") or {}).items()}}
+    names = {"no_replay": "WSD, no replay", "cosine": "cosine re-warm, replay", "constant_cooldown": "constant + cool-down, replay",
+             "wsd": "WSD, replay"}  # fmt: skip
+    lines += [
+        "### CPT ablations (same 300 steps, peak LR, warm-up 5%, floor 0; only mix/cpt/evaluate rerun)",
+        "",
+        "| cpt variant | EM add | EM rev | EM sub (new) | forgetting add | forgetting rev | gain sub |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in runs.items():
+        if not row:
+            continue
+        emc, fo = row["em_cpt"], row["forgetting_old"]
+        lines.append(
+            f"| {names.get(key, key)} | {f(emc.get('add'), 3)} | {f(emc.get('rev'), 3)} | {f(emc.get('sub'), 3)} | "
+            f"{ci(fo.get('add'), (row.get('forgetting_ci') or {}).get('add'))} | "
+            f"{ci(fo.get('rev'), (row.get('forgetting_ci') or {}).get('rev'))} | {f(row['gain_new'], 3)} |"
+        )
+    lines.append("")
+    lines.append(
+        "Forgetting = exact match of `pretrain` − exact match of `cpt` (positive: lost) with its paired 95% bootstrap CI; "
+        "gain = the same on `sub`, reversed. Exact match of the pretrain model they start from: "
+        + ", ".join(
+            f"{d} {v['mean']:.3f}"
+            for d, v in ((q.get("recipe_cpt") or {}).get("scores", {}).get("pretrain", {})).items()
+        )
+        + "."
+    )
+    return lines + [""]
+
+
+def section_overhead(o: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Overhead against a bare TRL script (`bench/bare_sft.py`), same model, data, steps, seed",
+        "",
+        "| threads | steps | bare s | dvc repro s | flow s | ratio dvc | ratio flow | added s dvc | added s flow | "
+        "tokens/s bare | tokens/s stage | tokens/s ratio | RSS MB bare / stage | same final loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for threads, entry in o["by_threads"].items():
+        s, reps = entry["summary"], entry["repeats"]
+
+        def med(mode: str, key: str, reps: list[dict[str, Any]] = reps) -> float:
+            return statistics.median(r[mode][key] for r in reps)
+
+        lines.append(
+            f"| {threads} | {entry['max_steps']} | {med('bare', 'wall_seconds'):.1f} | {med('dvc', 'wall_seconds'):.1f} | "
+            f"{med('flow', 'wall_seconds'):.1f} | {s['dvc']['wall_ratio_median']:.3f} | {s['flow']['wall_ratio_median']:.3f} | "
+            f"{s['dvc']['added_seconds_median']:.1f} | {s['flow']['added_seconds_median']:.1f} | "
+            f"{med('bare', 'tokens_per_second'):.0f} | {med('dvc', 'tokens_per_second'):.0f} | "
+            f"{s['dvc']['tokens_per_second_ratio_median']:.3f} | {med('bare', 'peak_rss_mb'):.0f} / {med('dvc', 'peak_rss_mb'):.0f} | "
+            f"{f(s['identical_final_loss'])} ({', '.join(f'{x:.6f}' for x in s['final_losses'])}) |"
+        )
+    lines += [
+        "",
+        f"{len(next(iter(o['by_threads'].values()))['repeats'])} repetitions, side by side (bare, dvc, flow in turn); "
+        "medians of per-repetition ratios (per repetition: "
+        + "; ".join(
+            f"{t} thread(s): dvc {', '.join(f'{x:.2f}' for x in e['summary']['dvc']['wall_ratios'])}, "
+            f"flow {', '.join(f'{x:.2f}' for x in e['summary']['flow']['wall_ratios'])}"
+            for t, e in o["by_threads"].items()
+        )
+        + "). Fixed seconds added = pipeline wall − bare wall of the same repetition. Targets: wall ratio ≤ 1.10, tokens/s ratio ≥ 0.9. "
+        "Stage tokens/s is over `trainer.train()`, which includes the stage's continual evaluation.",
+    ]
+    return lines + [""]
+
+
+def section_cache(c: dict[str, Any]) -> list[str]:
+    r, fl, g = c["no_change_dvc_repro"], c["no_change_flow"], c["grpo_change"]
+    return [
+        "### Cache",
+        "",
+        f"After a full run of the {c.get('recipe', 'default (params.yaml)')} recipe.",
+        "",
+        "| what | seconds (median) | target | |",
+        "|---|---:|---:|---|",
+        f"| no-change `dvc repro` | {r['median_seconds']:.2f} | ≤ 3 | {met(r['target_met'])} |",
+        f"| no-change `dvc status` | {c['dvc_status_seconds']['median_seconds']:.2f} | | |",
+        f"| no-change flow (`posttrain run`) | {fl['median_seconds']:.2f} | ≤ 10 | {met(fl['target_met'])} |",
+        f"| first flow call (fresh Prefect database) | {fl['first_call_seconds']:.2f} | | |",
+        f"| no-change `posttrain run --no-prefect` | {c['no_change_no_prefect_seconds']['median_seconds']:.2f} | | |",
+        "",
+        f"After `{g['changed']}`: DVC ran {', '.join(g['stages_ran']) or 'nothing'} — exactly grpo and its "
+        f"descendants: {f(g['exact'])}.",
+        "",
+    ]
+
+
+def section_startup(s: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Start-up cost (fresh processes, median)",
+        "",
+        f"`python -c pass`: {s['python_startup']['median_seconds']:.2f} s. "
+        + "CLI: "
+        + ", ".join(f"`{k}` {v['median_seconds']:.2f} s" for k, v in s["cli"].items())
+        + f" (target ~1 s; heavy modules imported by `posttrain.cli`: {', '.join(s['heavy_modules_imported_by_cli']) or 'none'}; "
+        + f"`status` asks DVC for the stale stages, on the {'tiny' if 'tiny' in s['project'] else 'default'} recipe's run). "
+        + "Imports of `stages.*` and libraries were timed while the machine was heavily loaded: treat them as upper bounds.",
+        "",
+        "| import | seconds | | import | seconds |",
+        "|---|---:|---|---|---:|",
+    ]
+    left = [(f"stages.{k}", v["median_seconds"]) for k, v in s["stage_modules"].items()]
+    right = [(k, v["median_seconds"]) for k, v in s["libraries"].items()]
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ("", None)
+        b = right[i] if i < len(right) else ("", None)
+        lines.append(f"| {a[0]} | {f(a[1])} | | {b[0]} | {f(b[1])} |")
+    return lines + [""]
+
+
+def section_throughput(e2e: dict[str, Any]) -> list[str]:
+    rows = e2e.get("trainer_metrics") or {}
+    if not rows:
+        return []
+    lines = [
+        "### Throughput and memory per trainer stage (default recipe, from each stage's metrics JSON)",
+        "",
+        "| stage | steps | train s | steps/s | tokens/s | peak RSS MB | threads |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for stage, m in rows.items():
+        lines.append(
+            f"| {stage} | {f(m.get('steps'))} | {f(m.get('seconds'), 1)} | {f(m.get('steps_per_second'))} | "
+            f"{f(m.get('tokens_per_second'), 0)} | {f(m.get('peak_rss_mb'), 0)} | {f(m.get('threads'))} |"
+        )
+    return lines + [""]
+
+
+def section_gpu(g: dict[str, Any]) -> list[str]:
+    p = g.get("gpu_dry_run", {}).get("parameters", {})
+    if g.get("gpu", {}).get("measured"):
+        sft, gen = g["gpu"]["sft"], g["gpu"]["grpo_generation"]
+        return [
+            "### GPU variant",
+            "",
+            f"{g['gpu']['device_name']}: SFT {sft['tokens_per_second']:.0f} tokens/s, MFU {sft['mfu']:.3f}; GRPO generation {gen['generated_tokens_per_second']:.0f} tokens/s.",
+            "",
+        ]
+    smoke = g.get("cpu_smoke", {})
+    return [
+        "### GPU variant (`bench/gpu.py --config gpu`)",
+        "",
+        f"**Not measured on a GPU** (none on this machine). The configuration builds a Llama of "
+        f"{p.get('total', 0) / 1e6:.0f}M parameters ({g.get('gpu_dry_run', {}).get('flops_per_token', 0) / 1e9:.2f} GFLOP "
+        f"per token at its sequence length), bf16; `--config cpu-smoke` ran the same SFT/MFU and generation code on CPU "
+        f"with a tiny model: {f(smoke.get('measured'))}.",
+        "",
+    ]
+
+
+def render() -> str:
+    e2e, q, o, c, s, g = (load_result(n) for n in ("e2e", "quality", "overhead", "cache", "startup", "gpu"))
+    m = machine_info()
+    threads_seen = sorted({str(x) for x in [s and s.get("torch_threads_default")] if x})
+    lines = [
+        "`python bench/run.py --all` runs the CPU benchmark suite (`--only e2e,quality,cache,overhead,startup,gpu,report` "
+        "for parts) in scratch copies of the project, writes `artifacts/bench/*.json` and renders this section "
+        "(`bench/report.py`). `python bench/gpu.py --config gpu` is the GPU variant (~0.5B Llama built from a config, "
+        "bf16: SFT tokens/s and MFU, GRPO generation throughput).",
+        "",
+        f"Produced by `python bench/run.py` (`bench/report.py` renders `artifacts/bench/*.json`) on {now()[:10]}: "
+        f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM, no GPU, torch default threads "
+        f"{', '.join(threads_seen) or '?'}; torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"trl {m['versions']['trl']}. The machine was shared with other jobs while measuring: absolute seconds are "
+        "noisy, ratios were measured side by side.",
+        "",
+    ]
+    partial = load_result("e2e-partial")
+    if not e2e:
+        lines += [
+            "### End to end",
+            "",
+            "**Not finished**: the end-to-end run of the default recipe was stopped during `sft`.",
+        ]
+        if partial and partial["full_run"]["stages"]:
+            walls = partial["full_run"]["stages"]
+            lines += [
+                "Wall time of the stages it finished (`dvc repro --single-item`, from the script's log): "
+                + ", ".join(f"{k} {v['wall_seconds']:.1f} s" for k, v in walls.items())
+                + f" = {sum(v['wall_seconds'] for v in walls.values()):.0f} s, already past the 10-minute target."
+            ]
+        lines.append("")
+        if partial:
+            lines += section_throughput(partial)
+    if not s:
+        lines += ["### Start-up cost", "", "Not measured in this run of the suite.", ""]
+    for data, fn in ((e2e, section_e2e), (q, section_quality), (e2e, section_throughput), (o, section_overhead),
+                     (c, section_cache), (s, section_startup), (g, section_gpu)):  # fmt: skip
+        if data:
+            lines += fn(data)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_readme(readme: Path, body: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme}: markers {START} / {END} not found")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{body}{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md")
+    parser.add_argument("--print", action="store_true", help="print the table instead of writing README")
+    args = parser.parse_args(argv)
+    body = render()
+    if args.print:
+        print(body)
+    else:
+        write_readme(args.readme, body)
+        print(f"README table written from {RESULTS}")
+    return body
+
+
+if __name__ == "__main__":
+    main()
