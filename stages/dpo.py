@@ -24,7 +24,7 @@ import statistics
 import time
 from typing import Any
 
-from posttrain import modeling, preferences, training
+from posttrain import adapters, modeling, preferences, training
 from posttrain.config import Params
 from posttrain.data import io
 from posttrain.data.domains import RECORD_COLUMNS
@@ -72,10 +72,16 @@ def run(params: Params, layout: Layout) -> StageResult:
     runtime = training.setup_runtime(params.compute, params.seed)
     domains = [d for d, w in params.mixtures[STAGE].weights.items() if w > 0]
 
-    # 1. The sft model twice, both hash-checked: the policy, and the frozen reference DPO pulls towards.
+    # 1. The sft model (hash-checked) as the policy, with `dpo.lora` a LoRA adapter on it; and the
+    #    frozen reference DPO pulls towards: a second copy, or, with an adapter, the adapter-free base
+    #    (TRL switches the adapter off for the reference when ref_model is None).
     parent = layout.model(PARENT)
-    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
-    reference = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code).model
+    loaded = adapters.load_input_model(layout, STAGE, parent, params, runtime)
+    reference = (
+        None
+        if loaded.adapter
+        else modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code).model
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # 2. Preference pairs: the mixture's offline pairs, or on-policy pairs from the sft model's samples.
@@ -121,9 +127,12 @@ def run(params: Params, layout: Layout) -> StageResult:
         trainer_cls=DPOTrainer,
         config_fields={"beta": section.beta},
         trainer_kwargs={"ref_model": reference},
+        adapter=loaded.adapter,
         metrics_extra={"dpo_domains": domains, "pairs": section.pairs, "pair_counts": pair_counts},
     )
     result = training.run_training(job, params, layout, runtime)
+    if result.model_dir is None:  # a non-main rank under accelerate: rank 0 writes the metrics
+        return result
 
     # 5. The same held-out pairs under the trained policy (the "after" side).
     margins_after = preferences.preference_margins(job.model, tokenizer, held_out)

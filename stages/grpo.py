@@ -23,7 +23,7 @@ import logging
 import statistics
 from typing import Any
 
-from posttrain import modeling, rewards, training
+from posttrain import adapters, rewards, training
 from posttrain.config import GRPOStageConfig, Params
 from posttrain.data import io
 from posttrain.data.domains import RECORD_COLUMNS
@@ -99,7 +99,8 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 1. The dpo model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
-    loaded = modeling.load_stage_model(parent, trust_remote_code=params.model.trust_remote_code)
+    # With `grpo.lora`: a LoRA adapter on it, or the adapter passed on by dpo (posttrain.adapters).
+    loaded = adapters.load_input_model(layout, STAGE, parent, params, runtime)
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # 2. Prompts with their gold `answer` (TRL hands every column but `prompt` to the reward functions).
@@ -137,9 +138,12 @@ def run(params: Params, layout: Layout) -> StageResult:
             "reward_weights": reward_weights,
         },
         trainer_kwargs={"reward_funcs": reward_funcs},
+        adapter=loaded.adapter,
         metrics_extra={"grpo_domains": domains, "rewards": [s.model_dump() for s in section.rewards]},
     )
     result = training.run_training(job, params, layout, runtime)
+    if result.model_dir is None:  # a non-main rank under accelerate: rank 0 writes the metrics
+        return result
 
     # 5. The trained model on the same held-out prompts, and TRL's reward curve.
     after = score_model(job.model, tokenizer, section, prompts, answers, params.seed)

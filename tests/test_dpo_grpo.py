@@ -184,3 +184,36 @@ def test_grpo_stage_fails_naming_a_raising_reward(project, grpo_result, monkeypa
     raw["grpo"]["eval_items"] = 1
     with pytest.raises(StageError, match="reward function 'flaky' failed: KeyError"):
         grpo.run(parse_params(raw), layout)
+
+
+def test_dpo_passes_a_lora_adapter_on_and_grpo_continues_it(project, tmp_path) -> None:
+    """dpo.lora with handoff pass_on writes an adapter on the sft base (reference = that base);
+    grpo.lora picks the same adapter up, trains it further and merges it into a full model."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from posttrain import adapters
+    from stages import dpo, grpo
+
+    _, source = project
+    layout = Layout(tmp_path / "lora")
+    shutil.copytree(source.root / "artifacts" / "data", layout.root / "artifacts" / "data")
+    shutil.copytree(source.model("sft"), layout.model("sft"))
+    raw = tiny_raw()
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0}
+    raw["dpo"]["lora"] = {**lora, "handoff": "pass_on"}
+    raw["dpo"]["pairs"] = "offline"
+    raw["grpo"]["lora"] = {**lora, "handoff": "merge"}
+    params = parse_params(raw)
+
+    dpo.run(params, layout)
+    assert adapters.is_adapter_folder(layout.model("dpo"))
+    dpo_adapter = load_file(layout.model("dpo") / "adapter_model.safetensors")
+    assert dpo_adapter and all("lora_" in key for key in dpo_adapter)
+
+    grpo.run(params, layout)
+    assert not adapters.is_adapter_folder(layout.model("grpo"))
+    merged = load_file(layout.model("grpo") / "model.safetensors")
+    assert merged and not [key for key in merged if "lora" in key]
+    assert verify_model_folder(layout.model("grpo"))["stage"] == "grpo"
