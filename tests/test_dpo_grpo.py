@@ -43,9 +43,8 @@ def tiny_raw() -> dict[str, Any]:
     return raw
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Params, Layout]:
-    """Prepared data, mixtures and a tiny sft model with lineage, in a temporary project root."""
+def build_project(params: Params, root: Path, model_stage: str) -> Layout:
+    """Real prepare + mix output and an untrained tiny model written as `model_stage`'s output."""
     import torch
 
     from posttrain import modeling, training
@@ -53,8 +52,7 @@ def project(tmp_path_factory) -> tuple[Params, Layout]:
     from posttrain.data.domains import RECORD_COLUMNS
     from stages import mix, prepare
 
-    params = parse_params(tiny_raw())
-    layout = Layout(tmp_path_factory.mktemp("project"))
+    layout = Layout(root)
     prepare.run(params, layout)
     mix.run(params, layout)
     texts = [
@@ -66,10 +64,17 @@ def project(tmp_path_factory) -> tuple[Params, Layout]:
     torch.manual_seed(0)
     model = modeling.build_scratch_model(params.model.architecture, tokenizer)
     training.write_model_output(
-        "sft", model, tokenizer, params=params, layout=layout, section=params.sft, parents=[],
-        data_manifest=None, metrics={},
+        model_stage, model, tokenizer, params=params, layout=layout, section=params.stage_section(model_stage),
+        parents=[], data_manifest=None, metrics={},
     )  # fmt: skip
-    return params, layout
+    return layout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Params, Layout]:
+    """Prepared data, mixtures and a tiny sft model with lineage, in a temporary project root."""
+    params = parse_params(tiny_raw())
+    return params, build_project(params, tmp_path_factory.mktemp("project"), "sft")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_dpo_grpo import tiny_raw
+from test_dpo_grpo import build_project, tiny_raw
 
 pytestmark = pytest.mark.slow
 
@@ -69,36 +69,14 @@ def _raw_params() -> dict:
 @pytest.fixture(scope="module")
 def projects(tmp_path_factory) -> tuple[Path, Path]:
     """Two identical project roots with prepared data, mixtures and a tiny 'dpo' model."""
-    import torch
-
-    from posttrain import modeling, training
     from posttrain.config import parse_params
-    from posttrain.data import io
-    from posttrain.data.domains import RECORD_COLUMNS
-    from posttrain.layout import Layout
-    from stages import mix, prepare
 
     raw = _raw_params()
     raw_for_validation = json.loads(json.dumps(raw))
     # log_prompts exists only in the stage process; validate here with the real reward alone.
     raw_for_validation["grpo"]["rewards"] = raw["grpo"]["rewards"][:1]
-    params = parse_params(raw_for_validation)
     first = tmp_path_factory.mktemp("interrupted")
-    layout = Layout(first)
-    prepare.run(params, layout)
-    mix.run(params, layout)
-    texts = [
-        r["text"]
-        for d in params.data.domains
-        for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
-    ]
-    tokenizer = modeling.train_tokenizer(texts, params.model.tokenizer)
-    torch.manual_seed(0)
-    model = modeling.build_scratch_model(params.model.architecture, tokenizer)
-    training.write_model_output(
-        "dpo", model, tokenizer, params=params, layout=layout, section=params.dpo, parents=[],
-        data_manifest=None, metrics={},
-    )  # fmt: skip
+    build_project(parse_params(raw_for_validation), first, "dpo")
     (first / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (first / "dvc.yaml").write_text("stages: {}\n")
     second = tmp_path_factory.mktemp("reference") / "project"

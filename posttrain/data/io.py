@@ -6,21 +6,16 @@ sibling and rename it into place (a rename within one file system is atomic).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import DataError
+from posttrain.lineage import atomic_output_dir, sha256_file, temporary_sibling, write_json_atomic
 
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+_tmp_sibling = temporary_sibling
 
 
 def write_parquet(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str]) -> str:
@@ -63,13 +58,8 @@ def read_parquet(path: Path, columns: Sequence[str] | None = None) -> list[dict[
 
 
 def write_json(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomic JSON with the caller's key order (manifests read top to bottom)."""
+    write_json_atomic(path, data, sort_keys=False)
 
 
 def read_json(path: Path) -> Any:
@@ -81,32 +71,6 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: not valid JSON ({error})") from None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final`, on error it is removed.
-
-    The old folder is moved aside before the new one is renamed in, so `final` is at every moment
-    either the complete old output or the complete new one (absent for an instant at most).
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(final)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = _tmp_sibling(final) if final.exists() else None
-    if old is not None:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+# One implementation of hashing and atomic folders for the whole project (posttrain.lineage).
+file_sha256 = sha256_file
+atomic_dir = atomic_output_dir
