@@ -77,7 +77,11 @@ def constant(step: int, total: int, cfg: ScheduleConfig) -> float:
     return _warmup(step, warmup) if step < warmup else 1.0
 
 
-def wsd(step: int, total: int, cfg: ScheduleConfig) -> float:
+def _warmup_hold_decay(step: int, total: int, cfg: ScheduleConfig, decay_shape) -> float:
+    """Warm up, hold the peak, then decay over the last `decay_fraction` of the steps.
+
+    `decay_shape` maps decay progress p in [0, 1] to the share of the drop taken (p: linear).
+    """
     warmup = _phase_steps(cfg.warmup_fraction, total)
     decay = _phase_steps(cfg.decay_fraction, total)
     if step < warmup:
@@ -87,19 +91,16 @@ def wsd(step: int, total: int, cfg: ScheduleConfig) -> float:
         return 1.0
     # +1: the last step (total - 1) lands exactly on the floor.
     p = _progress(step + 1, decay_start, decay)
-    return _between(cfg.min_lr_ratio, 1.0, 1.0 - p)
+    return _between(cfg.min_lr_ratio, 1.0, 1.0 - decay_shape(p))
+
+
+def wsd(step: int, total: int, cfg: ScheduleConfig) -> float:
+    return _warmup_hold_decay(step, total, cfg, lambda p: p)
 
 
 def constant_cooldown(step: int, total: int, cfg: ScheduleConfig) -> float:
-    warmup = _phase_steps(cfg.warmup_fraction, total)
-    decay = _phase_steps(cfg.decay_fraction, total)
-    if step < warmup:
-        return _warmup(step, warmup)
-    decay_start = total - decay
-    if step < decay_start:
-        return 1.0
-    p = _progress(step + 1, decay_start, decay)
-    return _between(cfg.min_lr_ratio, 1.0, 1.0 - math.sqrt(p))
+    # 1 - sqrt cooldown: drops fast at first, then flattens towards the floor.
+    return _warmup_hold_decay(step, total, cfg, math.sqrt)
 
 
 def infinite(step: int, total: int, cfg: ScheduleConfig) -> float:
