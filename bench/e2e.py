@@ -73,7 +73,7 @@ def full_run(name: str, params_source: Path | None = None, threads: int | None =
 
 
 TRAINER_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo")
-TRAINER_KEYS = ("steps", "seconds", "steps_per_second", "tokens_seen", "tokens_per_second", "peak_rss_mb", "threads",
+TRAINER_KEYS = ("steps", "seconds", "eval_seconds", "steps_per_second", "tokens_seen", "tokens_per_second", "peak_rss_mb", "threads",
                 "final_train_loss", "parameters")  # fmt: skip
 
 

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, RESULTS, load_result, machine_info, now
+from bench.common import REPO, RESULTS, load_result, machine_info
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
@@ -175,7 +175,8 @@ def section_overhead(o: dict[str, Any]) -> list[str]:
             for t, e in o["by_threads"].items()
         )
         + "). Fixed seconds added = pipeline wall − bare wall of the same repetition. Targets: wall ratio ≤ 1.10, tokens/s ratio ≥ 0.9. "
-        "Stage tokens/s is over `trainer.train()`, which includes the stage's continual evaluation.",
+        "Stage tokens/s is over training alone (`trainer.train()` minus its continual evaluation); the "
+        "pipeline's wall time includes that evaluation, which the bare script does not do.",
     ]
     return lines + [""]
 
@@ -210,7 +211,8 @@ def section_startup(s: dict[str, Any]) -> list[str]:
         + ", ".join(f"`{k}` {v['median_seconds']:.2f} s" for k, v in s["cli"].items())
         + f" (target ~1 s; heavy modules imported by `posttrain.cli`: {', '.join(s['heavy_modules_imported_by_cli']) or 'none'}; "
         + f"`status` asks DVC for the stale stages, on the {'tiny' if 'tiny' in s['project'] else 'default'} recipe's run). "
-        + "Imports of `stages.*` and libraries were timed while the machine was heavily loaded: treat them as upper bounds.",
+        + "Importing a stage module loads what that stage needs (TRL's trainer for the trainer stages); the CLI "
+        + "imports none of it.",
         "",
         "| import | seconds | | import | seconds |",
         "|---|---:|---|---|---:|",
@@ -224,20 +226,45 @@ def section_startup(s: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def section_throughput(e2e: dict[str, Any]) -> list[str]:
+def section_throughput(e2e: dict[str, Any], t: dict[str, Any] | None) -> list[str]:
     rows = e2e.get("trainer_metrics") or {}
     if not rows:
         return []
     lines = [
         "### Throughput and memory per trainer stage (default recipe, from each stage's metrics JSON)",
         "",
-        "| stage | steps | train s | steps/s | tokens/s | peak RSS MB | threads |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| stage | steps | trainer.train() s | of which continual eval s | steps/s | tokens/s | peak RSS MB | threads |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for stage, m in rows.items():
         lines.append(
-            f"| {stage} | {f(m.get('steps'))} | {f(m.get('seconds'), 1)} | {f(m.get('steps_per_second'))} | "
-            f"{f(m.get('tokens_per_second'), 0)} | {f(m.get('peak_rss_mb'), 0)} | {f(m.get('threads'))} |"
+            f"| {stage} | {f(m.get('steps'))} | {f(m.get('seconds'), 1)} | {f(m.get('eval_seconds'), 1)} | "
+            f"{f(m.get('steps_per_second'))} | {f(m.get('tokens_per_second'), 0)} | {f(m.get('peak_rss_mb'), 0)} | "
+            f"{f(m.get('threads'))} |"
+        )
+    lines += ["", "Rates are over training alone: `trainer.train()` minus the continual evaluation inside it.", ""]
+    if not t or not t.get("stages"):
+        return lines
+    lines += [
+        "Against a bare TRL script of the same configuration (`bench/bare_trl.py --stage <stage>`: same model, "
+        f"data, trainer settings, schedule and seed; {t['repeats']} repetitions side by side, medians):",
+        "",
+        "| stage | steps | tokens/s bare | tokens/s stage | ratio (target ≥ 0.9) | peak RSS MB bare / stage | "
+        "RSS ratio | same final loss |",
+        "|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for stage, entry in t["stages"].items():
+        sm, reps = entry["summary"], entry["repeats"]
+
+        def med(side: str, key: str, reps: list[dict[str, Any]] = reps) -> float:
+            return statistics.median(r[side][key] for r in reps)
+
+        lines.append(
+            f"| {stage} | {entry['max_steps']} | {med('bare', 'tokens_per_second'):.0f} | "
+            f"{med('stage', 'tokens_per_second'):.0f} | {sm['tokens_per_second_ratio_median']:.3f} "
+            f"({met(sm['throughput_target_met'])}) | {med('bare', 'peak_rss_mb'):.0f} / {med('stage', 'peak_rss_mb'):.0f} | "
+            f"{sm['peak_rss_ratio_median']:.3f} | {f(sm['identical_final_loss'])} "
+            f"({', '.join(f'{x:.6f}' for x in sm['final_losses'])}) |"
         )
     return lines + [""]
 
@@ -264,8 +291,35 @@ def section_gpu(g: dict[str, Any]) -> list[str]:
     ]
 
 
+def measured_span(parts: dict[str, dict[str, Any]]) -> str:
+    stamps = sorted(r["measured_at"] for r in parts.values() if r.get("measured_at"))
+    if not stamps:
+        return "(no results)"
+    return stamps[0] if stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}"
+
+
+def load_note(parts: dict[str, dict[str, Any]], cores: int) -> str:
+    """The 1-minute load average each part ended with: the reader judges how quiet the machine was."""
+    loads = {n: r["machine"]["load_average"][0] for n, r in parts.items() if r.get("machine")}
+    if not loads:
+        return ""
+    shared = max(loads.values()) > cores + 0.5
+    return (
+        "1-minute load average at the end of each part: "
+        + ", ".join(f"{n} {v:.1f}" for n, v in loads.items())
+        + (
+            f" (above the {cores} cores: other jobs shared the machine, absolute seconds are inflated; "
+            "ratios were measured side by side)."
+            if shared
+            else f" (at most the {cores} cores: the suite had the machine to itself)."
+        )
+    )
+
+
 def render() -> str:
-    e2e, q, o, c, s, g = (load_result(n) for n in ("e2e", "quality", "overhead", "cache", "startup", "gpu"))
+    names = ("e2e", "quality", "throughput", "overhead", "cache", "startup", "gpu")
+    parts = {n: r for n in names if (r := load_result(n))}
+    e2e, q, t, o, c, s, g = (parts.get(n) for n in names)
     m = machine_info()
     threads_seen = sorted({str(x) for x in [s and s.get("torch_threads_default")] if x})
     lines = [
@@ -274,11 +328,10 @@ def render() -> str:
         "(`bench/report.py`). `python bench/gpu.py --config gpu` is the GPU variant (~0.5B Llama built from a config, "
         "bf16: SFT tokens/s and MFU, GRPO generation throughput).",
         "",
-        f"Produced by `python bench/run.py` (`bench/report.py` renders `artifacts/bench/*.json`) on {now()[:10]}: "
-        f"{m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM, no GPU, torch default threads "
-        f"{', '.join(threads_seen) or '?'}; torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
-        f"trl {m['versions']['trl']}. The machine was shared with other jobs while measuring: absolute seconds are "
-        "noisy, ratios were measured side by side.",
+        f"Produced by `python bench/run.py` (`bench/report.py` renders `artifacts/bench/*.json`), measured "
+        f"{measured_span(parts)}: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM, no GPU, torch default "
+        f"threads {', '.join(threads_seen) or '?'}; torch {m['versions']['torch']}, transformers "
+        f"{m['versions']['transformers']}, trl {m['versions']['trl']}. {load_note(parts, m['cores'])}",
         "",
     ]
     partial = load_result("e2e-partial")
@@ -297,10 +350,12 @@ def render() -> str:
             ]
         lines.append("")
         if partial:
-            lines += section_throughput(partial)
+            lines += section_throughput(partial, None)
     if not s:
         lines += ["### Start-up cost", "", "Not measured in this run of the suite.", ""]
-    for data, fn in ((e2e, section_e2e), (q, section_quality), (e2e, section_throughput), (o, section_overhead),
+    if e2e:
+        lines += section_throughput(e2e, t)
+    for data, fn in ((e2e, section_e2e), (q, section_quality), (o, section_overhead),
                      (c, section_cache), (s, section_startup), (g, section_gpu)):  # fmt: skip
         if data:
             lines += fn(data)

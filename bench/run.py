@@ -1,12 +1,12 @@
 """The CPU benchmark suite in one command: JSON under artifacts/bench/, then the README table.
 
-    python bench/run.py --all                      # everything (long: about an hour on 2 busy cores)
+    python bench/run.py --all                      # everything, set-up timing included (about an hour)
     python bench/run.py --only overhead,cache      # parts; later parts reuse the end-to-end run's copy
-    python bench/run.py --all --recipe configs/tiny.yaml --results /tmp/r --no-readme   # smoke run
+    python bench/run.py --all --recipe configs/tiny.yaml --results /tmp/r --no-readme --no-setup  # smoke
 
 Parts, in run order: e2e (default recipe from a clean copy; the copy is reused by the others),
-quality (ladder + CPT ablations), cache, overhead (bare TRL vs dvc vs Prefect flow; also the SFT
-throughput ratio), startup (imports, CLI), gpu (dry run of the GPU configuration + CPU smoke run of
+quality (ladder + CPT ablations), throughput (each trainer stage against a bare TRL script), cache,
+overhead (bare TRL vs dvc vs Prefect flow), startup (imports, CLI), gpu (dry run of the GPU configuration + CPU smoke run of
 its code path), report (README table). Pipeline runs happen in scratch copies under
 $BENCH_SCRATCH (default /tmp/posttrain-bench), never in this checkout.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("e2e", "quality", "cache", "overhead", "startup", "gpu", "report")
+PARTS = ("e2e", "quality", "throughput", "cache", "overhead", "startup", "gpu", "report")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overhead-steps", type=int, default=None, help="fixed sft max_steps (default: calibrated to ~60 s)"
     )
-    parser.add_argument("--setup", action="store_true", help="e2e: also time scripts/setup.sh with a fresh venv")
+    parser.add_argument(
+        "--setup",
+        action="store_true",
+        help="e2e: also time scripts/setup.sh with a fresh venv (on by default with --all)",
+    )
+    parser.add_argument("--no-setup", action="store_true", help="with --all: skip timing the set-up")
     parser.add_argument("--no-readme", action="store_true", help="report: print the table instead of writing README")
     args = parser.parse_args(argv)
     if args.results:
@@ -48,15 +53,25 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"choose --all or --only from {', '.join(PARTS)} (unknown: {unknown})")
 
     # Imported after BENCH_RESULTS is set (bench.common reads it).
-    from bench import cache, e2e, gpu_suite, overhead, quality, report, startup
+    from bench import cache, e2e, gpu_suite, overhead, quality, report, startup, throughput
+    from bench.common import RESULTS, log
+
+    if args.all:
+        # One run's figures only: results of an earlier, partial or interrupted run must not mix in.
+        for stale in sorted(RESULTS.glob("*.json")):
+            log(f"removing earlier result {stale}")
+            stale.unlink()
 
     for part in PARTS:
         if part not in parts:
             continue
         if part == "e2e":
-            e2e.main([*(["--params", str(args.recipe)] if args.recipe else []), *(["--setup"] if args.setup else [])])
+            setup = (args.setup or args.all) and not args.no_setup
+            e2e.main([*(["--params", str(args.recipe)] if args.recipe else []), *(["--setup"] if setup else [])])
         elif part == "quality":
             quality.main([])
+        elif part == "throughput":
+            throughput.main([])
         elif part == "cache":
             cache.main([])
         elif part == "overhead":

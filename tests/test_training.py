@@ -58,6 +58,11 @@ def test_stage_writes_model_lineage_metrics_and_plots(chain, stage):
     assert metrics["tokens_seen"] > 0 and metrics["tokens_per_second"] > 0 and metrics["peak_rss_mb"] > 0
     assert set(metrics["val_before"]) == set(params.data.domains) == set(metrics["val_after"])
     assert sorted({row["step"] for row in metrics["continual_eval"]}) == [0, 3, 6]  # eval_every 3
+    # Steps 3 and 6 were scored inside trainer.train(): their time is split out of the training rates.
+    assert 0 < metrics["eval_seconds"] < metrics["seconds"]
+    training_seconds = metrics["seconds"] - metrics["eval_seconds"]  # each rounded to 0.01 s
+    low, high = (metrics["tokens_seen"] / (training_seconds + d) for d in (0.011, -0.011))
+    assert low <= metrics["tokens_per_second"] <= high
     assert (layout.plots / f"{stage}_continual_eval.png").stat().st_size > 1000
     assert json.loads((layout.plots / f"{stage}_continual_eval.json").read_text()) == metrics["continual_eval"]
 
