@@ -1,5 +1,5 @@
 """Cache: after a full run, how long a no-change `dvc repro` and a no-change flow run take, and which
-stages rerun after one GRPO parameter changes (must be exactly grpo and its descendants).
+stages `dvc exp run -S grpo.trainer.learning_rate=...` reruns (must be exactly grpo and its descendants).
 
 The no-change figures are taken in the end-to-end run's own project; the GRPO change in a clone of
 it, so the finished run stays as it was for the other benchmarks.
@@ -19,11 +19,12 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 from bench.common import (
     PYTHON,
     clone_project,
+    commit,
     dvc,
     full_root,
     log,
     median,
-    set_params,
+    set_overrides,
     stages_run,
     timed,
     write_result,
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     log("cache: one GRPO parameter changed, in a clone")
     clone = clone_project(root, "cache-grpo")
+    commit(clone, "the finished run")  # `dvc exp run` bases its experiment on a commit
     timed(dvc("status"), clone)  # the clone's files have new inodes: let DVC re-read its state first
     params = yaml.safe_load((clone / "params.yaml").read_text())
     old = params["grpo"]["trainer"]["learning_rate"]
-    set_params(clone, {"grpo.trainer.learning_rate": old * 0.5})
-    done = timed(dvc("repro"), clone)
+    # What a user types: an experiment with one parameter set on the command line.
+    overrides = set_overrides(params, {"grpo.trainer.learning_rate": old * 0.5})
+    done = timed(dvc("exp", "run", "-n", "grpo-lr-half", *[a for o in overrides for a in ("-S", o)]), clone)
     ran = stages_run(done["stdout"])
     result = {
         "root": str(root),
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "no_change_no_prefect_seconds": {"runs": no_prefect, "median_seconds": median(no_prefect)},
         "grpo_change": {
             "changed": f"grpo.trainer.learning_rate {old} -> {old * 0.5}",
+            "command": "dvc exp run -n grpo-lr-half " + " ".join(f"-S {o}" for o in overrides),
             "stages_ran": ran,
             "expected": EXPECTED_AFTER_GRPO,
             "exact": ran == EXPECTED_AFTER_GRPO,

@@ -131,6 +131,35 @@ def set_params(root: Path, updates: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def set_overrides(params: dict[str, Any], updates: dict[str, Any]) -> list[str]:
+    """`dvc exp run -S` arguments (Hydra override syntax) that turn `params` into `params` + `updates`.
+
+    A dict value replaces the whole sub-tree: its keys are set (`+key=` where new) and the old keys it
+    lacks are deleted (`~key`), so `cpt.schedule` is exactly the variant's schedule.
+    """
+    import yaml
+
+    def scalar(value: Any) -> str:
+        return (
+            "null"
+            if value is None
+            else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        )
+
+    out: list[str] = []
+    for dotted, value in updates.items():
+        node: Any = params
+        for key in dotted.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, dict):
+            old = node if isinstance(node, dict) else {}
+            out += [f"{'' if k in old else '+'}{dotted}.{k}={scalar(v)}" for k, v in value.items()]
+            out += [f"~{dotted}.{k}" for k in old if k not in value]
+        else:
+            out.append(f"{dotted}={scalar(value)}")
+    return out
+
+
 def project_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"

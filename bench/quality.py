@@ -3,8 +3,9 @@
 Ladder: from the end-to-end run of the default recipe, per stage and per domain the held-out exact
 match with its 95% bootstrap CI (artifacts/metrics/eval.json) and the wall time per stage.
 
-Ablations (each in its own clone of that run, the equivalent of `dvc exp run -S ...` restricted to
-the stages that change: mix when the mixture changes, cpt, and evaluate on pretrain + cpt only):
+Ablations, each in its own clone of that run: `dvc exp run -n <name> -S key=value ... cpt` reruns what
+the change makes stale up to cpt (mix when the mixture changes, then cpt), then `stages.evaluate`
+scores pretrain and cpt only (the descendants sft..grpo are not retrained for an ablation of cpt):
   - replay: cpt with the recipe's replay (25% of the pretrain mixture) vs without replay
     -> forgetting on the old domains (add, rev), gain on the new one (sub);
   - schedule: cosine re-warm vs WSD vs constant-with-cooldown, same steps, peak LR, warm-up and floor.
@@ -25,11 +26,15 @@ from bench.common import (
     PYTHON,
     RESULTS,
     clone_project,
+    commit,
+    dvc,
     full_root,
     load_result,
     log,
     read_json,
+    set_overrides,
     set_params,
+    stages_run,
     timed,
     write_result,
 )  # fmt: skip
@@ -90,18 +95,27 @@ def cpt_scores(root) -> dict[str, Any]:
 
 
 def variant(source, name: str, updates: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
     root = clone_project(source, f"ablation-{name}")
-    set_params(root, {**updates, "evaluate.models": ["pretrain", "cpt"], "tracking.enabled": False})
+    set_params(root, {"evaluate.models": ["pretrain", "cpt"], "tracking.enabled": False})
+    commit(root, f"ablation {name}: evaluate pretrain and cpt only, no tracking")
+    timed(dvc("status"), root)  # the clone's files have new inodes: let DVC re-read its state first
     ran: list[str] = []
-    seconds = {}
-    stages = (["mix"] if any(k.startswith("mixtures.") for k in updates) else []) + (["cpt"] if updates else [])
-    stages.append("evaluate")  # no updates: the run's own cpt, evaluated on pretrain + cpt only
-    for stage in stages:
-        # The stage modules directly (what dvc.yaml's cmd runs): evaluate's DVC deps name every model
-        # folder, and a clone taken mid-run (or with only pretrain + cpt evaluated) lacks some.
-        done = timed([PYTHON, "-m", f"stages.{stage}"], root)
-        ran.append(stage)
-        seconds[stage] = done["seconds"]
+    seconds: dict[str, float] = {}
+    overrides: list[str] = []
+    if updates:
+        overrides = set_overrides(yaml.safe_load((root / "params.yaml").read_text()), updates)
+        done = timed(
+            dvc("exp", "run", "-n", f"ablation-{name}", *[a for o in overrides for a in ("-S", o)], "cpt"), root
+        )
+        ran += stages_run(done["stdout"])
+        seconds["dvc_exp_run"] = done["seconds"]
+    # The evaluate module directly (what dvc.yaml's cmd runs): its DVC deps name every model folder,
+    # and sft..grpo were not retrained for this variant. No updates: the run's own cpt.
+    done = timed([PYTHON, "-m", "stages.evaluate"], root)
+    ran.append("evaluate")
+    seconds["evaluate"] = done["seconds"]
     scores = cpt_scores(root)
     pre, cpt = scores["pretrain"], scores["cpt"]
     summary = {
@@ -111,7 +125,8 @@ def variant(source, name: str, updates: dict[str, Any]) -> dict[str, Any]:
         "em_cpt": {d: v["mean"] for d, v in cpt.items()},
     }
     log(f"  {name}: forgetting {summary['forgetting_old']}, gain on {NEW_DOMAIN} {summary['gain_new']}")
-    return {"root": str(root), "params": updates, "stages_ran": ran, "seconds": seconds, "scores": scores, **summary}
+    return {"root": str(root), "params": updates, "dvc_exp_run_set": overrides, "stages_ran": ran, "seconds": seconds,
+            "scores": scores, **summary}  # fmt: skip
 
 
 def run_ablations(source: Path, only: str | None) -> dict[str, Any]:

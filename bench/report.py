@@ -116,7 +116,7 @@ def section_ablations(q: dict[str, Any]) -> list[str]:
     names = {"no_replay": "WSD, no replay", "cosine": "cosine re-warm, replay", "constant_cooldown": "constant + cool-down, replay",
              "wsd": "WSD, replay"}  # fmt: skip
     lines += [
-        "### CPT ablations (same 300 steps, peak LR, warm-up 5%, floor 0; only mix/cpt/evaluate rerun)",
+        "### CPT ablations (same 300 steps, peak LR, warm-up 5%, floor 0; `dvc exp run -S ... cpt`, then evaluate)",
         "",
         "| cpt variant | EM add | EM rev | EM sub (new) | forgetting add | forgetting rev | gain sub |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -196,7 +196,8 @@ def section_cache(c: dict[str, Any]) -> list[str]:
         f"| first flow call (fresh Prefect database) | {fl['first_call_seconds']:.2f} | | |",
         f"| no-change `posttrain run --no-prefect` | {c['no_change_no_prefect_seconds']['median_seconds']:.2f} | | |",
         "",
-        f"After `{g['changed']}`: DVC ran {', '.join(g['stages_ran']) or 'nothing'} — exactly grpo and its "
+        f"`{g.get('command') or g['changed']}` ({g['changed']}): DVC ran {', '.join(g['stages_ran']) or 'nothing'} — "
+        "exactly grpo and its "
         f"descendants: {f(g['exact'])}.",
         "",
     ]

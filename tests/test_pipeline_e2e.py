@@ -118,13 +118,18 @@ def test_no_change_repro_runs_nothing(pipeline):
     assert "up to date" in done.stdout
 
 
-def test_changing_a_grpo_param_reruns_only_grpo_and_descendants(pipeline):
-    params_path = pipeline / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    params["grpo"]["trainer"]["learning_rate"] = params["grpo"]["trainer"]["learning_rate"] * 0.5
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    done = run(["dvc", "repro"], pipeline)
+def test_dvc_exp_run_with_a_grpo_param_reruns_only_grpo_and_descendants(pipeline):
+    # What a user does: commit the run, then try one parameter as an experiment.
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], pipeline)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "full run"], pipeline)
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
+    lower = params["grpo"]["trainer"]["learning_rate"] * 0.5
+    done = run(["dvc", "exp", "run", "-n", "grpo-lr", "-S", f"grpo.trainer.learning_rate={lower}"], pipeline)
     assert stages_run(done.stdout) == ["grpo", "merge", "evaluate"]
+    assert yaml.safe_load((pipeline / "params.yaml").read_text())["grpo"]["trainer"]["learning_rate"] == lower
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
+    assert any(e.get("name") == "grpo-lr" for e in experiments), json.dumps(shown)[:2000]
 
 
 def test_registry_has_a_version_per_model_stage_and_a_candidate(pipeline):
