@@ -125,4 +125,8 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         if known is None or args.debug:
             raise
         print(f"error: stage {stage}: {known}", file=sys.stderr)
-        sys.exit(getattr(known, "exit_code", 1))
+        code = getattr(known, "exit_code", 1)
+        from posttrain.launch import report_exit_status
+
+        report_exit_status(code)  # under `accelerate launch`: the parent passes 3 on instead of 1
+        sys.exit(code)

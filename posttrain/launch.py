@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Set on the processes we start, so a stage never re-launches itself twice.
 LAUNCHED_ENV = "POSTTRAIN_LAUNCHED"
+# A file where a launched rank records its own exit status: `accelerate launch` reports any failing
+# rank as 1, which would turn "out of memory, do not retry" (3) into an ordinary, retried failure.
+EXIT_STATUS_ENV = "POSTTRAIN_EXIT_STATUS_FILE"
 # Any of these means a launcher already started this process: torchrun / accelerate's multi-process
 # launchers set RANK/LOCAL_RANK/WORLD_SIZE, its single-process launcher sets ACCELERATE_* variables,
 # mpirun sets the OMPI_/PMI_ ranks.
@@ -89,6 +93,23 @@ def resolve_accelerate_config(compute: ComputeConfig, root: Path) -> Path:
     return path
 
 
+def report_exit_status(code: int, env: Mapping[str, str] | None = None) -> None:
+    """Called by a launched rank just before it exits with `code`, so `relaunch` can pass it on."""
+    env = os.environ if env is None else env
+    path = env.get(EXIT_STATUS_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:  # one line per failing rank
+            handle.write(f"{code}\n")
+
+
+def launched_exit_status(returncode: int, status_file: Path) -> int:
+    """The launch's status, with a rank's not-retryable status (the highest it reported) restored."""
+    if returncode == 0 or not status_file.is_file():
+        return returncode
+    reported = [int(line) for line in status_file.read_text().split() if line.strip().isdigit()]
+    return max(reported) if reported else returncode
+
+
 def accelerate_command(stage: str, config_file: Path, stage_args: list[str]) -> list[str]:
     """`accelerate launch` as a module of this interpreter, so the venv's accelerate is the one used."""
     return [
@@ -112,6 +133,9 @@ def relaunch(stage: str, compute: ComputeConfig, root: Path, params_path: Path, 
     cmd = accelerate_command(stage, config_file, stage_args)
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
+    status_fd, status_name = tempfile.mkstemp(prefix=f"posttrain-{stage}-exit-")
+    os.close(status_fd)
+    env[EXIT_STATUS_ENV] = status_name
     # The children import `stages.<name>` and `posttrain` from the project, whatever their cwd.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root.resolve()), env.get("PYTHONPATH", "")) if p)
     log.info("stage %s: launching through accelerate (%s)", stage, config_file)
@@ -125,7 +149,8 @@ def relaunch(stage: str, compute: ComputeConfig, root: Path, params_path: Path, 
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return process.wait()
+        return launched_exit_status(process.wait(), Path(status_name))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        Path(status_name).unlink(missing_ok=True)

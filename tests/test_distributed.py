@@ -170,6 +170,47 @@ def test_two_process_cpu_ddp_sft_writes_the_same_model_folder_and_lineage(tmp_pa
     assert "launching through accelerate" in done.stderr
 
 
+def test_launched_exit_status_restores_a_ranks_not_retryable_status(tmp_path):
+    status = tmp_path / "status"
+    assert launch.launched_exit_status(0, status) == 0
+    assert launch.launched_exit_status(1, status) == 1  # no rank reported: the launcher's own status
+    launch.report_exit_status(1, env={launch.EXIT_STATUS_ENV: str(status)})
+    launch.report_exit_status(3, env={launch.EXIT_STATUS_ENV: str(status)})
+    assert launch.launched_exit_status(1, status) == 3
+    launch.report_exit_status(3, env={})  # outside a launch: nothing to write, no error
+
+
+@pytest.mark.slow
+def test_out_of_memory_on_launched_ranks_exits_3_through_accelerate(tmp_path):
+    """`accelerate launch` reports a failed rank as 1; the stage's "do not retry" status 3 must survive.
+
+    Real `accelerate launch` of two CPU ranks through the real stage entry; the stage function itself
+    raises MemoryError on every rank (what the allocator raises when memory runs out).
+    """
+    raw = tiny_raw_params()
+    raw["compute"].update(launcher="accelerate", accelerate_config=str(CONFIGS / "cpu_ddp.yaml"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "__init__.py").write_text("")
+    (tmp_path / "stages" / "sft.py").write_text(
+        "from posttrain.entry import stage_main\n\n"
+        "def run(params, layout):\n"
+        "    raise MemoryError('cannot allocate 17179869184 bytes')\n\n"
+        "if __name__ == '__main__':\n"
+        "    stage_main('sft', run)\n"
+    )
+    env = _stage_env()
+    env["PYTHONPATH"] = os.pathsep.join((str(tmp_path), str(REPO)))  # this stages/ first, then posttrain
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.sft", "--root", str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert "launching through accelerate" in done.stderr
+    assert "out of memory" in done.stderr, done.stderr[-4000:]
+    assert done.returncode == 3, done.stderr[-4000:]
+
+
 # --------------------------------------------------------------------------- the real-scale recipe
 
 
