@@ -42,10 +42,7 @@ TARGET_BARE_SECONDS = 60.0
 
 def bare_cmd(root: Path, max_steps: int, threads: int, out: Path) -> list[str]:
     return [
-        PYTHON, str(REPO / "bench" / "bare_sft.py"),
-        "--model", str(root / "artifacts" / "models" / "cpt"),
-        "--data", str(root / "artifacts" / "data" / "mixtures" / "sft" / "train.parquet"),
-        "--params", str(root / "params.yaml"),
+        PYTHON, str(REPO / "bench" / "bare_trl.py"), "--stage", "sft", "--root", str(root),
         "--max-steps", str(max_steps), "--threads", str(threads),
         "--output-dir", str(SCRATCH / "bare-sft-out"), "--json", str(out),
     ]  # fmt: skip

@@ -145,7 +145,7 @@ def section_ablations(q: dict[str, Any]) -> list[str]:
 
 def section_overhead(o: dict[str, Any]) -> list[str]:
     lines = [
-        "### Overhead against a bare TRL script (`bench/bare_sft.py`), same model, data, steps, seed",
+        "### Overhead against a bare TRL script (`bench/bare_trl.py --stage sft`), same model, data, steps, seed",
         "",
         "| threads | steps | bare s | dvc repro s | flow s | ratio dvc | ratio flow | added s dvc | added s flow | "
         "tokens/s bare | tokens/s stage | tokens/s ratio | RSS MB bare / stage | same final loss |",
