@@ -184,6 +184,62 @@ def project_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+class PrefectServer:
+    """`prefect server start` on a free 127.0.0.1 port with its own database in `home`, for runs that
+    should use a running server (PREFECT_API_URL) instead of a temporary one started per flow run."""
+
+    def __init__(self, home: Path) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.home = home
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.process: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    def env(self, root: Path) -> dict[str, str]:
+        env = project_env(root)
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            PREFECT_API_URL=self.api_url,
+        )
+        return env
+
+    def __enter__(self) -> PrefectServer:
+        import urllib.error
+        import urllib.request
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        cmd = [PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(cmd, env=self.env(self.home), stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2):
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            if self.process.poll() is not None or time.perf_counter() - started > 180:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"prefect server on port {self.port} did not become healthy")
+            time.sleep(0.5)
+        self.startup_seconds = round(time.perf_counter() - started, 2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 3600,
           check: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run `cmd`; wall seconds, return code and output. Raises with the output's tail when it fails."""

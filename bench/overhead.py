@@ -1,6 +1,9 @@
 """Overhead: the same SFT run (a) as a bare TRL script, (b) as the `sft` stage through
 `dvc repro --single-item sft` with MLflow tracking on, (c) through the Prefect flow
-(`posttrain run --stages sft`), side by side, repeated, at 1 and/or 2 torch threads.
+(`posttrain run --stages sft`) with no Prefect server configured (Prefect starts a temporary one
+per flow run), (d) the same flow against a running `prefect server start` (PREFECT_API_URL, as for
+scheduled deployments; the server's own start-up is not timed), side by side, repeated, at 1
+and/or 2 torch threads.
 
 Same model (the cpt output of the end-to-end run), same data (its sft mixture), same steps and
 seed. Before each pipeline run the stage's output, its checkpoints and DVC's run cache are removed,
@@ -24,6 +27,7 @@ from bench.common import (
     PYTHON,
     REPO,
     SCRATCH,
+    PrefectServer,
     clone_project,
     commit,
     dvc,
@@ -37,6 +41,7 @@ from bench.common import (
 )  # fmt: skip
 
 TARGET_RATIO = 1.10
+PIPELINE_MODES = ("dvc", "flow", "flow_server")
 TARGET_BARE_SECONDS = 60.0
 
 
@@ -91,12 +96,19 @@ def run_dvc(root: Path) -> dict[str, Any]:
     return stage_figures(root, done["seconds"])
 
 
-def run_flow(root: Path) -> dict[str, Any]:
+def run_flow(root: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     reset_sft(root)
-    done = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "sft"], root)
+    done = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "sft"], root, env=env)
     if "sft: ran" not in done["stdout"]:
         raise RuntimeError(f"the flow did not run sft:\n{done['stdout'][-2000:]}\n{done['stderr'][-2000:]}")
     return stage_figures(root, done["seconds"])
+
+
+def run_flow_with_server(root: Path) -> dict[str, Any]:
+    """The flow against a running Prefect server; started before and stopped after, untimed."""
+    with PrefectServer(SCRATCH / "prefect-server-home") as server:
+        figures = run_flow(root, env=server.env(root))
+    return {**figures, "server_startup_seconds": server.startup_seconds}
 
 
 def prepare_copy(source: Path, threads: int, steps: int) -> Path:
@@ -122,7 +134,7 @@ def calibrate(root: Path, threads: int, probe_steps: int) -> tuple[int, dict[str
 
 def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in ("dvc", "flow"):
+    for mode in PIPELINE_MODES:
         ratios = [r[mode]["wall_seconds"] / r["bare"]["wall_seconds"] for r in reps]
         added = [r[mode]["wall_seconds"] - r["bare"]["wall_seconds"] for r in reps]
         tps = [r[mode]["tokens_per_second"] / r["bare"]["tokens_per_second"] for r in reps]
@@ -137,7 +149,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
             "ratio_target_met": median(ratios) <= TARGET_RATIO,
             "throughput_target_met": median(tps) >= 0.9,
         }
-    losses = {(r[m]["final_train_loss"]) for r in reps for m in ("bare", "dvc", "flow")}
+    losses = {(r[m]["final_train_loss"]) for r in reps for m in ("bare", *PIPELINE_MODES)}
     out["final_losses"] = sorted(losses)
     out["identical_final_loss"] = len(losses) == 1
     out["bare_wall_seconds_median"] = round(median([r["bare"]["wall_seconds"] for r in reps]), 2)
@@ -160,16 +172,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             steps, probe = calibrate(source, threads, args.probe_steps)
         root = prepare_copy(source, threads, steps)
-        # Prefect's first call on a fresh database is slower (its own figure, in the cache benchmark):
-        # one no-change flow call first, so the timed flow runs see the steady state.
-        warm = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "cpt"], root)
+        # Prefect's first flow run on a fresh database is slower (migrations): one run first, so the
+        # timed flow runs see the steady state. A no-change call would not start Prefect at all
+        # (`posttrain run` answers from `dvc status`), hence --force on the cheap, deterministic prepare.
+        warm = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "prepare", "--force"], root)
         reps = []
         for i in range(args.repeats):
-            rep = {"bare": run_bare(root, steps, threads), "dvc": run_dvc(root), "flow": run_flow(root)}
+            rep = {
+                "bare": run_bare(root, steps, threads),
+                "dvc": run_dvc(root),
+                "flow": run_flow(root),
+                "flow_server": run_flow_with_server(root),
+            }
             log(
-                f"  t={threads} rep {i + 1}: bare {rep['bare']['wall_seconds']:.1f} s, dvc {rep['dvc']['wall_seconds']:.1f} s,"
-                f" flow {rep['flow']['wall_seconds']:.1f} s; losses {rep['bare']['final_train_loss']:.6f} /"
-                f" {rep['dvc']['final_train_loss']:.6f} / {rep['flow']['final_train_loss']:.6f}"
+                f"  t={threads} rep {i + 1}: "
+                + ", ".join(f"{m} {rep[m]['wall_seconds']:.1f} s" for m in ("bare", *PIPELINE_MODES))
+                + "; losses "
+                + " / ".join(f"{rep[m]['final_train_loss']:.6f}" for m in ("bare", *PIPELINE_MODES))
             )
             reps.append(rep)
         result["by_threads"][str(threads)] = {
