@@ -7,8 +7,10 @@ the run in MLflow. Stage functions themselves know nothing of DVC, Prefect or ML
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -87,7 +89,23 @@ def setup_logging() -> None:
     )
 
 
+def exit_process(code: int) -> None:
+    """End the stage's process without the interpreter's module teardown.
+
+    Measured after a trainer stage: 1.7-1.9 s between the last atexit handler and the process's end
+    (freeing torch, transformers, tokenizers, mlflow/SQLAlchemy, ...), paid by every stage run, which
+    DVC waits for. Everything the stage writes is closed by then (atomic writes, checkpoint markers,
+    MLflow calls are synchronous); the atexit handlers and log flushing still run.
+    """
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) -> None:
+    """The process entry of `python -m stages.<stage>`: it ends the process (exit status 0, 1 or 3)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the '{stage}' stage.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=None, help="project root (default: nearest folder with dvc.yaml)")
@@ -130,3 +148,4 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
 
         report_exit_status(code)  # under `accelerate launch`: the parent passes 3 on instead of 1
         sys.exit(code)
+    exit_process(0)

@@ -452,11 +452,11 @@ def make_callbacks(
     preemption: Preemption | None = None,
 ) -> list[TrainerCallback]:
     """The standard callbacks, in the order they must run (the marker last on save)."""
-    callbacks: list[Any] = [NonFiniteGuard(stage), ProgressLog(stage)]
+    # Preemption first: the save it asks for on a step must be seen by the guard's check of that step.
+    callbacks: list[Any] = [preemption] if preemption is not None else []
+    callbacks += [NonFiniteGuard(stage), ProgressLog(stage)]
     if evaluation is not None:
         callbacks.append(evaluation)
-    if preemption is not None:
-        callbacks.append(preemption)
     callbacks.append(CheckpointMarker())
     return callbacks
 
@@ -464,15 +464,20 @@ def make_callbacks(
 class NonFiniteGuard(TrainerCallback):
     """Stop the stage when the loss or the weights become NaN/inf, before anything is saved.
 
-    Checked at every optimizer step on the weights (a NaN loss turns them NaN at that step) and at
-    every log on the loss; raising here ends trainer.train(), so no checkpoint and no model follow.
+    The weights are checked at every step that logs, saves or ends training (a NaN loss turns them NaN
+    at its step, and they stay NaN), the loss at every log; raising here ends trainer.train(), so no
+    checkpoint and no model follow.
     """
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None and not _all_finite(model):
+        # Only on steps that log, save or end training (the Trainer's flow callback, which runs first,
+        # has set those flags): a diverged run still stops before any checkpoint or model is written,
+        # without a device-to-host sync on every step.
+        due = control.should_log or control.should_save or control.should_training_stop
+        if model is not None and (due or state.global_step >= state.max_steps) and not _all_finite(model):
             raise StageError(
                 f"stage {self.stage}: weights became NaN/inf at step {state.global_step} (training diverged); "
                 f"no model written. Lower {self.stage}.trainer.learning_rate or max_grad_norm"

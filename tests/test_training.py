@@ -185,6 +185,25 @@ def test_nan_guard_stops_stage_and_keeps_previous_output(chain):
     assert not list(layout.model("sft").parent.glob(".sft.tmp-*"))
 
 
+def test_nan_guard_checks_weights_on_log_save_and_last_steps_only():
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from posttrain.training import NonFiniteGuard
+
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    guard = NonFiniteGuard("sft")
+    state = TrainerState(global_step=3, max_steps=10)
+    guard.on_step_end(None, state, TrainerControl(), model=model)  # an ordinary step: no device sync
+    for flags in ({"should_log": True}, {"should_save": True}, {"should_training_stop": True}):
+        with pytest.raises(StageError, match=r"NaN/inf at step 3"):
+            guard.on_step_end(None, state, TrainerControl(**flags), model=model)
+    with pytest.raises(StageError, match=r"NaN/inf at step 10"):
+        guard.on_step_end(None, TrainerState(global_step=10, max_steps=10), TrainerControl(), model=model)
+
+
 def test_failure_while_writing_output_keeps_previous_output(chain, monkeypatch):
     import stages.sft
 
