@@ -184,6 +184,9 @@ def project_env(root: Path, extra: dict[str, str] | None = None) -> dict[str, st
     return env
 
 
+SERVER_SETTLE_SECONDS = 15.0
+
+
 class PrefectServer:
     """`prefect server start` on a free 127.0.0.1 port with its own database in `home`, for runs that
     should use a running server (PREFECT_API_URL) instead of a temporary one started per flow run."""
@@ -228,6 +231,9 @@ class PrefectServer:
                 raise RuntimeError(f"prefect server on port {self.port} did not become healthy")
             time.sleep(0.5)
         self.startup_seconds = round(time.perf_counter() - started, 2)
+        # A long-running server is what users have; let the fresh one's start-up work (migrations,
+        # first loops of its background services) finish before anything is timed against it.
+        time.sleep(SERVER_SETTLE_SECONDS)
         return self
 
     def __exit__(self, *exc: Any) -> None:

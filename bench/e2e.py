@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 from bench.common import (
     PYTHON,
     REPO,
+    RESULTS,
     SCRATCH,
     STAGE_ORDER,
     dvc,
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.setup:
         result["setup"] = time_setup()
     write_result("e2e", result)
+    (RESULTS / "e2e-partial.json").unlink(missing_ok=True)  # superseded by the finished run's figures
     return result
 
 
