@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,11 @@ def ci(value: Any, interval: dict[str, Any] | None) -> str:
     if not interval:
         return f"{value:.3f}"
     return f"{value:.3f} [{interval['ci_low']:.3f}, {interval['ci_high']:.3f}]"
+
+
+def median_of(repeats: list[dict[str, Any]], side: str, key: str) -> float:
+    """Median of one figure (`key`) of one side (`bare`, `dvc`, `stage`, ...) over the repetitions."""
+    return statistics.median(r[side][key] for r in repeats)
 
 
 def em(cell: dict[str, Any] | None) -> str:
@@ -162,11 +168,8 @@ def section_overhead(o: dict[str, Any]) -> list[str]:
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for threads, entry in o["by_threads"].items():
-        s, reps = entry["summary"], entry["repeats"]
-
-        def med(mode: str, key: str, reps: list[dict[str, Any]] = reps) -> float:
-            return statistics.median(r[mode][key] for r in reps)
-
+        s = entry["summary"]
+        med = functools.partial(median_of, entry["repeats"])
         lines.append(
             f"| {threads} | {entry['max_steps']} | bare TRL script | {med('bare', 'wall_seconds'):.1f} | 1 | 0 | "
             f"{med('bare', 'tokens_per_second'):.0f} | {med('bare', 'peak_rss_mb'):.0f} | "
@@ -272,11 +275,8 @@ def section_throughput(e2e: dict[str, Any], t: dict[str, Any] | None) -> list[st
         "|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for stage, entry in t["stages"].items():
-        sm, reps = entry["summary"], entry["repeats"]
-
-        def med(side: str, key: str, reps: list[dict[str, Any]] = reps) -> float:
-            return statistics.median(r[side][key] for r in reps)
-
+        sm = entry["summary"]
+        med = functools.partial(median_of, entry["repeats"])
         lines.append(
             f"| {stage} | {entry['max_steps']} | {med('bare', 'tokens_per_second'):.0f} | "
             f"{med('stage', 'tokens_per_second'):.0f} | {sm['tokens_per_second_ratio_median']:.3f} "
