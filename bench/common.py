@@ -259,6 +259,38 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
     return {"seconds": round(seconds, 3), "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr}
 
 
+def bare_cmd(root: Path, stage: str, max_steps: int, threads: int, out: Path) -> list[str]:
+    """bench/bare_trl.py: the same trainer stage of the finished project `root`, as a bare TRL script."""
+    return [
+        PYTHON, str(REPO / "bench" / "bare_trl.py"), "--stage", stage, "--root", str(root),
+        "--max-steps", str(max_steps), "--threads", str(threads),
+        "--output-dir", str(SCRATCH / f"bare-{stage}-out"), "--json", str(out),
+    ]  # fmt: skip
+
+
+def run_bare(root: Path, stage: str, steps: int, threads: int) -> dict[str, Any]:
+    """Wall seconds of a bare run plus the figures it wrote (a stale JSON from an earlier run is removed first)."""
+    out = SCRATCH / f"bare-{stage}.json"
+    out.unlink(missing_ok=True)
+    done = timed(bare_cmd(root, stage, steps, threads, out), root)
+    return {"wall_seconds": done["seconds"], **read_json(out)}
+
+
+def reset_stage(root: Path, stage: str) -> None:
+    """Make DVC run `stage` for real: no output, no checkpoint to resume, no run cache, and no dvc.lock
+    entry (with one, DVC would check the outputs out of its cache instead of running)."""
+    import yaml
+
+    lock_path = root / "dvc.lock"
+    lock = yaml.safe_load(lock_path.read_text())
+    if lock.get("stages", {}).pop(stage, None) is not None:
+        lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
+    for path in [root / "artifacts" / "models" / stage, root / ".dvc" / "cache" / "runs",
+                 *(root / "checkpoints").glob(f"{stage}-*")]:  # fmt: skip
+        if path.exists():
+            shutil.rmtree(path)
+
+
 def dvc(*args: str) -> list[str]:
     return [PYTHON, "-m", "dvc", *args]
 

@@ -14,7 +14,6 @@ Also gives the throughput comparison (tokens/s, peak RSS) of the stage against t
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 
 from bench.common import (
     PYTHON,
-    REPO,
     SCRATCH,
     PrefectServer,
     clone_project,
@@ -35,6 +33,8 @@ from bench.common import (
     log,
     median,
     read_json,
+    reset_stage,
+    run_bare,
     set_params,
     timed,
     write_result,
@@ -43,35 +43,6 @@ from bench.common import (
 TARGET_RATIO = 1.10
 PIPELINE_MODES = ("dvc", "flow", "flow_server")
 TARGET_BARE_SECONDS = 60.0
-
-
-def bare_cmd(root: Path, max_steps: int, threads: int, out: Path) -> list[str]:
-    return [
-        PYTHON, str(REPO / "bench" / "bare_trl.py"), "--stage", "sft", "--root", str(root),
-        "--max-steps", str(max_steps), "--threads", str(threads),
-        "--output-dir", str(SCRATCH / "bare-sft-out"), "--json", str(out),
-    ]  # fmt: skip
-
-
-def reset_sft(root: Path) -> None:
-    """Make DVC run the sft stage for real: no output, no checkpoint to resume, no run cache, and no
-    dvc.lock entry (with one, DVC would check the outputs out of its cache instead of running)."""
-    import yaml
-
-    lock_path = root / "dvc.lock"
-    lock = yaml.safe_load(lock_path.read_text())
-    if lock.get("stages", {}).pop("sft", None) is not None:
-        lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
-    for path in [root / "artifacts" / "models" / "sft", root / ".dvc" / "cache" / "runs",
-                 *(root / "checkpoints").glob("sft-*")]:  # fmt: skip
-        if path.exists():
-            shutil.rmtree(path)
-
-
-def run_bare(root: Path, steps: int, threads: int) -> dict[str, Any]:
-    out = SCRATCH / "bare-sft.json"
-    done = timed(bare_cmd(root, steps, threads, out), root)
-    return {"wall_seconds": done["seconds"], **read_json(out)}
 
 
 def stage_figures(root: Path, wall: float) -> dict[str, Any]:
@@ -89,7 +60,7 @@ def stage_figures(root: Path, wall: float) -> dict[str, Any]:
 
 
 def run_dvc(root: Path) -> dict[str, Any]:
-    reset_sft(root)
+    reset_stage(root, "sft")
     done = timed(dvc("repro", "--single-item", "sft"), root)
     if "Running stage 'sft'" not in done["stdout"]:
         raise RuntimeError(f"dvc did not run sft:\n{done['stdout'][-2000:]}")
@@ -97,7 +68,7 @@ def run_dvc(root: Path) -> dict[str, Any]:
 
 
 def run_flow(root: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    reset_sft(root)
+    reset_stage(root, "sft")
     done = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "sft"], root, env=env)
     if "sft: ran" not in done["stdout"]:
         raise RuntimeError(f"the flow did not run sft:\n{done['stdout'][-2000:]}\n{done['stderr'][-2000:]}")
@@ -124,7 +95,7 @@ def prepare_copy(source: Path, threads: int, steps: int) -> Path:
 
 def calibrate(root: Path, threads: int, probe_steps: int) -> tuple[int, dict[str, Any]]:
     """max_steps for a bare run of about TARGET_BARE_SECONDS, from a short bare run."""
-    probe = run_bare(root, probe_steps, threads)
+    probe = run_bare(root, "sft", probe_steps, threads)
     fixed = probe["wall_seconds"] - probe["train_seconds"]
     rate = probe["steps"] / probe["train_seconds"]
     steps = max(probe_steps, int(round((TARGET_BARE_SECONDS - fixed) * rate / 10.0)) * 10)
@@ -179,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reps = []
         for i in range(args.repeats):
             rep = {
-                "bare": run_bare(root, steps, threads),
+                "bare": run_bare(root, "sft", steps, threads),
                 "dvc": run_dvc(root),
                 "flow": run_flow(root),
                 "flow_server": run_flow_with_server(root),

@@ -21,7 +21,6 @@ the input of the next stage, so each stage is measured on the finished run's inp
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,6 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    PYTHON,
-    REPO,
-    SCRATCH,
     STAGE_ORDER,
     clone_project,
     commit,
@@ -42,6 +38,8 @@ from bench.common import (
     log,
     median,
     read_json,
+    reset_stage,
+    run_bare,
     set_params,
     timed,
     write_result,
@@ -53,36 +51,6 @@ TRAINER_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo")
 DEFAULT_STEPS = {"pretrain": 250, "cpt": 250, "sft": 250, "dpo": 200, "grpo": 150}
 STAGE_KEYS = ("tokens_per_second", "steps_per_second", "peak_rss_mb", "final_train_loss", "steps", "tokens_seen",
               "threads")  # fmt: skip
-
-
-def bare_cmd(root: Path, stage: str, max_steps: int, threads: int, out: Path) -> list[str]:
-    return [
-        PYTHON, str(REPO / "bench" / "bare_trl.py"), "--stage", stage, "--root", str(root),
-        "--max-steps", str(max_steps), "--threads", str(threads),
-        "--output-dir", str(SCRATCH / f"bare-{stage}-out"), "--json", str(out),
-    ]  # fmt: skip
-
-
-def reset_stage(root: Path, stage: str) -> None:
-    """Make DVC run `stage` for real: no output, no checkpoint to resume, no run cache, and no dvc.lock
-    entry (with one, DVC would check the outputs out of its cache instead of running)."""
-    import yaml
-
-    lock_path = root / "dvc.lock"
-    lock = yaml.safe_load(lock_path.read_text())
-    if lock.get("stages", {}).pop(stage, None) is not None:
-        lock_path.write_text(yaml.safe_dump(lock, sort_keys=False))
-    for path in [root / "artifacts" / "models" / stage, root / ".dvc" / "cache" / "runs",
-                 *(root / "checkpoints").glob(f"{stage}-*")]:  # fmt: skip
-        if path.exists():
-            shutil.rmtree(path)
-
-
-def run_bare(root: Path, stage: str, steps: int, threads: int) -> dict[str, Any]:
-    out = SCRATCH / f"bare-{stage}.json"
-    out.unlink(missing_ok=True)
-    done = timed(bare_cmd(root, stage, steps, threads, out), root)
-    return {"wall_seconds": done["seconds"], **read_json(out)}
 
 
 def run_stage(root: Path, stage: str) -> dict[str, Any]:
