@@ -10,7 +10,7 @@ import pytest
 
 from bench import bare_trl
 from posttrain.config import ScheduleConfig, TrainerArgs, TrainStageConfig
-from posttrain.schedules import SCHEDULES, lr_multiplier
+from posttrain.training.schedules import SCHEDULES, lr_multiplier
 
 CONFIGS = [
     {},

@@ -12,7 +12,7 @@ import yaml
 from fixtures.toy_dvc import make_toy_project, toy_env
 from typer.testing import CliRunner
 
-from posttrain.cli import app
+from posttrain.pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "status", "validate", "promote", "rollback", "registry", "deploy", "continual"]
@@ -41,7 +41,7 @@ def test_help_lists_every_command_and_each_has_help() -> None:
 def test_fast_commands_import_no_heavy_library(args: list[str]) -> None:
     probe = (
         "import sys\n"
-        "from posttrain.cli import app\n"
+        "from posttrain.pipeline.cli import app\n"
         "try:\n"
         f"    app({args!r})\n"
         "except SystemExit:\n"
@@ -108,7 +108,7 @@ def test_failing_run_through_prefect_ends_with_the_stages_own_error(toy: Path, t
     }
     env.pop("PREFECT_API_URL", None)  # ephemeral server of its own
     done = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "run", "--root", str(toy)],
+        [sys.executable, "-m", "posttrain.pipeline.cli", "run", "--root", str(toy)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -130,13 +130,13 @@ def test_no_change_run_answers_from_dvc_status_without_starting_prefect(toy: Pat
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
     }
     env.pop("PREFECT_API_URL", None)
-    command = [sys.executable, "-m", "posttrain.cli", "run", "--root", str(toy)]
+    command = [sys.executable, "-m", "posttrain.pipeline.cli", "run", "--root", str(toy)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "nothing to run, Prefect not started" in done.stdout
     assert not (home / "prefect.db").exists()  # no Prefect server or database was started
     # Once a param changes, the shortcut no longer applies: the stale stages go through the flow.
-    from posttrain.cli import _nothing_to_run
+    from posttrain.pipeline.cli import _nothing_to_run
 
     assert _nothing_to_run(toy, None, False, 0.0)
     (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("seed: 1", "seed: 2"))

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from posttrain.config import ParamsError, load_params, parse_params
+from posttrain.config import load_params, parse_params
+from posttrain.errors import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 

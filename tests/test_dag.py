@@ -1,4 +1,4 @@
-"""posttrain.dag reads the stage graph and staleness through DVC, and writes overrides into params.yaml."""
+"""posttrain.pipeline.dag reads the stage graph and staleness through DVC, and writes overrides into params.yaml."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import yaml
 from fixtures.toy_dvc import make_toy_project, toy_env
 
-from posttrain import dag
-from posttrain.config import ParamsError
+from posttrain.errors import ParamsError
+from posttrain.pipeline import dag
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,15 @@ import pytest
 import yaml
 from helpers_training import REPO, make_project, tiny_raw_params
 
-from posttrain import launch, training
-from posttrain.config import ComputeConfig, ParamsError, parse_params
+from posttrain import runtime
+from posttrain.config import ComputeConfig, parse_params
+from posttrain.errors import ParamsError
 from posttrain.lineage import verify_model_folder
-from posttrain.modeling import load_stage_model
+from posttrain.models.loading import load_stage_model
+from posttrain.pipeline import launch
+from posttrain.runtime import setup_runtime
+from posttrain.training.checkpoints import COMPLETE_MARKER
+from posttrain.training.trl_config import trl_config
 
 CONFIGS = REPO / "configs" / "accelerate"
 
@@ -31,9 +36,9 @@ def test_inside_launcher_and_ranks_from_the_environment():
     assert launch.inside_launcher({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"})  # torchrun
     assert launch.inside_launcher({"ACCELERATE_MIXED_PRECISION": "no"})  # accelerate, one process
     assert launch.inside_launcher({launch.LAUNCHED_ENV: "1"})
-    assert launch.process_rank({"RANK": "3", "LOCAL_RANK": "1"}) == 3  # the global rank decides
-    assert not launch.is_main_process({"RANK": "1"}) and launch.is_main_process({})
-    assert launch.world_size({"WORLD_SIZE": "16"}) == 16 and launch.world_size({}) == 1
+    assert runtime.process_rank({"RANK": "3", "LOCAL_RANK": "1"}) == 3  # the global rank decides
+    assert not runtime.is_main_process({"RANK": "1"}) and runtime.is_main_process({})
+    assert runtime.world_size({"WORLD_SIZE": "16"}) == 16 and runtime.world_size({}) == 1
 
 
 def test_only_trainer_stages_relaunch_and_only_once():
@@ -93,8 +98,8 @@ def test_grpo_vllm_switch_falls_back_without_cuda_or_vllm(tmp_path, caplog):
 
     raw = tiny_raw_params(grpo={"trainer": {"use_vllm": True, "vllm_mode": "colocate"}})
     params = parse_params(raw)
-    runtime = training.setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
-    config = training.trl_config(GRPOConfig, "grpo", params.grpo, runtime, tmp_path)
+    runtime = setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
+    config = trl_config(GRPOConfig, "grpo", params.grpo, runtime, tmp_path)
     assert config.use_vllm is False  # ordinary generation on this CPU machine
     assert "grpo.trainer.use_vllm: no CUDA device" in caplog.text
     assert config.vllm_mode == "colocate"  # the rest of the user's settings pass through untouched
@@ -164,7 +169,7 @@ def test_two_process_cpu_ddp_sft_writes_the_same_model_folder_and_lineage(tmp_pa
     ckpts = layout.root / ddp["checkpoints"]
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     for ckpt in ckpts.glob("checkpoint-*"):
-        assert (ckpt / training.COMPLETE_MARKER).is_file()
+        assert (ckpt / COMPLETE_MARKER).is_file()
         assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
     assert not [p.name for p in layout.model("sft").parent.iterdir() if p.name.startswith(".")]
     assert "launching through accelerate" in done.stderr
@@ -194,7 +199,7 @@ def test_out_of_memory_on_launched_ranks_exits_3_through_accelerate(tmp_path):
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "__init__.py").write_text("")
     (tmp_path / "stages" / "sft.py").write_text(
-        "from posttrain.entry import stage_main\n\n"
+        "from posttrain.pipeline.entry import stage_main\n\n"
         "def run(params, layout):\n"
         "    raise MemoryError('cannot allocate 17179869184 bytes')\n\n"
         "if __name__ == '__main__':\n"
@@ -223,7 +228,7 @@ def test_qwen_recipe_validates_and_its_trainer_keys_are_known_to_trl(tmp_path):
     assert params.model.base == "Qwen/Qwen2.5-0.5B"
     assert {d.kind for d in params.data.domains.values()} == {"hub"}
     assert params.compute.launcher == "accelerate" and (REPO / params.compute.accelerate_config).is_file()
-    runtime = training.setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
+    runtime = setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
     # Every pass-through key is a real TRL field (a typo would only surface on the GPU cluster).
     for stage, config_cls in (("cpt", SFTConfig), ("sft", SFTConfig), ("dpo", DPOConfig), ("grpo", GRPOConfig)):
-        training.trl_config(config_cls, stage, params.stage_section(stage), runtime, tmp_path / stage)
+        trl_config(config_cls, stage, params.stage_section(stage), runtime, tmp_path / stage)

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
-from posttrain.data.domains import VERIFIERS, generate, make_record, record_id, wrong_answer
+from posttrain.data.domains import generate, make_record, record_id, wrong_answer
+from posttrain.data.verifiers import VERIFIERS
 
 
 def _check_schema(records: list[dict[str, str]], domain: str) -> None:

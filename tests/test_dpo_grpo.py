@@ -18,6 +18,7 @@ from posttrain.config import Params, parse_params
 from posttrain.errors import StageError
 from posttrain.layout import Layout
 from posttrain.lineage import verify_model_folder
+from posttrain.training.outputs import write_model_output
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -47,9 +48,9 @@ def build_project(params: Params, root: Path, model_stage: str) -> Layout:
     """Real prepare + mix output and an untrained tiny model written as `model_stage`'s output."""
     import torch
 
-    from posttrain import modeling, training
-    from posttrain.data import io
+    from posttrain import io
     from posttrain.data.domains import RECORD_COLUMNS
+    from posttrain.models import build
     from stages import mix, prepare
 
     layout = Layout(root)
@@ -60,10 +61,10 @@ def build_project(params: Params, root: Path, model_stage: str) -> Layout:
         for d in params.data.domains
         for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
     ]
-    tokenizer = modeling.train_tokenizer(texts, params.model.tokenizer)
+    tokenizer = build.train_tokenizer(texts, params.model.tokenizer)
     torch.manual_seed(0)
-    model = modeling.build_scratch_model(params.model.architecture, tokenizer)
-    training.write_model_output(
+    model = build.build_scratch_model(params.model.architecture, tokenizer)
+    write_model_output(
         model_stage, model, tokenizer, params=params, layout=layout, section=params.stage_section(model_stage),
         parents=[], data_manifest=None, metrics={},
     )  # fmt: skip
@@ -125,11 +126,12 @@ def test_dpo_margin_matches_trl_reward_definition(project, dpo_result) -> None:
     import datasets
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain import modeling, preferences
+    from posttrain.models import loading
+    from posttrain.training import preferences
 
     params, layout = project
-    policy = modeling.load_stage_model(layout.model("dpo"))
-    reference = modeling.load_stage_model(layout.model("sft")).model
+    policy = loading.load_stage_model(layout.model("dpo"))
+    reference = loading.load_stage_model(layout.model("sft")).model
     pair = {"prompt": "12+34=", "chosen": "46", "rejected": "45"}
     config = DPOConfig(
         output_dir=str(layout.root / "scratch"), beta=0.1, use_cpu=True, bf16=False, report_to="none",
@@ -176,7 +178,7 @@ def test_grpo_stage_writes_model_lineage_and_reward_metrics(project, grpo_result
 
 
 def test_grpo_stage_fails_naming_a_raising_reward(project, grpo_result, monkeypatch) -> None:
-    from posttrain import rewards
+    from posttrain.scoring import rewards
     from stages import grpo
 
     def flaky(completions: list[str], answer: list[str], **_: Any) -> list[float]:
@@ -198,7 +200,7 @@ def test_dpo_passes_a_lora_adapter_on_and_grpo_continues_it(project, tmp_path) -
 
     from safetensors.torch import load_file
 
-    from posttrain import adapters
+    from posttrain.models.lora import is_adapter_folder
     from stages import dpo, grpo
 
     _, source = project
@@ -213,12 +215,12 @@ def test_dpo_passes_a_lora_adapter_on_and_grpo_continues_it(project, tmp_path) -
     params = parse_params(raw)
 
     dpo.run(params, layout)
-    assert adapters.is_adapter_folder(layout.model("dpo"))
+    assert is_adapter_folder(layout.model("dpo"))
     dpo_adapter = load_file(layout.model("dpo") / "adapter_model.safetensors")
     assert dpo_adapter and all("lora_" in key for key in dpo_adapter)
 
     grpo.run(params, layout)
-    assert not adapters.is_adapter_folder(layout.model("grpo"))
+    assert not is_adapter_folder(layout.model("grpo"))
     merged = load_file(layout.model("grpo") / "model.safetensors")
     assert merged and not [key for key in merged if "lora" in key]
     assert verify_model_folder(layout.model("grpo"))["stage"] == "grpo"

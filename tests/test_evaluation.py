@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from test_generation import build_tiny_model
 
-from posttrain import evaluation
-from posttrain.data.domains import VERIFIERS
-from posttrain.evaluation import EvalSettings, ModelAnswerer, evaluate_domain, pass_at_k
+from posttrain.data.verifiers import VERIFIERS
+from posttrain.scoring import evaluation
+from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, evaluate_domain, pass_at_k
 
 
 def test_pass_at_k_known_values():
@@ -174,7 +174,7 @@ def test_report_schema_summary_and_forgetting():
 
 def test_stability_gap_files_exist_without_any_series(tmp_path):
     # dvc.yaml declares these plots: a recipe with continual evaluation off must still write them.
-    from posttrain.plots import plot_stability_gap
+    from posttrain.scoring.plots import plot_stability_gap
 
     written = plot_stability_gap({}, ["pretrain", "cpt"], tmp_path)
     assert {p.name for p in written} == {"stability_gap.png", "stability_gap.csv"}

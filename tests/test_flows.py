@@ -29,14 +29,14 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.continual import continual_flow, read_state  # noqa: E402
 from flows.pipeline import pipeline_flow  # noqa: E402
-from posttrain import dag  # noqa: E402
 from posttrain.config import load_params  # noqa: E402
+from posttrain.pipeline import dag  # noqa: E402
 
 GATE_CALLS: list[tuple[object, Path]] = []
 
 
 def record_gate(params: object, root: Path) -> str:
-    """Stands in for posttrain.registry.promote: records that the gate ran, with what."""
+    """Stands in for posttrain.tracking.registry.promote: records that the gate ran, with what."""
     GATE_CALLS.append((params, root))
     return "promoted"
 
@@ -64,7 +64,7 @@ def locked_outs(root: Path) -> dict[str, list]:
 
 
 def plant_failure(root: Path, stage: str) -> None:
-    """Replace a stage's script with one that fails the way posttrain.entry reports errors."""
+    """Replace a stage's script with one that fails the way posttrain.pipeline.entry reports errors."""
     (root / "toy" / f"{stage}.py").write_text(
         "import sys\n"
         "from pathlib import Path\n"
@@ -221,7 +221,7 @@ def test_deploy_creates_a_cron_deployment_on_a_local_server(tmp_path: Path) -> N
             [
                 sys.executable,
                 "-m",
-                "posttrain.cli",
+                "posttrain.pipeline.cli",
                 "deploy",
                 "--root",
                 str(toy),

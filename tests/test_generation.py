@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain.generation import generate
+from posttrain.scoring.generation import generate
 
 ALPHABET = list("0123456789+-=:abcdefghijklmnopqrstuvwxyz")
 

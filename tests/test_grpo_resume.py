@@ -33,7 +33,7 @@ KILL_AFTER = 8
 LAUNCHER = textwrap.dedent(
     """
     import json, sys
-    from posttrain import rewards
+    from posttrain.scoring import rewards
 
     log_path, root = sys.argv[1], sys.argv[2]
 
@@ -44,7 +44,7 @@ LAUNCHER = textwrap.dedent(
         return [0.0] * len(completions)
 
     rewards.REWARDS["log_prompts"] = log_prompts
-    from posttrain.entry import stage_main
+    from posttrain.pipeline.entry import stage_main
     from stages import grpo
 
     stage_main("grpo", grpo.run, ["--root", root])

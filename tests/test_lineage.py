@@ -4,15 +4,8 @@ from pathlib import Path
 import pytest
 
 from posttrain.errors import StageError
-from posttrain.lineage import (
-    atomic_output_dir,
-    file_hashes,
-    parent_entry,
-    redact,
-    verify_model_folder,
-    write_json_atomic,
-    write_lineage,
-)
+from posttrain.io import atomic_output_dir, redact, write_json_atomic
+from posttrain.lineage import file_hashes, parent_entry, verify_model_folder, write_lineage
 
 
 def _model_folder(path: Path) -> Path:

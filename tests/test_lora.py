@@ -14,11 +14,13 @@ import pytest
 from helpers_training import make_project, tiny_raw_params
 from safetensors.torch import load_file
 
-from posttrain import adapters, training
-from posttrain.config import ComputeConfig, LoRAConfig, ParamsError, parse_params
-from posttrain.errors import StageError
+from posttrain.config import ComputeConfig, LoRAConfig, parse_params
+from posttrain.errors import ParamsError, StageError
 from posttrain.lineage import file_hashes, verify_model_folder
-from posttrain.modeling import load_stage_model
+from posttrain.models import lora
+from posttrain.models.loading import load_stage_model
+from posttrain.runtime import setup_runtime
+from posttrain.training.trl_config import trl_config
 
 LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0}
 
@@ -178,13 +180,13 @@ def test_lora_on_a_stage_that_trains_from_scratch_is_refused(tmp_path):
 
 
 def _runtime():
-    return training.setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
+    return setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
 
 
 def test_qlora_on_cpu_is_a_clear_error():
     with pytest.raises(ParamsError, match=r"sft\.lora\.quantization: got '4bit' on cpu; QLoRA .* needs a CUDA GPU"):
-        adapters.check_quantization("sft", LoRAConfig(quantization="4bit"), _runtime())
-    adapters.check_quantization("sft", LoRAConfig(), _runtime())  # plain LoRA is fine on CPU
+        lora.check_quantization("sft", LoRAConfig(quantization="4bit"), _runtime())
+    lora.check_quantization("sft", LoRAConfig(), _runtime())  # plain LoRA is fine on CPU
 
 
 def test_gradient_checkpointing_and_packing_reach_trl(tmp_path):
@@ -192,12 +194,12 @@ def test_gradient_checkpointing_and_packing_reach_trl(tmp_path):
 
     raw = tiny_raw_params(sft={"gradient_checkpointing": True, "packing": True}, dpo={"packing": True})
     params = parse_params(raw)
-    config = training.trl_config(SFTConfig, "sft", params.sft, _runtime(), tmp_path)
+    config = trl_config(SFTConfig, "sft", params.sft, _runtime(), tmp_path)
     assert config.activation_checkpointing is True and config.packing is True
-    default = training.trl_config(SFTConfig, "sft", parse_params(tiny_raw_params()).sft, _runtime(), tmp_path)
+    default = trl_config(SFTConfig, "sft", parse_params(tiny_raw_params()).sft, _runtime(), tmp_path)
     assert default.activation_checkpointing is False and default.packing is False  # CPU default kept
     with pytest.raises(ParamsError, match=r"dpo\.packing: got true, but TRL's DPOConfig has no packing"):
-        training.trl_config(DPOConfig, "dpo", params.dpo, _runtime(), tmp_path)
+        trl_config(DPOConfig, "dpo", params.dpo, _runtime(), tmp_path)
 
 
 def test_lora_config_is_validated():

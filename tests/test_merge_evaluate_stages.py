@@ -91,7 +91,7 @@ def test_merge_stage_writes_model_lineage_and_metrics(project, tiny_params):
     assert metrics["method"] == "ties" and metrics["weights"] == {"sft": 1.0, "grpo": 1.0}
     assert set(metrics["l2_distance_to_inputs"]) == {"sft", "grpo"}
     assert not list(out.parent.glob(".merge.tmp-*"))  # atomic: no temporary folder left
-    from posttrain.modeling import load_stage_model
+    from posttrain.models.loading import load_stage_model
 
     loaded = load_stage_model(out)
     assert loaded.model.config.hidden_size == 32

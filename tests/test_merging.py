@@ -12,8 +12,8 @@ import pytest
 import torch
 from test_generation import build_tiny_model, build_tokenizer, save_tiny
 
-from posttrain import merging
 from posttrain.errors import StageError
+from posttrain.models import merging
 
 T = torch.tensor
 

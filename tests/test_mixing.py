@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from posttrain import io
 from posttrain.config import AdditionDomain, MixtureConfig, ReverseDomain, SubtractionDomain, parse_params
-from posttrain.data import io
-from posttrain.data.domains import VERIFIERS, generate, make_record
+from posttrain.data.domains import generate, make_record
 from posttrain.data.mixing import FORMAT_COLUMNS, allocate, build_mixture, stage_order, tempered_proportions
 from posttrain.data.splits import split_of
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
 from posttrain.layout import Layout
 
@@ -150,7 +151,7 @@ def test_prepare_then_mix_write_the_contract(tmp_path: Path, tiny_params: dict[s
         for split in ("train", "val", "test"):
             path = layout.prepared_split(domain, split)
             rows = io.read_parquet(path)
-            assert len(rows) == entry["counts"][split] and io.file_sha256(path) == entry["content_hashes"][split]
+            assert len(rows) == entry["counts"][split] and io.sha256_file(path) == entry["content_hashes"][split]
             assert all(list(r) == ["id", "domain", "prompt", "answer", "text", "verifier"] for r in rows)
     assert json.loads(layout.metrics("prepare").read_text())["items"] == 1200
 
@@ -159,7 +160,7 @@ def test_prepare_then_mix_write_the_contract(tmp_path: Path, tiny_params: dict[s
         folder = layout.mixture(stage)
         m = io.read_json(folder / "manifest.json")
         rows = io.read_parquet(folder / "train.parquet")
-        assert m["content_hash"] == io.file_sha256(folder / "train.parquet")
+        assert m["content_hash"] == io.sha256_file(folder / "train.parquet")
         assert [r["id"] for r in rows] == m["ids"] and len(rows) == config.total
         assert list(rows[0]) == list(FORMAT_COLUMNS[config.format])
     assert json.loads(layout.metrics("mix").read_text())["stages"]["cpt"]["replay"] == 50

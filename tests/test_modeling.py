@@ -10,15 +10,15 @@ import pytest
 from posttrain.config import ArchitectureConfig, ModelConfig, TokenizerConfig
 from posttrain.errors import StageError
 from posttrain.lineage import write_lineage
-from posttrain.modeling import (
+from posttrain.models.build import (
     build_scratch_model,
     check_tokenizer_fits,
     count_parameters,
     load_base,
-    load_stage_model,
     save_model,
     train_tokenizer,
 )
+from posttrain.models.loading import load_stage_model
 
 TINY = ArchitectureConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
 TEXTS = (

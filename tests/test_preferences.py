@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from posttrain.config import ArchitectureConfig, TokenizerConfig
-from posttrain.data.domains import VERIFIERS, make_record, verify_exact, wrong_answer
+from posttrain.data.domains import make_record, wrong_answer
+from posttrain.data.verifiers import VERIFIERS, exact_match
 from posttrain.errors import DataError
-from posttrain.preferences import PairCounts, build_on_policy_pairs, pair_from_samples
+from posttrain.training.preferences import PairCounts, build_on_policy_pairs, pair_from_samples
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def tiny_model() -> tuple[Any, Any]:
     """An untrained ~20k-parameter Llama and a BPE tokenizer trained on sums (real sampling, no stubs)."""
     import torch
 
-    from posttrain.modeling import build_scratch_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, train_tokenizer
 
     texts = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)]
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=40, min_frequency=1))
@@ -40,9 +41,9 @@ def preference_rows(n: int) -> list[dict[str, str]]:
 
 def test_pair_from_samples_picks_verified_sides() -> None:
     samples = ["46 12", "45", "47", "45", "46", " 46"]
-    assert pair_from_samples(samples, "46", verify_exact) == ("46", "45")  # shortest right, commonest wrong
-    assert pair_from_samples(["46", "46 "], "46", verify_exact) is None  # all right
-    assert pair_from_samples(["1", "2"], "46", verify_exact) is None  # all wrong
+    assert pair_from_samples(samples, "46", exact_match) == ("46", "45")  # shortest right, commonest wrong
+    assert pair_from_samples(["46", "46 "], "46", exact_match) is None  # all right
+    assert pair_from_samples(["1", "2"], "46", exact_match) is None  # all wrong
 
 
 def test_on_policy_pairs_with_real_sampling(tiny_model, monkeypatch) -> None:
@@ -68,7 +69,7 @@ def test_on_policy_pairs_with_real_sampling(tiny_model, monkeypatch) -> None:
     # so each falls back to the offline pair (chosen = answer, rejected = the data layer's wrong answer).
     for pair, row in zip(pairs[8:], rows[8:], strict=True):
         assert pair["chosen"] == row["answer"] and pair["rejected"] == row["rejected"]
-        assert not verify_exact(pair["rejected"], row["answer"])
+        assert not exact_match(pair["rejected"], row["answer"])
     assert counts.offline_all_wrong >= 4
 
     again, counts_again = build_on_policy_pairs(model, tokenizer, rows, samples=6, max_new_tokens=4, seed=1)

@@ -72,7 +72,7 @@ def test_evaluation_scores_land_on_the_version_and_its_card(project: tuple[Layou
 
 
 def test_promotion_lifecycle(project: tuple[Layout, Params], capsys: pytest.CaptureFixture[str]) -> None:
-    from posttrain import registry
+    from posttrain.tracking import registry
 
     layout, params = project
     root = layout.root
@@ -130,7 +130,7 @@ def test_promotion_lifecycle(project: tuple[Layout, Params], capsys: pytest.Capt
 
 
 def test_candidate_within_noise_of_the_champion_is_refused(project: tuple[Layout, Params]) -> None:
-    from posttrain import registry
+    from posttrain.tracking import registry
 
     layout, params = project
     v1 = new_candidate(layout, params, seed=31, add=0.80, add3=0.50)
@@ -144,7 +144,7 @@ def test_candidate_within_noise_of_the_champion_is_refused(project: tuple[Layout
 
 
 def test_unevaluated_candidate_is_refused(project: tuple[Layout, Params]) -> None:
-    from posttrain import registry
+    from posttrain.tracking import registry
 
     layout, params = project
     make_model(layout, "merge", seed=41)
@@ -159,7 +159,7 @@ def test_champion_loads_by_alias_and_generates_text(project: tuple[Layout, Param
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain import registry
+    from posttrain.tracking import registry
 
     layout, params = project
     new_candidate(layout, params, seed=51, add=0.9, add3=0.5)
@@ -183,7 +183,7 @@ def test_champion_loads_by_alias_and_generates_text(project: tuple[Layout, Param
 
 
 def test_gate_rule_on_scores_without_mlflow(tmp_path: Path) -> None:
-    from posttrain.registry import check_gates
+    from posttrain.tracking.registry import check_gates
 
     params = make_params(tmp_path, promotion={"min_improvement": 0.05})
     champion = {"exact_match": {"add3": score(0.50, 0.02)}}
@@ -202,7 +202,7 @@ def test_gate_rule_on_scores_without_mlflow(tmp_path: Path) -> None:
 
 
 def test_eval_parser_accepts_other_layouts() -> None:
-    from posttrain.registry import parse_eval
+    from posttrain.tracking.registry import parse_eval
 
     flat = parse_eval(
         {"merge": {"add": {"mean": 0.5, "ci": [0.4, 0.6], "n": 10}}, "forgetting": {"add": {"merge": 0.1}}}

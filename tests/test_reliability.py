@@ -24,10 +24,11 @@ import yaml
 from fixtures.toy_dvc import make_toy_project, toy_env
 from helpers_training import REPO, make_project, tiny_raw_params
 
-from posttrain import rewards, training
 from posttrain.config import parse_params
 from posttrain.errors import DataError, StageError
 from posttrain.lineage import file_hashes
+from posttrain.scoring import rewards
+from posttrain.training.data import check_lengths
 
 SECRET = "hf_S3CRETvalue0123456789"
 
@@ -107,7 +108,7 @@ def test_python_output_cannot_read_the_trainers_secrets(monkeypatch: pytest.Monk
 def test_too_long_prompt_truncate_path_is_reported_and_refuse_path_fails(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from posttrain.modeling import train_tokenizer
+    from posttrain.models.build import train_tokenizer
 
     params, layout = make_project(tmp_path)
     tok = train_tokenizer(["12+34=46", "rev:abc=cba"], params.model.tokenizer)
@@ -115,16 +116,17 @@ def test_too_long_prompt_truncate_path_is_reported_and_refuse_path_fails(
     with pytest.raises(
         DataError, match=r"where: 1 example\(s\) longer than max_length=24 .*'long'.*on_too_long: truncate"
     ):
-        training.check_lengths(texts, ids, tok, 24, "refuse", "where")
+        check_lengths(texts, ids, tok, 24, "refuse", "where")
     with caplog.at_level(logging.WARNING, logger="posttrain.training"):
-        assert training.check_lengths(texts, ids, tok, 24, "truncate", "where") == 1
+        assert check_lengths(texts, ids, tok, 24, "truncate", "where") == 1
     assert "where: 1 example(s) longer than 24 tokens are truncated" in caplog.text
 
 
 def test_tokenizer_that_does_not_match_the_model_is_refused_at_load(tmp_path: Path) -> None:
     """A stage folder whose tokenizer was swapped for a bigger one (hashes re-recorded, so only the fit check can catch it)."""
     from posttrain.lineage import write_lineage
-    from posttrain.modeling import build_scratch_model, load_stage_model, save_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
+    from posttrain.models.loading import load_stage_model
 
     params = parse_params(tiny_raw_params())
     small = train_tokenizer(["12+34=46"] * 5, params.model.tokenizer)
@@ -270,7 +272,7 @@ def test_disk_full_while_checkpointing_leaves_it_unmarked_and_resume_uses_the_pr
 @pytest.mark.slow
 def test_disk_full_while_saving_the_model_keeps_the_previous_model(tmp_path: Path) -> None:
     """pretrain with a given base only re-saves it: the model write itself hits the file-size limit."""
-    from posttrain.modeling import build_scratch_model, save_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
 
     raw = tiny_raw_params()
     params = parse_params(raw)
@@ -320,7 +322,7 @@ def test_unreachable_prefect_api_fails_fast_before_any_stage(tmp_path: Path) -> 
     url = f"http://user:pa55word@127.0.0.1:{_closed_port()}/api"
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", "run", "--root", str(toy)],
+        [sys.executable, "-m", "posttrain.pipeline.cli", "run", "--root", str(toy)],
         cwd=REPO, env=toy_env() | {"PREFECT_API_URL": url}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     elapsed = time.perf_counter() - started
@@ -333,7 +335,7 @@ def test_unreachable_prefect_api_fails_fast_before_any_stage(tmp_path: Path) -> 
 
 def test_two_runs_in_one_workspace_wait_or_refuse_and_leave_a_valid_dvc_lock(tmp_path: Path) -> None:
     toy = make_toy_project(tmp_path / "toy")
-    cmd = [sys.executable, "-m", "posttrain.cli", "run", "--no-prefect", "--root", str(toy)]
+    cmd = [sys.executable, "-m", "posttrain.pipeline.cli", "run", "--no-prefect", "--root", str(toy)]
     kw: dict[str, Any] = {
         "cwd": REPO,
         "env": toy_env(),
@@ -341,7 +343,7 @@ def test_two_runs_in_one_workspace_wait_or_refuse_and_leave_a_valid_dvc_lock(tmp
         "stderr": subprocess.PIPE,
         "text": True,
     }
-    from posttrain.workspace import pipeline_lock
+    from posttrain.pipeline.workspace import pipeline_lock
 
     # A run that holds the workspace: the CLI's --no-prefect path must refuse, naming the holder.
     with pipeline_lock(toy):
@@ -391,7 +393,7 @@ def test_prefect_treats_sqlite_database_is_locked_as_retryable(tmp_path: Path) -
 
 def test_evaluate_refuses_models_whose_tokenizers_differ(tmp_path: Path) -> None:
     import stages.evaluate
-    from posttrain.modeling import build_scratch_model, save_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
 
     raw = tiny_raw_params()
     raw["evaluate"].update(
@@ -416,7 +418,8 @@ def test_evaluate_refuses_models_whose_tokenizers_differ(tmp_path: Path) -> None
 
 def test_pickle_only_model_folder_is_refused(tmp_path: Path) -> None:
     from posttrain.config import ModelConfig
-    from posttrain.modeling import build_scratch_model, load_base, load_stage_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, load_base, train_tokenizer
+    from posttrain.models.loading import load_stage_model
 
     params = parse_params(tiny_raw_params())
     tok = train_tokenizer(["12+34=46"] * 5, params.model.tokenizer)
@@ -438,7 +441,7 @@ def test_pickle_only_model_folder_is_refused(tmp_path: Path) -> None:
 def test_remote_code_is_not_run_unless_enabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model folder that ships its own modelling code: loading it must not import that code."""
     from posttrain.config import ModelConfig
-    from posttrain.modeling import build_scratch_model, load_base, train_tokenizer
+    from posttrain.models.build import build_scratch_model, load_base, train_tokenizer
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert ModelConfig().trust_remote_code is False

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from posttrain.config import GRPOStageConfig, ParamsError, RewardSpec
-from posttrain.errors import StageError
-from posttrain.rewards import (
+from posttrain.config import GRPOStageConfig, RewardSpec
+from posttrain.errors import ParamsError, StageError
+from posttrain.scoring.rewards import (
     REWARDS,
     build_rewards,
     combined_reward,
@@ -89,10 +89,10 @@ def test_validation_checks_group_fits_batch() -> None:
 
 
 def test_config_import_stays_light() -> None:
-    # The validator imports posttrain.rewards; neither may pull in torch.
+    # The validator imports posttrain.scoring.rewards; neither may pull in torch.
     import subprocess
 
-    code = "import sys, posttrain.config, posttrain.rewards; print('torch' in sys.modules)"
+    code = "import sys, posttrain.config, posttrain.scoring.rewards; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from posttrain.config import ScheduleConfig
-from posttrain.schedules import SCHEDULES, build_scheduler, lr_multiplier
+from posttrain.training.schedules import SCHEDULES, build_scheduler, lr_multiplier
 
 TOTAL = 100
 FLOOR = 0.1

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from posttrain.config import Params, params_hash, parse_params
-from posttrain.entry import StageResult
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, write_lineage
+from posttrain.stage import StageResult
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "12+34="
@@ -189,10 +189,10 @@ def client_for(params: Params):  # noqa: ANN201 - MlflowClient, imported lazily
 
 
 def record(stage: str, params: Params, layout: Layout, model: bool = True):  # noqa: ANN201
-    from posttrain import tracking
+    from posttrain.tracking import runs
 
     result = StageResult(metrics={"from_result": 1.0}, model_dir=layout.model(stage) if model else None)
-    return tracking.record_stage(stage, params, layout, result, seconds=12.5)
+    return runs.record_stage(stage, params, layout, result, seconds=12.5)
 
 
 @pytest.fixture(autouse=True)
@@ -315,10 +315,10 @@ def test_same_model_content_is_not_registered_twice(pipeline: dict[str, Any]) ->
 
 
 def test_flow_key_groups_stages_under_one_parent(pipeline: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from posttrain import tracking
+    from posttrain.tracking import runs
 
     params, layout = pipeline["params"], pipeline["layout"]
-    parent_id = tracking.start_pipeline_run(params, layout.root, key="flow-run-123")
+    parent_id = runs.start_pipeline_run(params, layout.root, key="flow-run-123")
     monkeypatch.setenv("POSTTRAIN_PIPELINE_RUN_ID", "flow-run-123")
     first = record("prepare", params, layout, model=False)
     monkeypatch.setenv("POSTTRAIN_PIPELINE_RUN_ID", parent_id)  # the MLflow run id works as well
@@ -328,7 +328,8 @@ def test_flow_key_groups_stages_under_one_parent(pipeline: dict[str, Any], monke
 
 
 def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
-    from posttrain.tracking import TrackingError, check_tracking_server
+    from posttrain.errors import TrackingError
+    from posttrain.tracking.client import check_tracking_server
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -349,7 +350,7 @@ def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path: Path) -> N
 
 
 def test_reachable_server_passes_the_check(tmp_path: Path) -> None:
-    from posttrain.tracking import check_tracking_server
+    from posttrain.tracking.client import check_tracking_server
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
@@ -371,7 +372,7 @@ def test_reachable_server_passes_the_check(tmp_path: Path) -> None:
 
 
 def test_secrets_in_the_tracking_uri_never_reach_logged_params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from posttrain import tracking
+    from posttrain.tracking import client as tracking_client
 
     layout = make_project(tmp_path)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -380,7 +381,7 @@ def test_secrets_in_the_tracking_uri_never_reach_logged_params(tmp_path: Path, m
         tmp_path, tracking={"tracking_uri": secret_uri}, model={"base": "https://hf:hf_s3crettoken@hub.example.com/m"}
     )
     # The store is local; the params still carry the secret-bearing URI the run would have used.
-    monkeypatch.setattr(tracking, "resolve_tracking_uri", lambda p, r: (store, "test"))
+    monkeypatch.setattr(tracking_client, "resolve_tracking_uri", lambda p, r: (store, "test"))
     make_model(layout, "pretrain", seed=3)
     write_stage_metrics(layout, "pretrain")
     rec = record("pretrain", params, layout)
@@ -398,7 +399,7 @@ def test_locked_sqlite_is_retried_with_backoff() -> None:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import OperationalError
 
-    from posttrain.tracking import retry_locked
+    from posttrain.tracking.client import retry_locked
 
     calls: list[float] = []
 
@@ -429,7 +430,7 @@ def test_locked_sqlite_is_retried_with_backoff() -> None:
 
 
 def test_series_readers_accept_the_shapes_stages_write() -> None:
-    from posttrain.tracking import scalar_metrics, series_metrics
+    from posttrain.tracking.runs import scalar_metrics, series_metrics
 
     metrics = {
         "log_history": [{"loss": 1.0, "step": 5}, {"eval_loss": 0.5, "step": 5, "note": "x"}],

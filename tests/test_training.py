@@ -12,11 +12,16 @@ import json
 import pytest
 from helpers_training import make_project, tiny_raw_params, write_mixture
 
-from posttrain import training
-from posttrain.config import ComputeConfig, ParamsError, parse_params
-from posttrain.errors import DataError, StageError
+from posttrain.config import ComputeConfig, parse_params
+from posttrain.errors import DataError, ParamsError, StageError
 from posttrain.lineage import file_hashes, verify_model_folder
-from posttrain.modeling import load_stage_model
+from posttrain.models.loading import load_stage_model
+from posttrain.runtime import setup_runtime
+from posttrain.training import outputs
+from posttrain.training.callbacks import SERIES_FILE
+from posttrain.training.checkpoints import COMPLETE_MARKER, find_resume_checkpoint
+from posttrain.training.data import load_prompt_completion_mixture, load_text_mixture, read_mixture
+from posttrain.training.trl_config import trl_config, with_schedule
 
 STAGES = ("pretrain", "cpt", "sft")
 
@@ -82,9 +87,9 @@ def test_checkpoints_carry_complete_marker_and_eval_series(chain):
     found = sorted(p.name for p in ckpt_dir.glob("checkpoint-*"))
     assert found == ["checkpoint-3", "checkpoint-6"]
     for name in found:
-        assert (ckpt_dir / name / training.COMPLETE_MARKER).is_file()
-        assert json.loads((ckpt_dir / name / training.SERIES_FILE).read_text())
-    assert training.find_resume_checkpoint(ckpt_dir) == ckpt_dir / "checkpoint-6"
+        assert (ckpt_dir / name / COMPLETE_MARKER).is_file()
+        assert json.loads((ckpt_dir / name / SERIES_FILE).read_text())
+    assert find_resume_checkpoint(ckpt_dir) == ckpt_dir / "checkpoint-6"
 
 
 def test_find_resume_checkpoint_skips_half_written(tmp_path):
@@ -92,17 +97,17 @@ def test_find_resume_checkpoint_skips_half_written(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     (tmp_path / "checkpoint-10" / "COMPLETE").write_text("{}")
     (tmp_path / "checkpoint-20" / "COMPLETE").write_text("{}")
-    assert training.find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
-    assert training.find_resume_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-20"
+    assert find_resume_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+    assert find_resume_checkpoint(tmp_path, remove_incomplete=True) == tmp_path / "checkpoint-20"
     assert not (tmp_path / "checkpoint-30").exists()
-    assert training.find_resume_checkpoint(tmp_path / "missing") is None
+    assert find_resume_checkpoint(tmp_path / "missing") is None
 
 
 # --------------------------------------------------------------------------- TRL config mapping
 
 
 def _runtime():
-    return training.setup_runtime(ComputeConfig(device="cpu"), seed=7)
+    return setup_runtime(ComputeConfig(device="cpu"), seed=7)
 
 
 def test_trl_config_cpu_defaults_and_pass_through(tmp_path):
@@ -110,7 +115,7 @@ def test_trl_config_cpu_defaults_and_pass_through(tmp_path):
 
     raw = tiny_raw_params(sft={"trainer": {"adam_beta2": 0.95, "save_total_limit": 2}})
     section = parse_params(raw).sft
-    config = training.trl_config(SFTConfig, "sft", section, _runtime(), tmp_path, completion_only_loss=True)
+    config = trl_config(SFTConfig, "sft", section, _runtime(), tmp_path, completion_only_loss=True)
     assert config.bf16 is False and config.use_cpu is True and config.activation_checkpointing is False
     assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
     assert config.adam_beta2 == 0.95 and config.save_total_limit == 2  # extras pass straight through
@@ -124,7 +129,7 @@ def test_trl_config_unknown_key_names_the_params_path(tmp_path):
 
     section = parse_params(tiny_raw_params(sft={"trainer": {"adam_beta3": 0.9}})).sft
     with pytest.raises(ParamsError, match=r"sft\.trainer\.adam_beta3: unknown setting .*did you mean adam_beta2"):
-        training.trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
+        trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
 
 
 def test_trl_config_bad_value_becomes_params_error(tmp_path):
@@ -132,7 +137,7 @@ def test_trl_config_bad_value_becomes_params_error(tmp_path):
 
     section = parse_params(tiny_raw_params(sft={"trainer": {"optim": "no_such_optimizer"}})).sft
     with pytest.raises(ParamsError, match=r"sft\.trainer: TRL's SFTConfig rejected"):
-        training.trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
+        trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
 
 
 def test_sft_labels_cover_completion_and_eos_only(chain, tmp_path):
@@ -141,9 +146,9 @@ def test_sft_labels_cover_completion_and_eos_only(chain, tmp_path):
 
     params, layout, _ = chain
     loaded = load_stage_model(layout.model("cpt"))
-    data = training.load_prompt_completion_mixture(layout, "sft", loaded.tokenizer, params.sft)
-    config = training.trl_config(SFTConfig, "sft", params.sft, _runtime(), tmp_path, completion_only_loss=True)
-    trainer = training.with_schedule(SFTTrainer)(
+    data = load_prompt_completion_mixture(layout, "sft", loaded.tokenizer, params.sft)
+    config = trl_config(SFTConfig, "sft", params.sft, _runtime(), tmp_path, completion_only_loss=True)
+    trainer = with_schedule(SFTTrainer)(
         model=loaded.model,
         args=config,
         train_dataset=data,
@@ -159,9 +164,9 @@ def test_sft_labels_cover_completion_and_eos_only(chain, tmp_path):
         assert trained == ids[n_prompt:]
         assert trained[-1] == tok.eos_token_id  # TRL appended EOS to the completion
         assert tok.decode(trained[:-1]) == row["completion"].removesuffix(tok.eos_token)
-    # The schedule comes from posttrain.schedules.
+    # The schedule comes from posttrain.training.schedules.
     trainer.create_optimizer_and_scheduler(num_training_steps=6)
-    from posttrain.schedules import lr_multiplier
+    from posttrain.training.schedules import lr_multiplier
 
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(
         params.sft.trainer.learning_rate * lr_multiplier(0, 6, params.sft.schedule)
@@ -189,7 +194,7 @@ def test_nan_guard_checks_weights_on_log_save_and_last_steps_only():
     import torch
     from transformers import TrainerControl, TrainerState
 
-    from posttrain.training import NonFiniteGuard
+    from posttrain.training.callbacks import NonFiniteGuard
 
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
@@ -213,7 +218,7 @@ def test_failure_while_writing_output_keeps_previous_output(chain, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full (simulated failure while writing lineage)")
 
-    monkeypatch.setattr(training, "write_lineage", broken)
+    monkeypatch.setattr(outputs, "write_lineage", broken)
     raw = tiny_raw_params(sft={"trainer": {"max_steps": 2, "save_steps": 100}})
     with pytest.raises(OSError, match="disk full"):
         stages.sft.run(parse_params(raw), layout)
@@ -223,14 +228,14 @@ def test_failure_while_writing_output_keeps_previous_output(chain, monkeypatch):
 
 def test_too_long_examples_are_refused_with_their_id(tmp_path):
     params, layout = make_project(tmp_path)
-    from posttrain.modeling import build_scratch_model, train_tokenizer
+    from posttrain.models.build import build_scratch_model, train_tokenizer
 
     long_record = {"id": "longone", "domain": "add", "text": "1" * 40}
     write_mixture(layout, "cpt", [long_record], "text")
     tok = train_tokenizer(["12+34=46"], params.model.tokenizer)
     build_scratch_model(params.model.architecture, tok)
     with pytest.raises(DataError, match=r"longer than max_length=24 .*'longone' with 41 tokens"):
-        training.load_text_mixture(layout, "cpt", tok, params.cpt)
+        load_text_mixture(layout, "cpt", tok, params.cpt)
 
 
 def test_missing_mixture_column_is_named(tmp_path):
@@ -239,7 +244,7 @@ def test_missing_mixture_column_is_named(tmp_path):
     params, layout = make_project(tmp_path)
     pd.DataFrame({"id": ["a"], "prompt": ["1+1="]}).to_parquet(layout.mixture("sft") / "train.parquet")
     with pytest.raises(DataError, match=r"missing column\(s\) \['completion'\]"):
-        training.read_mixture(layout, "sft", ["id", "prompt", "completion"])
+        read_mixture(layout, "sft", ["id", "prompt", "completion"])
 
 
 def test_pretrain_with_given_base_writes_it_without_training(chain, tmp_path, monkeypatch):

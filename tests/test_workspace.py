@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from posttrain.workspace import WorkspaceBusy, pipeline_lock
+from posttrain.errors import WorkspaceBusy
+from posttrain.pipeline.workspace import pipeline_lock
 
 
 def test_second_run_refuses_with_holder_named(tmp_path):
@@ -18,7 +19,7 @@ def test_second_run_refuses_with_holder_named(tmp_path):
                 f"""
                 import time
                 from pathlib import Path
-                from posttrain.workspace import pipeline_lock
+                from posttrain.pipeline.workspace import pipeline_lock
                 with pipeline_lock(Path({str(tmp_path)!r})):
                     print("locked", flush=True)
                     time.sleep(30)
@@ -48,7 +49,7 @@ def test_waiting_run_proceeds_when_the_first_finishes(tmp_path):
         [
             sys.executable,
             "-c",
-            f"import time; from pathlib import Path; from posttrain.workspace import pipeline_lock\n"
+            f"import time; from pathlib import Path; from posttrain.pipeline.workspace import pipeline_lock\n"
             f"with pipeline_lock(Path({str(tmp_path)!r})):\n    print('locked', flush=True); time.sleep(1.5)",
         ],
         stdout=subprocess.PIPE,

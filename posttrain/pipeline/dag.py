@@ -9,14 +9,17 @@ module. DVC is imported inside the functions, so importing this module stays che
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain.errors import PipelineError
+from posttrain.config import parse_params, read_yaml, set_override
+from posttrain.errors import DagError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,10 +27,6 @@ if TYPE_CHECKING:
     from dvc.repo import Repo
 
 Graph = dict[str, set[str]]  # stage -> the stages it directly depends on (upstream)
-
-
-class DagError(PipelineError):
-    """dvc.yaml cannot be read as a pipeline, or a named stage does not exist in it."""
 
 
 def dvc_command(*args: str) -> list[str]:
@@ -41,6 +40,7 @@ def dvc_command(*args: str) -> list[str]:
 
 @contextmanager
 def _open_repo(root: str | Path) -> Iterator[Repo]:
+    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -64,6 +64,7 @@ def _name(stage: Any) -> str:
 
 def _pipeline_graph(repo: Repo) -> tuple[Graph, dict[str, str]]:
     """The graph by stage name, and DVC's cwd-relative addressing -> name (to read repo.status())."""
+    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.stage import PipelineStage
 
     graph: Graph = {}
@@ -220,12 +221,8 @@ def apply_overrides(root: str | Path, overrides: Iterable[str]) -> list[str]:
     file untouched), comments are kept (DVC's round-trip YAML), and the file is replaced atomically.
     Returns the overrides that changed a value (applying the same override twice is a no-op).
     """
-    import os
-    import tempfile
-
+    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
-
-    from posttrain.config import parse_params, read_yaml, set_override
 
     overrides = list(overrides)
     if not overrides:

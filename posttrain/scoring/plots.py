@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.lineage import write_json_atomic
+from posttrain.io import write_json_atomic
 
 
 def _pyplot() -> Any:
+    # lazy: matplotlib costs ~1 s to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib costs ~1 s to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     return plt
@@ -68,6 +70,7 @@ def score_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
+    # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
     rows = score_rows(report)
@@ -103,6 +106,7 @@ def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
 
 
 def plot_forgetting(report: dict[str, Any], folder: Path) -> list[Path]:
+    # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
     stages, domains = report["stages"], report["domains"]

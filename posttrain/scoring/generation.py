@@ -57,6 +57,7 @@ def generate(
     deterministic and the global RNG state is left untouched. Completions have EOS and padding
     stripped and are decoded without special tokens.
     """
+    # lazy: torch, transformers are heavy to import; only this path needs them
     import torch
     from transformers import GenerationConfig
 
@@ -125,3 +126,8 @@ def generate(
         if was_training:
             model.train()
     return results
+
+
+def answer_budget(tokenizer: Any, answers: list[str]) -> int:
+    """New tokens enough for the longest answer plus EOS (a sample longer than that is wrong anyway)."""
+    return max(len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]) + 1

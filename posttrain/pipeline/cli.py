@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
-from posttrain.errors import PipelineError
+from posttrain.config import load_params
+from posttrain.errors import ParamsError, PipelineError
 from posttrain.layout import find_root
+from posttrain.pipeline import dag
+from posttrain.pipeline.workspace import pipeline_lock
 
 app = typer.Typer(
     name="posttrain",
@@ -42,7 +46,7 @@ def _root(root: Path | None) -> Path:
 
 
 def _fail(message: str) -> None:
-    # A stage's own message already starts with "error: stage X:" (posttrain.entry).
+    # A stage's own message already starts with "error: stage X:" (posttrain.pipeline.entry).
     typer.echo(message if message.startswith("error:") else f"error: {message}", err=True)
     raise typer.Exit(1)
 
@@ -53,8 +57,6 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 
 def _load(root: Path) -> Any:
-    from posttrain.config import load_params
-
     return load_params(root / "params.yaml")
 
 
@@ -64,9 +66,6 @@ def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, 
     Starting Prefect (its temporary server) costs 10-20 s; a no-change run should cost what
     `dvc status` costs. Checked under the workspace lock so a run in progress is not misread.
     """
-    from posttrain import dag
-    from posttrain.workspace import pipeline_lock
-
     try:
         with pipeline_lock(project, wait_seconds=wait):
             _, statuses = dag.pipeline_status(project)
@@ -98,8 +97,6 @@ def run(
     Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
     MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
     """
-    from posttrain import dag
-
     project = _root(root)
     targets = _split(stages)
     try:
@@ -109,8 +106,6 @@ def run(
     except PipelineError as error:
         _fail(str(error))
     if no_prefect:
-        from posttrain.workspace import pipeline_lock
-
         args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
         try:
             with pipeline_lock(project, wait_seconds=wait):
@@ -121,6 +116,7 @@ def run(
     if not force and _nothing_to_run(project, targets, downstream, wait):
         typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
         return
+    # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
     from flows.pipeline import check_prefect_api, pipeline_flow
 
     try:
@@ -157,8 +153,6 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print stale stages and metrics as JSON.")] = False,
 ) -> None:
     """Which stages are stale and why (DVC's view), and the last metrics of each stage."""
-    from posttrain import dag
-
     project = _root(root)
     try:
         _, statuses = dag.pipeline_status(project)
@@ -185,8 +179,6 @@ def validate(
     root: RootOption = None,
 ) -> None:
     """Load and check a params file; print OK or every bad key with its value, and exit 1."""
-    from posttrain.config import load_params
-
     path = params or _root(root) / "params.yaml"
     try:
         load_params(path)
@@ -197,9 +189,11 @@ def validate(
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
     try:
-        from posttrain import registry  # MLflow: imported only here
+        from posttrain.tracking import (
+            registry,
+        )  # lazy: keeps `posttrain --help` fast (registry code is only for these commands)
     except ImportError as error:
-        _fail(f"posttrain.registry is not available ({error})")
+        _fail(f"posttrain.tracking.registry is not available ({error})")
     try:
         return getattr(registry, name)(*args, **kwargs)
     except PipelineError as error:
@@ -270,19 +264,18 @@ def deploy(
     PREFECT_API_URL=http://127.0.0.1:4200/api`); after deploying, `prefect worker start --pool
     posttrain-process` runs the scheduled runs. GPU clusters: see flows/continual.py.
     """
-    from posttrain.config import ParamsError
-
     project = _root(root)
     params = _load_or_fail(project)
     schedule = cron or params.orchestration.continual.cron
     try:
+        # lazy: prefect is heavy to import; only flow/deployment calls need it
         from prefect.client.schemas.schedules import CronSchedule
-        from pydantic import ValidationError
 
         try:
             CronSchedule(cron=schedule)
         except ValidationError:
             raise ParamsError(f"cron {schedule!r} is not a valid cron expression; expected e.g. '0 2 * * *'") from None
+        # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
         from flows.continual import deploy_continual
 
         deployment = deploy_continual(project, schedule, pool=pool, name=name, serve=serve)
@@ -302,6 +295,7 @@ def continual(
     """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion gate."""
     project = _root(root)
     _load_or_fail(project)
+    # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
     from flows.continual import DEFAULT_GATE, continual_flow
     from flows.pipeline import check_prefect_api
 
@@ -318,7 +312,7 @@ def continual(
     typer.echo(json.dumps(state.result(), indent=2, default=str))
 
 
-def main() -> None:  # pragma: no cover - `python -m posttrain.cli`
+def main() -> None:  # pragma: no cover - `python -m posttrain.pipeline.cli`
     app()
 
 

@@ -6,7 +6,7 @@ dvc.yaml always calls `python -m stages.<name>`. When params.yaml says
       launcher: accelerate
       accelerate_config: configs/accelerate/fsdp.yaml
 
-`posttrain.entry.stage_main` of a trainer stage re-executes the same module under
+`posttrain.pipeline.entry.stage_main` of a trainer stage re-executes the same module under
 `accelerate launch --config_file <file> -m stages.<name> --params <abs> --root <abs>` and exits with
 its status. The re-executed processes see the launcher's environment (RANK, LOCAL_RANK, ...) and run
 the stage normally; only global rank 0 writes outputs, lineage, metrics and MLflow records.
@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import TRAINING_STAGES, ComputeConfig, ParamsError
+from posttrain.config import TRAINING_STAGES, ComputeConfig
+from posttrain.errors import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +55,6 @@ def inside_launcher(env: Mapping[str, str] | None = None) -> bool:
     """True when this process was started by accelerate, torchrun, mpirun or by `relaunch`."""
     env = os.environ if env is None else env
     return any(env.get(name) not in (None, "") for name in _LAUNCHER_VARS)
-
-
-def process_rank(env: Mapping[str, str] | None = None) -> int:
-    """Global rank of this process (0 when not distributed)."""
-    env = os.environ if env is None else env
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if env.get(name):
-            return int(env[name])
-    return 0
-
-
-def world_size(env: Mapping[str, str] | None = None) -> int:
-    env = os.environ if env is None else env
-    return int(env.get("WORLD_SIZE") or 1)
-
-
-def is_main_process(env: Mapping[str, str] | None = None) -> bool:
-    """Only global rank 0 writes outputs: other ranks would race on the same atomic renames."""
-    return process_rank(env) == 0
 
 
 def should_relaunch(stage: str, compute: ComputeConfig, env: Mapping[str, str] | None = None) -> bool:

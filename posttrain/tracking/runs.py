@@ -1,6 +1,6 @@
 """MLflow tracking: one parent run per pipeline run, one child run per stage, models into the registry.
 
-`posttrain.entry.stage_main` calls `record_stage` after a stage function returns, so stages know
+`posttrain.pipeline.entry.stage_main` calls `record_stage` after a stage function returns, so stages know
 nothing of MLflow. Where the runs go:
 
 - tracking URI: `tracking.tracking_uri` in params.yaml, else the `MLFLOW_TRACKING_URI` environment
@@ -14,7 +14,7 @@ nothing of MLflow. Where the runs go:
   param or committing starts a new parent that holds exactly the stages DVC re-ran.
 - child run per stage: the params keys the stage declares in dvc.yaml (redacted), scalar metrics,
   step series (`log_history`, `continual_eval`), the metrics JSON, lineage.json and plots as
-  artifacts, lineage as tags. Model stages register their folder (see `posttrain.registry`).
+  artifacts, lineage as tags. Model stages register their folder (see `posttrain.tracking.registry`).
 
 `import mlflow` stays inside functions: the CLI imports this module for `--help`.
 """
@@ -28,169 +28,40 @@ import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from posttrain.config import Params, params_hash
-from posttrain.errors import PipelineError
-from posttrain.layout import Layout, find_root
-from posttrain.lineage import git_state, json_hash, library_versions, read_lineage, redact
+from posttrain.errors import TrackingError
+from posttrain.io import json_hash, redact
+from posttrain.layout import Layout
+from posttrain.lineage import git_state, library_versions, read_lineage
+from posttrain.stage import flatten, is_number
+from posttrain.tracking import registry
+from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, retry_locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from posttrain.entry import StageResult
+    from posttrain.stage import StageResult
 
-log = logging.getLogger("posttrain.tracking")
+log = logging.getLogger("posttrain.tracking.runs")
 
 PIPELINE_ENV = "POSTTRAIN_PIPELINE_RUN_ID"
-TAG = "posttrain."  # namespace of every tag this project writes
 PIPELINE_KEY_TAG = TAG + "pipeline_key"
 SERIES_KEYS = ("log_history", "continual_eval")
-_T = TypeVar("_T")
-
-
-class TrackingError(PipelineError):
-    """MLflow cannot be used as configured (unreachable server, failed write); says what to change."""
-
-
-# --------------------------------------------------------------------------- connection
-
-
-def resolve_tracking_uri(params: Params, root: Path) -> tuple[str, str]:
-    """(uri, where it came from). Params win over the environment, which wins over the default."""
-    if params.tracking.tracking_uri:
-        return params.tracking.tracking_uri, "params.yaml tracking.tracking_uri"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"], "environment variable MLFLOW_TRACKING_URI"
-    return f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}", "default (SQLite store in the project)"
-
-
-def _artifact_location(uri: str) -> str | None:
-    """Experiments in a SQLite store keep artifacts in `mlruns/` beside the database file (MLflow's
-    own default is `./mlruns` relative to whatever the current directory happens to be)."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a server decides where its artifacts go
-    db = Path(urllib.parse.urlsplit(uri).path)
-    return (db.parent / "mlruns").resolve().as_uri()
-
-
-def check_tracking_server(params: Params, root: Path | None = None, timeout: float = 3.0) -> str | None:
-    """Fail fast, before any training, when a configured http(s) tracking server cannot be reached.
-
-    Returns the tracking URI (None when tracking is off). Any HTTP answer counts as reachable (a 401
-    or 404 still proves a server is there); only refused connections, DNS failures and timeouts fail.
-    MLflow's own client would retry for about two minutes before giving up.
-    """
-    if not params.tracking.enabled:
-        return None
-    uri, source = resolve_tracking_uri(params, root or find_root())
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return uri
-    # Credentials stay out of the probe URL (urllib cannot parse them, and /health needs none).
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
-    started = time.perf_counter()
-    try:
-        with urllib.request.urlopen(probe, timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        pass  # the server answered
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise TrackingError(
-            f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached "
-            f"({reason}; gave up after {time.perf_counter() - started:.1f} s). Start the server, fix the URI, "
-            "set tracking.tracking_uri: null in params.yaml (and unset MLFLOW_TRACKING_URI) to use the "
-            "local SQLite store, or set tracking.enabled: false to run without tracking."
-        ) from None
-    # Later calls fail within minutes, not the default ~2 minutes of retries per request.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    return uri
-
-
-def is_locked_error(error: BaseException) -> bool:
-    return "database is locked" in str(error) or "database table is locked" in str(error)
-
-
-def retry_locked(function: Callable[..., _T], *args: Any, attempts: int = 8, delay: float = 0.2, **kwargs: Any) -> _T:
-    """Call `function`, retrying with exponential backoff while SQLite reports the database locked.
-
-    Two stages running in parallel (orchestration.max_parallel) write to one mlflow.db; SQLite lets
-    one writer in at a time and its driver waits only 5 s. A lock is contention, not an error.
-    """
-    for attempt in range(attempts):
-        try:
-            return function(*args, **kwargs)
-        except Exception as error:  # MlflowException wraps sqlalchemy's OperationalError
-            if not is_locked_error(error) or attempt == attempts - 1:
-                raise
-            wait = delay * 2**attempt
-            log.warning("MLflow store is locked; retrying in %.1f s (attempt %d/%d)", wait, attempt + 1, attempts)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
-
-
-def connect(params: Params, root: Path) -> MlflowClient:
-    """A client on the resolved tracking and registry URI; also sets MLflow's global URIs, which
-    `log_model` and `load_model("models:/...")` read."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    uri = check_tracking_server(params, root) or resolve_tracking_uri(params, root)[0]
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client: MlflowClient, params: Params) -> str:
-    from mlflow.exceptions import MlflowException
-
-    name = params.tracking.experiment
-    found = retry_locked(client.get_experiment_by_name, name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            retry_locked(client.restore_experiment, found.experiment_id)
-        return found.experiment_id
-    try:
-        return retry_locked(client.create_experiment, name, artifact_location=_artifact_location(client.tracking_uri))
-    except MlflowException:  # another stage created it a moment ago
-        found = retry_locked(client.get_experiment_by_name, name)
-        if found is None:
-            raise
-        return found.experiment_id
 
 
 # --------------------------------------------------------------------------- flattening
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay whole values."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: data}
-
-
 def _param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:6000]  # MLflow's limit on a param value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _BAD_METRIC_CHARS = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -203,7 +74,7 @@ def metric_name(name: str) -> str:
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """Every number in a metrics JSON except the step series, flattened to dotted names."""
     flat = flatten({key: value for key, value in metrics.items() if key not in SERIES_KEYS})
-    return {metric_name(key): float(value) for key, value in flat.items() if _is_number(value)}
+    return {metric_name(key): float(value) for key, value in flat.items() if is_number(value)}
 
 
 def _points(node: Any, prefix: str) -> Iterable[tuple[str, float, int]]:
@@ -212,26 +83,26 @@ def _points(node: Any, prefix: str) -> Iterable[tuple[str, float, int]]:
     mapping of names to any of these."""
     if isinstance(node, list):
         for index, item in enumerate(node):
-            if _is_number(item):
+            if is_number(item):
                 yield prefix, float(item), index
-            elif isinstance(item, (list, tuple)) and len(item) == 2 and all(_is_number(x) for x in item):
+            elif isinstance(item, (list, tuple)) and len(item) == 2 and all(is_number(x) for x in item):
                 yield prefix, float(item[1]), int(item[0])
             elif isinstance(item, dict):
                 step = item.get("step", item.get("global_step", index))
-                if not _is_number(step):
+                if not is_number(step):
                     continue
                 name = f"{prefix}/{item['domain']}" if isinstance(item.get("domain"), str) else prefix
                 for key, value in flatten({k: v for k, v in item.items() if k not in ("step", "global_step")}).items():
-                    if _is_number(value):
+                    if is_number(value):
                         yield f"{name}/{key.replace('.', '/')}", float(value), int(step)
     elif isinstance(node, dict):
         steps = node.get("steps", node.get("step"))
-        if isinstance(steps, list) and all(_is_number(s) for s in steps):
+        if isinstance(steps, list) and all(is_number(s) for s in steps):
             for key, values in node.items():
                 if key in ("steps", "step") or not isinstance(values, list) or len(values) != len(steps):
                     continue
                 for step, value in zip(steps, values, strict=True):
-                    if _is_number(value):
+                    if is_number(value):
                         yield f"{prefix}/{key}", float(value), int(step)
             return
         for key, value in node.items():
@@ -242,9 +113,9 @@ def series_metrics(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
     """(name, value, step) for the Trainer's log history (as `train/<key>`) and continual evaluation."""
     points: list[tuple[str, float, int]] = []
     for entry in metrics.get("log_history") or []:
-        if isinstance(entry, dict) and _is_number(entry.get("step")):
+        if isinstance(entry, dict) and is_number(entry.get("step")):
             for key, value in entry.items():
-                if key != "step" and _is_number(value):
+                if key != "step" and is_number(value):
                     points.append((f"train/{key}", float(value), int(entry["step"])))
     if metrics.get("continual_eval") is not None:
         points.extend(_points(metrics["continual_eval"], "continual_eval"))
@@ -310,6 +181,7 @@ def _code_dirty(root: Path) -> bool:
 
 
 def _log_params(client: MlflowClient, run_id: str, values: dict[str, str]) -> None:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.entities import Param
 
     items = [Param(key[:250], value) for key, value in sorted(values.items())]
@@ -344,6 +216,7 @@ def start_pipeline_run(params: Params, root: Path, key: str | None = None, name:
 def _pipeline_run(
     client: MlflowClient, experiment: str, params: Params, root: Path, key: str, name: str | None = None
 ) -> str:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     if re.fullmatch(r"[0-9a-f]{32}", key):  # the flow exported an MLflow run id
@@ -428,36 +301,14 @@ def _stage_files(stage: str, layout: Layout, result: StageResult) -> list[tuple[
     return files
 
 
-def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
-    """A model's lineage record as flat string tags (runs and registry versions carry the same)."""
-    git = lineage.get("git") or {}
-    tags = {
-        "stage": lineage.get("stage"),
-        "content_hash": lineage.get("content_hash"),
-        "params_hash": lineage.get("params_hash"),
-        "data_manifest_hash": lineage.get("data_manifest_hash"),
-        "seed": lineage.get("seed"),
-        "created_at": lineage.get("created_at"),
-        "git_commit": git.get("commit"),
-        "git_dirty": git.get("dirty"),
-        "parents": json.dumps(
-            [{k: p.get(k) for k in ("stage", "content_hash", "weight")} for p in lineage.get("parents") or []]
-        ),
-    }
-    for library, version in (lineage.get("versions") or {}).items():
-        tags[f"version.{library}"] = version
-    return {TAG + key: str(value) for key, value in tags.items() if value is not None}
-
-
 def record_stage(stage: str, params: Params, layout: Layout, result: StageResult, seconds: float) -> StageRecord:
     """Record one finished stage as a child run of the pipeline run; register its model, if any.
 
     Raises TrackingError (a PipelineError) when MLflow cannot be written, naming the store.
     """
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
-
-    from posttrain import registry
 
     started = time.perf_counter()
     root = layout.root

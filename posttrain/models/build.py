@@ -1,4 +1,4 @@
-"""Model and tokenizer factory: build from scratch, load a base, load and save stage models.
+"""Model and tokenizer factory: build from scratch, load a base, load and save full model folders.
 
 - `model.base: scratch`: a BPE tokenizer trained on the pipeline's own texts (digits are single
   tokens, so arithmetic is learnable) and a tiny `LlamaForCausalLM` from `model.architecture`.
@@ -11,6 +11,8 @@ Heavy imports (torch, transformers, tokenizers) happen inside the functions.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path | None = None
     lineage: dict[str, Any] | None = None
-    # Set when `model` carries a LoRA adapter (posttrain.adapters.AdapterSetup): base and hand-off.
+    # Set when `model` carries a LoRA adapter (posttrain.models.lora.AdapterSetup): base and hand-off.
     adapter: Any = None
 
 
@@ -55,6 +57,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_length: int 
     Isolating punctuation keeps merges from crossing `=` or `:`, so a prompt such as `12+34=`
     tokenizes to a prefix of `12+34=46`: the prompt/completion boundary is a token boundary.
     """
+    # lazy: tokenizers, transformers are heavy to import; only this path needs them
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,6 +90,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_length: int 
 
 def build_scratch_model(cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A randomly initialised LlamaForCausalLM sized by `cfg`, its vocabulary that of `tokenizer`."""
+    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -118,6 +122,7 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
     Tests and offline machines set HF_HUB_OFFLINE=1: a hub id that is not cached then fails here
     with a StageError instead of a download.
     """
+    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
@@ -141,19 +146,15 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
 # --------------------------------------------------------------------------- stage models
 
 
-def load_stage_model(model_dir: Path, *, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a model folder written by a stage, after checking its content hashes.
+def load_full_model(model_dir: Path, *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a full model folder (not an adapter) written by a stage, after checking its content hashes.
 
     Raises StageError when a file differs from its lineage record (both hashes shown) or when the
-    tokenizer does not fit the model.
+    tokenizer does not fit the model. `posttrain.models.loading.load_stage_model` dispatches here.
     """
+    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (model_dir / "adapter_config.json").is_file():
-        # A LoRA adapter passed on by its stage: whoever only uses the model gets it merged into its base.
-        from posttrain.adapters import load_merged
-
-        return load_merged(model_dir, trust_remote_code=trust_remote_code)
     lineage = verify_model_folder(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -194,9 +195,6 @@ def check_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def tokenizer_signature(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What must agree between stages and evaluation: vocabulary, special tokens and ids, template."""
-    import hashlib
-    import json
-
     vocab = tokenizer.get_vocab()
     return {
         "vocab_size": len(tokenizer),

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from posttrain.errors import DataError
+from posttrain.scoring.generation import generate
+from posttrain.scoring.loss import token_losses
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -87,7 +91,7 @@ class Answerer(Protocol):
 
 @dataclass
 class ModelAnswerer:
-    """A causal LM: batched left-padded generation (posttrain.generation) and summed token NLL."""
+    """A causal LM: batched left-padded generation (posttrain.scoring.generation) and summed token NLL."""
 
     model: Any
     tokenizer: Any
@@ -95,16 +99,12 @@ class ModelAnswerer:
     batch_size: int = 128
 
     def greedy(self, prompts: list[str]) -> list[str]:
-        from posttrain.generation import generate
-
         out = generate(
             self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
         )
         return [c[0] for c in out]
 
     def sample(self, prompts: list[str], n: int, *, temperature: float, seed: int) -> list[list[str]]:
-        from posttrain.generation import generate
-
         # n sequences per prompt: keep the number of rows per forward pass near batch_size.
         return generate(
             self.model,
@@ -119,44 +119,8 @@ class ModelAnswerer:
         )
 
     def token_losses(self, texts: list[str]) -> tuple[list[float], list[int]]:
-        """Per text: summed next-token NLL over `text` + EOS and the number of predicted tokens.
-
-        Same tokenization as training (text followed by EOS, no other special tokens); right
-        padding, so positions are those seen in training.
-        """
-        import torch
-
-        tok = self.tokenizer
-        eos = tok.eos_token_id
-        rows = [ids + ([eos] if eos is not None else []) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
-        device = next(self.model.parameters()).device
-        sums: list[float] = [0.0] * len(rows)
-        counts: list[int] = [0] * len(rows)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(rows), self.batch_size):
-                    chunk = rows[start : start + self.batch_size]
-                    width = max(len(r) for r in chunk)
-                    ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                    for i, r in enumerate(chunk):
-                        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-                        mask[i, : len(r)] = 1
-                    ids, mask = ids.to(device), mask.to(device)
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                    nll = torch.nn.functional.cross_entropy(
-                        logits[:, :-1].transpose(1, 2), labels, ignore_index=-100, reduction="none"
-                    )
-                    for i in range(len(chunk)):
-                        sums[start + i] = float(nll[i].sum())
-                        counts[start + i] = int((labels[i] != -100).sum())
-        finally:
-            self.model.train(was_training)
-        return sums, counts
+        """Per text: summed next-token NLL over `text` + EOS and the number of predicted tokens."""
+        return token_losses(self.model, self.tokenizer, texts, self.batch_size)
 
 
 # --------------------------------------------------------------------------- one model, one domain
@@ -190,8 +154,6 @@ def evaluate_domain(
     verifiable = frame[(frame["prompt"] != "") & (frame["answer"] != "") & (frame["verifier"] != "")]
     unknown = sorted(set(verifiable["verifier"]) - set(verifiers))
     if unknown:
-        from posttrain.errors import DataError
-
         raise DataError(f"verifier(s) {unknown} in the test split are not in VERIFIERS ({sorted(verifiers)})")
     prompts, answers = verifiable["prompt"].tolist(), verifiable["answer"].tolist()
     checks = [verifiers[v] for v in verifiable["verifier"]]

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from posttrain.errors import StageError
+from posttrain.data import verifiers
+from posttrain.errors import ParamsError, StageError
 
 RewardFunction = Callable[..., list[float]]
 
@@ -31,8 +38,8 @@ def normalise(text: str) -> str:
 
 
 def exact_match(completions: list[str], answer: list[str], **_: Any) -> list[float]:
-    """1.0 when the normalised completion equals the normalised answer, else 0.0."""
-    return [float(normalise(c) == normalise(a)) for c, a in zip(completions, answer, strict=True)]
+    """1.0 when the completion gives the answer (posttrain.data.verifiers.exact_match, the project's one exact match)."""
+    return [float(verifiers.exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
 
 
 def _digit_score(predicted: str, gold: str) -> float:
@@ -100,8 +107,6 @@ CODE_OUTPUT_CHARS = 10_000
 
 
 def _limit_child() -> None:  # pragma: no cover - runs in the child between fork and exec
-    import resource
-
     resource.setrlimit(resource.RLIMIT_CPU, (CODE_CPU_SECONDS, CODE_CPU_SECONDS))
     resource.setrlimit(resource.RLIMIT_AS, (CODE_MEMORY_BYTES, CODE_MEMORY_BYTES))
     resource.setrlimit(resource.RLIMIT_FSIZE, (CODE_FILE_BYTES, CODE_FILE_BYTES))
@@ -115,12 +120,6 @@ def run_snippet(code: str, timeout: float = CODE_WALL_SECONDS) -> tuple[int | No
     limits, an empty environment (no tokens or passwords inherited), isolated mode (no user site,
     no PYTHON* variables) and its own session, killed as a group when the wall timeout passes.
     """
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="posttrain-snippet-") as folder:
         process = subprocess.Popen(
             [sys.executable, "-I", "-c", code],
@@ -170,8 +169,6 @@ def known_rewards() -> list[str]:
 
 def get_reward(name: str) -> RewardFunction:
     """The registered reward function called `name`; ParamsError listing the known names otherwise."""
-    from posttrain.config import ParamsError  # lazy: config imports this module in its validator
-
     try:
         return REWARDS[name]
     except KeyError:

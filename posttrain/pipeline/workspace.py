@@ -16,13 +16,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from posttrain.errors import PipelineError
+from posttrain.errors import WorkspaceBusy
 
 LOCK_NAME = "posttrain-pipeline.lock"
-
-
-class WorkspaceBusy(PipelineError):
-    """Another pipeline run holds this workspace."""
 
 
 @contextlib.contextmanager

@@ -34,26 +34,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import modelcard
 from posttrain.config import MODEL_STAGES, Params
+from posttrain.errors import PromotionError
+from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
-from posttrain.lineage import content_hash, file_hashes, json_hash, library_versions, read_lineage
-from posttrain.tracking import TAG, TrackingError, connect, lineage_tags, retry_locked
+from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
+from posttrain.tracking import modelcard
+from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
-log = logging.getLogger("posttrain.registry")
+log = logging.getLogger("posttrain.tracking.registry")
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 EVAL_TAG = TAG + "eval"
 HISTORY_TAG = TAG + "champion_history"
 ROLLED_BACK_TAG = TAG + "rolled_back"  # kept when the status tag changes later
-
-
-class PromotionError(TrackingError):
-    """Promotion or rollback cannot be done as asked (no candidate, force without reason, ...)."""
 
 
 def _ver(model_version: Any) -> str:
@@ -69,6 +67,7 @@ def registered_model_name(params: Params, stage: str) -> str:
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -107,6 +106,7 @@ def parent_versions(client: MlflowClient, params: Params, lineage: dict[str, Any
 
 
 def _exists(client: MlflowClient, name: str) -> bool:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -139,6 +139,7 @@ def _pip_requirements() -> list[str]:
 
 def _signature() -> Any:
     """Text in, text out, with generation settings accepted at predict time by the pyfunc flavour."""
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -171,6 +172,7 @@ def register_stage_model(
     text-generation pipeline (`mlflow.pyfunc.load_model` also works; `predict` takes
     `params={"max_new_tokens": ...}`).
     """
+    # lazy: mlflow, huggingface_hub, transformers are heavy to import; only this path needs them
     import mlflow
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,6 +222,7 @@ def register_stage_model(
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -651,8 +654,6 @@ def rollback(params: Params, root: Path) -> PromotionResult:
 
 def show(params: Params, root: Path, echo: bool = True) -> dict[str, Any]:
     """The registry as a dict ({tracking_uri, models: [{name, aliases, versions}]}); printed as a table."""
-    from posttrain.lineage import redact
-
     client = connect(params, Path(root))
     prefix = params.tracking.registered_model_prefix + "-"
     state: dict[str, Any] = {"tracking_uri": redact(client.tracking_uri), "models": []}

@@ -2,21 +2,21 @@
 
 A trainer stage whose section sets `lora:` trains a LoRA adapter instead of every weight.
 
-Input (what `load_input_model` finds in the parent stage's folder):
+Input (what `posttrain.models.loading.load_for_training` finds in the parent stage's folder):
 - a full model folder (model.safetensors): a fresh adapter is put on it;
 - an adapter folder passed on by the parent stage (adapter_config.json, and `adapter.base` in its
   lineage.json pointing at the full model it sits on): the SAME adapter is loaded trainable on the
   SAME base and trained further. The base's content hash is checked against the pointer. A stage
   without `lora:` refuses an adapter input (it would otherwise silently train something else).
 
-Output (`<stage>.lora.handoff`, written by `save_output`):
+Output (`<stage>.lora.handoff`, written by `save_adapter_output`):
 - `merge`: the adapter is merged into a freshly loaded, unquantized copy of its base
   (`merge_and_unload`) and saved as an ordinary full model folder: the next stage sees a plain model.
 - `pass_on`: the adapter folder (adapter_model.safetensors + adapter_config.json + tokenizer) and a
   lineage.json whose `adapter.base` names the base (path relative to the adapter folder + hash).
 
 Stages that only use a model (evaluate, merge, a DPO reference) load an adapter folder merged:
-`modeling.load_stage_model` delegates to `load_merged`. With a passed-on adapter, DPO's and
+`posttrain.models.loading.load_stage_model` delegates to `load_merged`. With a passed-on adapter, DPO's and
 GRPO's reference is the adapter-free base (TRL disables the adapter when `ref_model=None`).
 """
 
@@ -31,16 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posttrain import modeling
-from posttrain.config import LoRAConfig, Params, ParamsError
-from posttrain.errors import StageError
-from posttrain.layout import Layout
-from posttrain.lineage import content_hash, file_hashes, parent_entry, verify_model_folder
+from posttrain.config import LoRAConfig
+from posttrain.errors import ParamsError, StageError
+from posttrain.lineage import content_hash, file_hashes, verify_model_folder
+from posttrain.models import build
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from posttrain.training import Runtime
+    from posttrain.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 @dataclass(frozen=True)
 class AdapterSetup:
-    """How a stage's adapter relates to its base; travels from load_input_model to save_output."""
+    """How a stage's adapter relates to its base; travels from loading.load_for_training to save_adapter_output."""
 
     stage: str
     lora: LoRAConfig
@@ -107,6 +106,7 @@ def check_quantization(stage: str, lora: LoRAConfig, runtime: Runtime) -> None:
 
 
 def peft_lora_config(lora: LoRAConfig) -> Any:
+    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -119,11 +119,12 @@ def peft_lora_config(lora: LoRAConfig) -> Any:
     )
 
 
-def _load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, trust: bool) -> modeling.LoadedModel:
+def load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, trust: bool) -> build.LoadedModel:
     """The full model an adapter trains on: as the stage wrote it, or 4/8-bit for QLoRA."""
     check_quantization(stage, lora, runtime)
     if lora.quantization is None:
-        return modeling.load_stage_model(folder, trust_remote_code=trust)
+        return build.load_full_model(folder, trust_remote_code=trust)
+    # lazy: torch, peft, transformers are heavy to import; only this path needs them
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -148,11 +149,11 @@ def _load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, tru
     )  # fmt: skip
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-    modeling.check_tokenizer_fits(model, tokenizer, where=str(folder))
-    return modeling.LoadedModel(model=model, tokenizer=tokenizer, path=folder, lineage=lineage)
+    build.check_tokenizer_fits(model, tokenizer, where=str(folder))
+    return build.LoadedModel(model=model, tokenizer=tokenizer, path=folder, lineage=lineage)
 
 
-def _check_same_shape(stage: str, lora: LoRAConfig, adapter_dir: Path) -> None:
+def check_same_shape(stage: str, lora: LoRAConfig, adapter_dir: Path) -> None:
     saved = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     for ours, theirs in (("r", "r"), ("alpha", "lora_alpha")):
         if float(getattr(lora, ours)) != float(saved.get(theirs)):
@@ -162,73 +163,29 @@ def _check_same_shape(stage: str, lora: LoRAConfig, adapter_dir: Path) -> None:
             )
 
 
-def load_input_model(
-    layout: Layout, stage: str, parent: Path, params: Params, runtime: Runtime
-) -> modeling.LoadedModel:
-    """A trainer stage's input model: full, full + fresh adapter, or a passed-on adapter on its base."""
-    section = params.stage_section(stage)
-    lora: LoRAConfig | None = getattr(section, "lora", None)
-    trust = params.model.trust_remote_code
-    adapter_input = is_adapter_folder(parent)
-    if lora is None:
-        if adapter_input:
-            raise ParamsError(
-                f"{stage}.lora: not set, but its input {parent} is a LoRA adapter passed on by the previous stage; "
-                f"expected {stage}.lora to be set (the adapter is then trained further on the same base), or the "
-                "previous stage to use lora.handoff: merge"
-            )
-        return modeling.load_stage_model(parent, trust_remote_code=trust)
-
-    from peft import PeftModel, get_peft_model
-
-    if adapter_input:
-        lineage = verify_model_folder(parent)
-        base_dir = adapter_base_dir(parent, lineage)
-        _check_same_shape(stage, lora, parent)
-        base = _load_base(base_dir, stage, lora, runtime, trust)
-        model = PeftModel.from_pretrained(base.model, parent, is_trainable=True)
-        continued: str | None = parent_entry(parent, layout.root)["path"]
-        log.info("%s: continuing the LoRA adapter of %s on its base %s", stage, parent, base_dir)
-    else:
-        base_dir = parent
-        base = _load_base(base_dir, stage, lora, runtime, trust)
-        lineage = base.lineage
-        model = get_peft_model(base.model, peft_lora_config(lora))
-        continued = None
-        log.info("%s: new LoRA adapter (r=%d, alpha=%g) on %s", stage, lora.r, lora.alpha, base_dir)
-    # PEFT looks the base up by this name when saving (Trainer checkpoints included): the real folder,
-    # never a relative name that could resolve elsewhere or be taken for a hub id.
-    model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-    if section.gradient_checkpointing:
-        # Checkpointed blocks over frozen embeddings would give the adapters no gradient otherwise.
-        model.enable_input_require_grads()
-    setup = AdapterSetup(
-        stage=stage, lora=lora, base_dir=base_dir, base=parent_entry(base_dir, layout.root), continued_from=continued
-    )
-    return modeling.LoadedModel(model=model, tokenizer=base.tokenizer, path=parent, lineage=lineage, adapter=setup)
-
-
 def merged_model(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """A fresh, unquantized copy of the base with the adapter merged in (merge_and_unload)."""
+    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft import PeftModel
 
-    base = modeling.load_stage_model(base_dir, trust_remote_code=trust_remote_code)
+    base = build.load_full_model(base_dir, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base.model, adapter_dir).merge_and_unload()
 
 
-def load_merged(adapter_dir: Path, *, trust_remote_code: bool = False) -> modeling.LoadedModel:
+def load_merged(adapter_dir: Path, *, trust_remote_code: bool = False) -> build.LoadedModel:
     """An adapter folder as a plain model, for stages that only use it (evaluate, merge, references)."""
+    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoTokenizer
 
     lineage = verify_model_folder(adapter_dir)
     base_dir = adapter_base_dir(adapter_dir, lineage)
     model = merged_model(base_dir, adapter_dir, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
-    modeling.check_tokenizer_fits(model, tokenizer, where=str(adapter_dir))
-    return modeling.LoadedModel(model=model, tokenizer=tokenizer, path=adapter_dir, lineage=lineage)
+    build.check_tokenizer_fits(model, tokenizer, where=str(adapter_dir))
+    return build.LoadedModel(model=model, tokenizer=tokenizer, path=adapter_dir, lineage=lineage)
 
 
-def save_output(
+def save_adapter_output(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
     folder: Path,
@@ -265,4 +222,4 @@ def _save_adapter(
         with tempfile.TemporaryDirectory(prefix=".adapter-", dir=folder.parent) as scratch:
             model.save_pretrained(scratch, **save)
             merged = merged_model(setup.base_dir, Path(scratch))
-        modeling.save_model(merged, tokenizer, folder)
+        build.save_model(merged, tokenizer, folder)

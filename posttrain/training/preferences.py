@@ -1,7 +1,7 @@
 """On-policy preference pairs for DPO.
 
 For each prompt of the `dpo` mixture the input model is sampled `on_policy_samples` times; each
-sample is checked with the item's verifier (posttrain.data.domains.VERIFIERS). A prompt with at
+sample is checked with the item's verifier (posttrain.data.verifiers.VERIFIERS). A prompt with at
 least one correct and one incorrect sample gives an on-policy pair (chosen = a correct sample,
 rejected = the model's most frequent mistake). Where every sample agrees (all right: nothing to
 push down; all wrong: nothing of the model's own to push up) the row keeps its offline pair from
@@ -10,12 +10,21 @@ the mixture (chosen = answer, rejected = the data layer's `wrong_answer`). Both 
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from posttrain.config import DPOStageConfig
+from posttrain.data.domains import wrong_answer
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
+from posttrain.scoring.generation import answer_budget, generate
+
+log = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("id", "domain", "prompt", "chosen", "rejected", "answer", "verifier")
 
@@ -44,8 +53,6 @@ class PairCounts:
 
 def verifier_for(name: str) -> Callable[[str, str], bool]:
     """The data layer's checker called `name` (`verify(completion, answer) -> bool`)."""
-    from posttrain.data.domains import VERIFIERS
-
     try:
         return VERIFIERS[name]
     except KeyError:
@@ -87,8 +94,6 @@ def build_on_policy_pairs(
     `rows` need the preference columns (PAIR_COLUMNS); their `chosen`/`rejected` are the offline
     fallback. Sampling is seeded, so the same model and seed give the same pairs.
     """
-    from posttrain.generation import generate
-
     if samples < 2:
         raise ValueError(f"on-policy pairs need at least 2 samples per prompt, got {samples}")
     missing = [c for c in PAIR_COLUMNS if rows and c not in rows[0]]
@@ -126,12 +131,33 @@ def build_on_policy_pairs(
     return pairs, counts
 
 
+def training_pairs(
+    section: DPOStageConfig, model: Any, tokenizer: Any, rows: list[dict[str, str]], seed: int
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """The DPO stage's training pairs as `section.pairs` says, and metrics on how they were made.
+
+    `offline`: the mixture's rows as they are; `on_policy`: `build_on_policy_pairs` from the model's samples.
+    """
+    pair_counts: dict[str, Any] = {"on_policy": 0, "offline": len(rows)}
+    sampling_seconds = 0.0
+    if section.pairs == "on_policy":
+        started = time.perf_counter()
+        rows, counts = build_on_policy_pairs(
+            model,
+            tokenizer,
+            rows,
+            samples=section.on_policy_samples,
+            max_new_tokens=answer_budget(tokenizer, [r["answer"] for r in rows]),
+            seed=seed,
+        )
+        sampling_seconds = time.perf_counter() - started
+        pair_counts = counts.as_dict()
+        log.info("dpo: %s (sampling took %.1f s)", pair_counts, sampling_seconds)
+    return rows, {"pairs": section.pairs, "pair_counts": pair_counts, "sampling_seconds": round(sampling_seconds, 2)}
+
+
 def offline_pairs(records: Sequence[dict[str, str]], seed: int) -> list[dict[str, str]]:
     """Offline pairs for held-out records (chosen = answer, rejected = the data layer's wrong answer)."""
-    import random
-
-    from posttrain.data.domains import wrong_answer
-
     rng = random.Random(seed)
     return [
         {
@@ -152,6 +178,7 @@ def completion_logps(
     where the tokenized prompt and prompt+completion diverge; doing the same here makes these
     numbers the policy side of TRL's implicit reward.
     """
+    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     eos = tokenizer.eos_token

@@ -8,76 +8,21 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import errno
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from posttrain.config import Params, load_params
-from posttrain.errors import PipelineError, StageError
+from posttrain.config import load_params
+from posttrain.errors import PipelineError, resource_error
 from posttrain.layout import Layout, find_root
+from posttrain.pipeline import launch
+from posttrain.runtime import is_main_process
+from posttrain.stage import StageFunction
+from posttrain.tracking import client, runs
 
 log = logging.getLogger("posttrain")
-
-
-@dataclass
-class StageResult:
-    """What a stage produced, for tracking: its metrics and, for model stages, the model folder."""
-
-    metrics: dict[str, Any] = field(default_factory=dict)
-    model_dir: Path | None = None
-    artifacts: list[Path] = field(default_factory=list)
-
-
-StageFunction = Callable[[Params, Layout], StageResult]
-
-# Exit status of a stage that ran out of memory or disk: rerunning the same command cannot help, so
-# the Prefect flow does not retry it (flows/pipeline.py). Every other PipelineError exits 1.
-EXIT_NOT_RETRYABLE = 3
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_DISK_SIGNS = ("No space left", "Disk quota exceeded", "File too large", "file write failed", "unexpected pos")
-
-
-class ResourceExhausted(StageError):
-    """Out of memory or out of disk: the message says what to change; not retried."""
-
-    exit_code = EXIT_NOT_RETRYABLE
-
-
-def resource_error(error: BaseException, stage: str) -> ResourceExhausted | None:
-    """The actionable error for an out-of-memory or disk-full failure, None for anything else.
-
-    Recognised without importing torch: torch.OutOfMemoryError (CUDA), the CPU allocator's
-    RuntimeError, Python's MemoryError; OSError ENOSPC/EDQUOT/EFBIG and torch.save's write failure.
-    """
-    text = str(error)
-    if (
-        isinstance(error, MemoryError)
-        or type(error).__name__ == "OutOfMemoryError"
-        or (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
-    ):
-        return ResourceExhausted(
-            f"out of memory ({type(error).__name__}: {text.strip().splitlines()[-1][:300]}); "
-            f"not retried. Lower {stage}.trainer.per_device_train_batch_size (raise gradient_accumulation_steps "
-            f"to keep the effective batch), set {stage}.gradient_checkpointing: true, or train a LoRA adapter "
-            f"({stage}.lora)"
-        )
-    # safetensors (Rust) and torch.save (C++) report a failed write in their own words, not as OSError.
-    disk = (isinstance(error, OSError) and error.errno in _DISK_ERRNOS) or any(sign in text for sign in _DISK_SIGNS)
-    if disk:
-        where = getattr(error, "filename", None) or text.strip().splitlines()[-1][:300]
-        return ResourceExhausted(
-            f"disk full or file size limit reached while writing ({type(error).__name__}: {where}); "
-            "the previous model folder and complete checkpoints were kept (atomic writes), a half-written "
-            "checkpoint is left unmarked. Free disk space and rerun: the stage resumes from its last complete "
-            "checkpoint"
-        )
-    return None
 
 
 def setup_logging() -> None:
@@ -119,24 +64,20 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
     started = time.perf_counter()
     try:
         params = load_params(params_path)
-        from posttrain import launch  # cheap: no torch
-
         if launch.should_relaunch(stage, params.compute):
             # compute.launcher: accelerate -> run this same module under `accelerate launch`.
             sys.exit(launch.relaunch(stage, params.compute, root, params_path, debug=args.debug))
         # Other ranks of a distributed run train, but write nothing and track nothing.
-        track = params.tracking.enabled and launch.is_main_process()
+        track = params.tracking.enabled and is_main_process()
         if track:
-            from posttrain import tracking  # cheap: mlflow itself is imported only when needed
-
             # A configured tracking server that is down must fail the stage before any training.
-            tracking.check_tracking_server(params, root)
+            client.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
         if track:
-            tracking.record_stage(stage, params, Layout(root), result, seconds=seconds)
+            runs.record_stage(stage, params, Layout(root), result, seconds=seconds)
     except Exception as error:
         # Out of memory / disk outside the training loop (model build, saving, evaluation) too.
         known = error if isinstance(error, PipelineError) else resource_error(error, stage)
@@ -144,8 +85,6 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             raise
         print(f"error: stage {stage}: {known}", file=sys.stderr)
         code = getattr(known, "exit_code", 1)
-        from posttrain.launch import report_exit_status
-
-        report_exit_status(code)  # under `accelerate launch`: the parent passes 3 on instead of 1
+        launch.report_exit_status(code)  # under `accelerate launch`: the parent passes 3 on instead of 1
         sys.exit(code)
     exit_process(0)
