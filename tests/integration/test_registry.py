@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_tracking import (
+from helpers.tracking import (
     client_for,
     make_model,
     make_params,
@@ -23,6 +23,8 @@ from posttrain.config import Params
 from posttrain.layout import Layout
 
 NAME = "posttrain-merge"
+# The default recipe's gates (configs/tiny.yaml has none).
+GATES = {"min_exact_match": {"add": 0.5}, "max_forgetting": {"add": 0.2}}
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,7 @@ def aliases(params: Params) -> dict[str, str]:
 
 @pytest.fixture()
 def project(tmp_path: Path) -> tuple[Layout, Params]:
-    return make_project(tmp_path), make_params(tmp_path)
+    return make_project(tmp_path), make_params(tmp_path, promotion=GATES)
 
 
 def test_evaluation_scores_land_on_the_version_and_its_card(project: tuple[Layout, Params]) -> None:
@@ -185,7 +187,7 @@ def test_champion_loads_by_alias_and_generates_text(project: tuple[Layout, Param
 def test_gate_rule_on_scores_without_mlflow(tmp_path: Path) -> None:
     from posttrain.tracking.registry import check_gates
 
-    params = make_params(tmp_path, promotion={"min_improvement": 0.05})
+    params = make_params(tmp_path, promotion={**GATES, "min_improvement": 0.05})
     champion = {"exact_match": {"add3": score(0.50, 0.02)}}
 
     def gates(add3: dict[str, Any]) -> dict[str, bool]:

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_pipeline_e2e import make_project_copy, project_env, stages_run
+from helpers.projects import make_project_copy, project_env, stages_run
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,8 @@ import json
 import shutil
 
 import pytest
-from helpers_training import make_project, tiny_raw_params
+from helpers.projects import TRAINING, make_project
+from helpers.tiny import tiny_raw
 from safetensors.torch import load_file
 
 from posttrain.config import ComputeConfig, LoRAConfig, parse_params
@@ -26,7 +27,7 @@ LORA = {"r": 4, "alpha": 8.0, "dropout": 0.0}
 
 
 def _raw(cpt_handoff: str | None, sft_handoff: str | None, **sft_extra):
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     raw["compute"]["num_threads"] = 1
     for stage in ("pretrain", "cpt", "sft"):
         raw[stage]["eval_every"] = 0  # the hand-off is under test here, not the eval series
@@ -192,18 +193,18 @@ def test_qlora_on_cpu_is_a_clear_error():
 def test_gradient_checkpointing_and_packing_reach_trl(tmp_path):
     from trl import DPOConfig, SFTConfig
 
-    raw = tiny_raw_params(sft={"gradient_checkpointing": True, "packing": True}, dpo={"packing": True})
+    raw = tiny_raw(TRAINING, sft={"gradient_checkpointing": True, "packing": True}, dpo={"packing": True})
     params = parse_params(raw)
     config = trl_config(SFTConfig, "sft", params.sft, _runtime(), tmp_path)
     assert config.activation_checkpointing is True and config.packing is True
-    default = trl_config(SFTConfig, "sft", parse_params(tiny_raw_params()).sft, _runtime(), tmp_path)
+    default = trl_config(SFTConfig, "sft", parse_params(tiny_raw(TRAINING)).sft, _runtime(), tmp_path)
     assert default.activation_checkpointing is False and default.packing is False  # CPU default kept
     with pytest.raises(ParamsError, match=r"dpo\.packing: got true, but TRL's DPOConfig has no packing"):
         trl_config(DPOConfig, "dpo", params.dpo, _runtime(), tmp_path)
 
 
 def test_lora_config_is_validated():
-    raw = tiny_raw_params(sft={"lora": {"r": 0, "handoff": "keep"}})
+    raw = tiny_raw(TRAINING, sft={"lora": {"r": 0, "handoff": "keep"}})
     with pytest.raises(ParamsError) as error:
         parse_params(raw)
     assert "sft.lora.r" in str(error.value) and "sft.lora.handoff" in str(error.value)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_pipeline_e2e import make_project_copy, project_env, stages_run
+from helpers.projects import make_project_copy, project_env, stages_run
 
 pytestmark = pytest.mark.slow
 

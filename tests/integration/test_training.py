@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers_training import make_project, tiny_raw_params, write_mixture
+from helpers.projects import TRAINING, make_project, write_mixture
+from helpers.tiny import tiny_raw
 
 from posttrain.config import ComputeConfig, parse_params
 from posttrain.errors import DataError, ParamsError, StageError
@@ -113,7 +114,7 @@ def _runtime():
 def test_trl_config_cpu_defaults_and_pass_through(tmp_path):
     from trl import SFTConfig
 
-    raw = tiny_raw_params(sft={"trainer": {"adam_beta2": 0.95, "save_total_limit": 2}})
+    raw = tiny_raw(TRAINING, sft={"trainer": {"adam_beta2": 0.95, "save_total_limit": 2}})
     section = parse_params(raw).sft
     config = trl_config(SFTConfig, "sft", section, _runtime(), tmp_path, completion_only_loss=True)
     assert config.bf16 is False and config.use_cpu is True and config.activation_checkpointing is False
@@ -127,7 +128,7 @@ def test_trl_config_cpu_defaults_and_pass_through(tmp_path):
 def test_trl_config_unknown_key_names_the_params_path(tmp_path):
     from trl import SFTConfig
 
-    section = parse_params(tiny_raw_params(sft={"trainer": {"adam_beta3": 0.9}})).sft
+    section = parse_params(tiny_raw(TRAINING, sft={"trainer": {"adam_beta3": 0.9}})).sft
     with pytest.raises(ParamsError, match=r"sft\.trainer\.adam_beta3: unknown setting .*did you mean adam_beta2"):
         trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
 
@@ -135,7 +136,7 @@ def test_trl_config_unknown_key_names_the_params_path(tmp_path):
 def test_trl_config_bad_value_becomes_params_error(tmp_path):
     from trl import SFTConfig
 
-    section = parse_params(tiny_raw_params(sft={"trainer": {"optim": "no_such_optimizer"}})).sft
+    section = parse_params(tiny_raw(TRAINING, sft={"trainer": {"optim": "no_such_optimizer"}})).sft
     with pytest.raises(ParamsError, match=r"sft\.trainer: TRL's SFTConfig rejected"):
         trl_config(SFTConfig, "sft", section, _runtime(), tmp_path)
 
@@ -182,7 +183,7 @@ def test_nan_guard_stops_stage_and_keeps_previous_output(chain):
     params, layout, _ = chain
     before_files = file_hashes(layout.model("sft"))
     before_metrics = layout.metrics("sft").read_text()
-    raw = tiny_raw_params(sft={"trainer": {"learning_rate": 1e30, "max_grad_norm": 1e30}})
+    raw = tiny_raw(TRAINING, sft={"trainer": {"learning_rate": 1e30, "max_grad_norm": 1e30}})
     with pytest.raises(StageError, match=r"NaN/inf .* no model written"):
         stages.sft.run(parse_params(raw), layout)
     assert file_hashes(layout.model("sft")) == before_files
@@ -219,7 +220,7 @@ def test_failure_while_writing_output_keeps_previous_output(chain, monkeypatch):
         raise OSError("disk full (simulated failure while writing lineage)")
 
     monkeypatch.setattr(outputs, "write_lineage", broken)
-    raw = tiny_raw_params(sft={"trainer": {"max_steps": 2, "save_steps": 100}})
+    raw = tiny_raw(TRAINING, sft={"trainer": {"max_steps": 2, "save_steps": 100}})
     with pytest.raises(OSError, match="disk full"):
         stages.sft.run(parse_params(raw), layout)
     assert file_hashes(layout.model("sft")) == before
@@ -252,7 +253,7 @@ def test_pretrain_with_given_base_writes_it_without_training(chain, tmp_path, mo
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     _, chain_layout, _ = chain
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     raw["model"]["base"] = str(chain_layout.model("sft"))
     params, layout = make_project(tmp_path / "p", raw)
     result = stages.pretrain.run(params, layout)

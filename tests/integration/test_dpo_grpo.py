@@ -12,70 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers.projects import DPO_GRPO, STEPS, build_trained_input_project
+from helpers.tiny import tiny_raw
 
 from posttrain.config import Params, parse_params
 from posttrain.errors import StageError
 from posttrain.layout import Layout
 from posttrain.lineage import verify_model_folder
-from posttrain.training.outputs import write_model_output
-
-REPO = Path(__file__).resolve().parents[1]
-STEPS = 3
-
-
-def tiny_raw() -> dict[str, Any]:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for domain in raw["data"]["domains"].values():
-        domain["n_items"] = 300
-    for mixture in raw["mixtures"].values():
-        mixture["total"] = 48
-    raw["model"]["architecture"].update(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
-    )
-    raw["tracking"] = {"enabled": False}
-    trainer = {"max_steps": STEPS, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2}
-    for stage in ("dpo", "grpo"):
-        raw[stage]["trainer"] = dict(trainer)
-        raw[stage]["eval_items"] = 8
-    raw["dpo"]["pairs"] = "on_policy"
-    raw["dpo"]["on_policy_samples"] = 4
-    raw["grpo"]["num_generations"] = 4
-    return raw
-
-
-def build_project(params: Params, root: Path, model_stage: str) -> Layout:
-    """Real prepare + mix output and an untrained tiny model written as `model_stage`'s output."""
-    import torch
-
-    from posttrain import io
-    from posttrain.data.domains import RECORD_COLUMNS
-    from posttrain.models import build
-    from stages import mix, prepare
-
-    layout = Layout(root)
-    prepare.run(params, layout)
-    mix.run(params, layout)
-    texts = [
-        r["text"]
-        for d in params.data.domains
-        for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
-    ]
-    tokenizer = build.train_tokenizer(texts, params.model.tokenizer)
-    torch.manual_seed(0)
-    model = build.build_scratch_model(params.model.architecture, tokenizer)
-    write_model_output(
-        model_stage, model, tokenizer, params=params, layout=layout, section=params.stage_section(model_stage),
-        parents=[], data_manifest=None, metrics={},
-    )  # fmt: skip
-    return layout
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Params, Layout]:
     """Prepared data, mixtures and a tiny sft model with lineage, in a temporary project root."""
-    params = parse_params(tiny_raw())
-    return params, build_project(params, tmp_path_factory.mktemp("project"), "sft")
+    params = parse_params(tiny_raw(DPO_GRPO))
+    return params, build_trained_input_project(params, tmp_path_factory.mktemp("project"), "sft")
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +136,7 @@ def test_grpo_stage_fails_naming_a_raising_reward(project, grpo_result, monkeypa
 
     monkeypatch.setitem(rewards.REWARDS, "flaky", flaky)
     params, layout = project
-    raw = copy.deepcopy(tiny_raw())
+    raw = copy.deepcopy(tiny_raw(DPO_GRPO))
     raw["grpo"]["rewards"] = [{"name": "exact_match", "weight": 1.0}, {"name": "flaky", "weight": 1.0}]
     raw["grpo"]["eval_items"] = 1
     with pytest.raises(StageError, match="reward function 'flaky' failed: KeyError"):
@@ -207,7 +157,7 @@ def test_dpo_passes_a_lora_adapter_on_and_grpo_continues_it(project, tmp_path) -
     layout = Layout(tmp_path / "lora")
     shutil.copytree(source.root / "artifacts" / "data", layout.root / "artifacts" / "data")
     shutil.copytree(source.model("sft"), layout.model("sft"))
-    raw = tiny_raw()
+    raw = tiny_raw(DPO_GRPO)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0}
     raw["dpo"]["lora"] = {**lora, "handoff": "pass_on"}
     raw["dpo"]["pairs"] = "offline"

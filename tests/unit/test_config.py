@@ -13,7 +13,7 @@ import yaml
 from posttrain.config import load_params, parse_params
 from posttrain.errors import ParamsError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def error_of(raw: dict[str, Any]) -> str:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_dpo_grpo import build_project, tiny_raw
+from helpers.projects import DPO_GRPO, build_trained_input_project
+from helpers.tiny import tiny_raw
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 24
 SAVE = 4
 KILL_AFTER = 8
@@ -53,7 +54,7 @@ LAUNCHER = textwrap.dedent(
 
 
 def _raw_params() -> dict:
-    raw = tiny_raw()
+    raw = tiny_raw(DPO_GRPO)
     raw["compute"]["num_threads"] = 1
     raw["grpo"]["trainer"] = {
         "max_steps": STEPS,
@@ -76,7 +77,7 @@ def projects(tmp_path_factory) -> tuple[Path, Path]:
     # log_prompts exists only in the stage process; validate here with the real reward alone.
     raw_for_validation["grpo"]["rewards"] = raw["grpo"]["rewards"][:1]
     first = tmp_path_factory.mktemp("interrupted")
-    build_project(parse_params(raw_for_validation), first, "dpo")
+    build_trained_input_project(parse_params(raw_for_validation), first, "dpo")
     (first / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (first / "dvc.yaml").write_text("stages: {}\n")
     second = tmp_path_factory.mktemp("reference") / "project"

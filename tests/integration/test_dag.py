@@ -14,7 +14,7 @@ from fixtures.toy_dvc import make_toy_project, toy_env
 from posttrain.errors import ParamsError
 from posttrain.pipeline import dag
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dvc_dag_edges(root: Path) -> set[tuple[str, str]]:

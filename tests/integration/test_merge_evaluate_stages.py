@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_generation import build_tiny_model, build_tokenizer, save_tiny, train_to_memorize
+from helpers.tiny import char_tokenizer, save_tiny, tiny_model, train_to_memorize
 
 from posttrain.config import params_hash, parse_params
 from posttrain.errors import StageError
@@ -41,8 +41,8 @@ def project(tmp_path_factory) -> Layout:
         path = layout.prepared_split(domain, "test")
         path.parent.mkdir(parents=True)
         pd.DataFrame(rows).to_parquet(path)
-    tokenizer = build_tokenizer()
-    model, _ = build_tiny_model(tokenizer, hidden=32, layers=2, seed=0)
+    tokenizer = char_tokenizer()
+    model, _ = tiny_model(tokenizer, hidden=32, layers=2, seed=0)
     write_model(layout, "pretrain", model, tokenizer, None)
     pairs = [pair for pairs in ITEMS.values() for pair in pairs]
     train_to_memorize(model, tokenizer, [p for p, _ in pairs], [a for _, a in pairs], steps=80)
@@ -101,9 +101,9 @@ def test_merge_stage_refuses_models_of_different_lines(project, tiny_params, tmp
     from stages import merge
 
     layout = Layout(tmp_path)
-    tokenizer = build_tokenizer()
+    tokenizer = char_tokenizer()
     for stage, seed in (("sft", 1), ("grpo", 2)):  # same architecture, trained separately
-        model, _ = build_tiny_model(tokenizer, hidden=32, layers=2, seed=seed)
+        model, _ = tiny_model(tokenizer, hidden=32, layers=2, seed=seed)
         write_model(layout, stage, model, tokenizer, None)
     params = params_for(tiny_params, merge={"method": "linear", "models": ["sft", "grpo"]})
     with pytest.raises(StageError, match="one fine-tuning line"):
@@ -117,7 +117,7 @@ def test_checkpoint_average_stage(project, tiny_params):
     layout = project
     states = []
     for step in (10, 20, 30):
-        model, tokenizer = build_tiny_model(build_tokenizer(), hidden=32, layers=2, seed=step)
+        model, tokenizer = tiny_model(char_tokenizer(), hidden=32, layers=2, seed=step)
         folder = save_tiny(layout.root / "checkpoints" / "sft-abc" / f"checkpoint-{step}", model, tokenizer)
         (folder / "COMPLETE").write_text("")
         states.append(model.state_dict())

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from posttrain.pipeline.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ["run", "status", "validate", "promote", "rollback", "registry", "deploy", "continual"]
 HEAVY = ("torch", "transformers", "trl", "mlflow", "prefect")
 

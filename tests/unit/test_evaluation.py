@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from test_generation import build_tiny_model
+from helpers.tiny import tiny_model
 
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.scoring import evaluation
@@ -122,7 +122,7 @@ def test_pass_at_k_through_the_scoring_path():
 
 def test_broken_model_scores_near_zero_through_the_same_path():
     items = addition_items(40)
-    model, tokenizer = build_tiny_model(hidden=32, layers=2, seed=3)
+    model, tokenizer = tiny_model(hidden=32, layers=2, seed=3)
     answerer = ModelAnswerer(model, tokenizer, max_new_tokens=4, batch_size=16)
     entry, _ = evaluate_domain(answerer, items, VERIFIERS, SETTINGS)
     assert entry["exact_match"]["mean"] <= 0.05
@@ -136,7 +136,7 @@ def test_broken_model_scores_near_zero_through_the_same_path():
 
 
 def test_token_losses_are_per_item_and_independent_of_batching():
-    model, tokenizer = build_tiny_model(hidden=32, layers=2, seed=4)
+    model, tokenizer = tiny_model(hidden=32, layers=2, seed=4)
     texts = ["1+2=3", "12+34=46", "rev:abcdef=fedcba"]
     full = ModelAnswerer(model, tokenizer, batch_size=3).token_losses(texts)
     one = ModelAnswerer(model, tokenizer, batch_size=1).token_losses(texts)

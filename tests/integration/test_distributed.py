@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers_training import REPO, make_project, tiny_raw_params
+from helpers.projects import TRAINING, make_project
+from helpers.tiny import REPO, tiny_raw
 
 from posttrain import runtime
 from posttrain.config import ComputeConfig, parse_params
@@ -96,7 +97,7 @@ def test_shipped_accelerate_configs_load_with_accelerate(name, kind, processes):
 def test_grpo_vllm_switch_falls_back_without_cuda_or_vllm(tmp_path, caplog):
     from trl import GRPOConfig
 
-    raw = tiny_raw_params(grpo={"trainer": {"use_vllm": True, "vllm_mode": "colocate"}})
+    raw = tiny_raw(TRAINING, grpo={"trainer": {"use_vllm": True, "vllm_mode": "colocate"}})
     params = parse_params(raw)
     runtime = setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
     config = trl_config(GRPOConfig, "grpo", params.grpo, runtime, tmp_path)
@@ -124,7 +125,7 @@ def test_two_process_cpu_ddp_sft_writes_the_same_model_folder_and_lineage(tmp_pa
     import stages.pretrain
     import stages.sft
 
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     raw["compute"]["num_threads"] = 1
     for stage in ("pretrain", "cpt", "sft"):
         raw[stage]["eval_every"] = 0
@@ -192,7 +193,7 @@ def test_out_of_memory_on_launched_ranks_exits_3_through_accelerate(tmp_path):
     Real `accelerate launch` of two CPU ranks through the real stage entry; the stage function itself
     raises MemoryError on every rank (what the allocator raises when memory runs out).
     """
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     raw["compute"].update(launcher="accelerate", accelerate_config=str(CONFIGS / "cpu_ddp.yaml"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_generation import build_tiny_model, build_tokenizer, save_tiny
+from helpers.tiny import char_tokenizer, save_tiny, tiny_model
 
 from posttrain.errors import StageError
 from posttrain.models import merging
@@ -139,10 +139,10 @@ def test_integer_tensors_are_kept_and_missing_base_is_an_error():
 @pytest.fixture(scope="module")
 def three_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    tokenizer = build_tokenizer()
+    tokenizer = char_tokenizer()
     out = {}
     for i, name in enumerate(["base", "a", "b"]):
-        model, _ = build_tiny_model(tokenizer, hidden=16, layers=1, seed=i)
+        model, _ = tiny_model(tokenizer, hidden=16, layers=1, seed=i)
         out[name] = save_tiny(root / name, model, tokenizer)
     return out
 
@@ -181,7 +181,7 @@ def test_merge_models_task_arithmetic_uses_base(three_models, tmp_path):
 
 
 def test_incompatible_shapes_fail_clearly(three_models, tmp_path):
-    model, tok = build_tiny_model(build_tokenizer(), hidden=32, layers=1, seed=5)
+    model, tok = tiny_model(char_tokenizer(), hidden=32, layers=1, seed=5)
     wide = save_tiny(tmp_path / "wide", model, tok)
     with pytest.raises(StageError, match="one fine-tuning line") as info:
         merging.merge_models([three_models["a"], wide], tmp_path / "out", method="linear")

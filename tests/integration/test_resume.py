@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_training import REPO, make_project, tiny_raw_params
+from helpers.projects import TRAINING, make_project
+from helpers.tiny import REPO, tiny_raw
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +28,8 @@ SAVE = 20
 
 
 def _project(root: Path) -> Path:
-    raw = tiny_raw_params(
-        pretrain={"trainer": {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": 10}, "eval_every": 40}
+    raw = tiny_raw(
+        TRAINING, pretrain={"trainer": {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": 10}, "eval_every": 40}
     )
     make_project(root, raw)
     return root

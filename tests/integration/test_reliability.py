@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import yaml
 from fixtures.toy_dvc import make_toy_project, toy_env
-from helpers_training import REPO, make_project, tiny_raw_params
+from helpers.projects import TRAINING, make_project
+from helpers.tiny import REPO, tiny_raw
 
 from posttrain.config import parse_params
 from posttrain.errors import DataError, StageError
@@ -128,7 +129,7 @@ def test_tokenizer_that_does_not_match_the_model_is_refused_at_load(tmp_path: Pa
     from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
     from posttrain.models.loading import load_stage_model
 
-    params = parse_params(tiny_raw_params())
+    params = parse_params(tiny_raw(TRAINING))
     small = train_tokenizer(["12+34=46"] * 5, params.model.tokenizer)
     big = train_tokenizer([f"{w}{i}" for i in range(50) for w in ("abc", "xyz", "qrs")], params.model.tokenizer)
     assert len(big) > len(small)
@@ -148,7 +149,7 @@ def test_tokenizer_that_does_not_match_the_model_is_refused_at_load(tmp_path: Pa
 @pytest.mark.slow
 def test_nan_stage_writes_and_registers_nothing_and_secrets_stay_out(tmp_path: Path) -> None:
     """A tracked stage run with a secret in params and env; then a diverging rerun (NaN loss)."""
-    raw = tiny_raw_params(pretrain={"trainer": {"max_steps": 2, "save_steps": 2, "hub_token": SECRET}})
+    raw = tiny_raw(TRAINING, pretrain={"trainer": {"max_steps": 2, "save_steps": 2, "hub_token": SECRET}})
     raw["tracking"]["enabled"] = True
     raw["compute"]["num_threads"] = 1
     _, layout = make_project(tmp_path / "p", raw)
@@ -190,7 +191,7 @@ def test_nan_stage_writes_and_registers_nothing_and_secrets_stay_out(tmp_path: P
 def test_out_of_memory_is_a_clear_non_retryable_error(tmp_path: Path) -> None:
     """A ~75M-parameter model whose address space is capped (prlimit) once training is about to start:
     the gradients/optimizer state cannot be allocated, as on a full machine."""
-    raw = tiny_raw_params(pretrain={"trainer": {"max_steps": 3, "save_steps": 100}, "eval_items": 2})
+    raw = tiny_raw(TRAINING, pretrain={"trainer": {"max_steps": 3, "save_steps": 100}, "eval_items": 2})
     raw["model"]["architecture"].update(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12
     )
@@ -234,8 +235,8 @@ def test_flow_retry_condition_skips_non_retryable_failures() -> None:
 
 @pytest.mark.slow
 def test_disk_full_while_checkpointing_leaves_it_unmarked_and_resume_uses_the_previous(tmp_path: Path) -> None:
-    raw = tiny_raw_params(
-        pretrain={"trainer": {"max_steps": 120, "save_steps": 20, "logging_steps": 20}, "eval_every": 0}
+    raw = tiny_raw(
+        TRAINING, pretrain={"trainer": {"max_steps": 120, "save_steps": 20, "logging_steps": 20}, "eval_every": 0}
     )
     raw["compute"]["num_threads"] = 1
     _, layout = make_project(tmp_path / "p", raw)
@@ -274,7 +275,7 @@ def test_disk_full_while_saving_the_model_keeps_the_previous_model(tmp_path: Pat
     """pretrain with a given base only re-saves it: the model write itself hits the file-size limit."""
     from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
 
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     params = parse_params(raw)
     tok = train_tokenizer(["12+34=46", "rev:abc=cba"] * 5, params.model.tokenizer)
     bases = []
@@ -395,7 +396,7 @@ def test_evaluate_refuses_models_whose_tokenizers_differ(tmp_path: Path) -> None
     import stages.evaluate
     from posttrain.models.build import build_scratch_model, save_model, train_tokenizer
 
-    raw = tiny_raw_params()
+    raw = tiny_raw(TRAINING)
     raw["evaluate"].update(
         models=["pretrain", "cpt"], max_items=4, pass_at_k={"n": 2, "k": [1], "temperature": 0.8, "max_items": 2}
     )
@@ -421,7 +422,7 @@ def test_pickle_only_model_folder_is_refused(tmp_path: Path) -> None:
     from posttrain.models.build import build_scratch_model, load_base, train_tokenizer
     from posttrain.models.loading import load_stage_model
 
-    params = parse_params(tiny_raw_params())
+    params = parse_params(tiny_raw(TRAINING))
     tok = train_tokenizer(["12+34=46"] * 5, params.model.tokenizer)
     folder = tmp_path / "pickled"
     import torch
@@ -445,7 +446,7 @@ def test_remote_code_is_not_run_unless_enabled(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert ModelConfig().trust_remote_code is False
-    params = parse_params(tiny_raw_params())
+    params = parse_params(tiny_raw(TRAINING))
     tok = train_tokenizer(["12+34=46"] * 5, params.model.tokenizer)
     folder = tmp_path / "custom"
     build_scratch_model(params.model.architecture, tok).save_pretrained(folder)

@@ -233,7 +233,7 @@ def test_deploy_creates_a_cron_deployment_on_a_local_server(tmp_path: Path) -> N
             env=env,
             capture_output=True,
             text=True,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
             timeout=180,
         )
         assert done.returncode == 0, done.stderr

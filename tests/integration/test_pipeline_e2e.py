@@ -9,58 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.projects import make_project_copy, run, stages_run
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
 
 pytestmark = pytest.mark.e2e
-
-
-def make_project_copy(dest: Path, params_source: Path = REPO / "configs" / "tiny.yaml") -> Path:
-    """A fresh git + DVC workspace holding the project's code, its dvc.yaml and the tiny recipe."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("posttrain", "stages", "flows"):
-        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
-    shutil.copy(params_source, dest / "params.yaml")
-    (dest / ".dvc").mkdir()
-    shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
-    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
-    shutil.copy(REPO / ".gitignore", dest / ".gitignore")
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
-    return dest
-
-
-def project_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    return env
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=project_env(cwd), capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
-        )
-    return done
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
