@@ -17,6 +17,31 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("posttrain", "stages", "flows")
 MARKER = "# lazy:"
 
+# The layer rule of docs/design.md: a module imports only modules of its own layer or below.
+# Longest matching prefix wins.
+LAYERS = {
+    "posttrain": 0,  # the package's __init__ (telemetry switches)
+    "posttrain.errors": 0,
+    "posttrain.data.verifiers": 0,
+    "posttrain.scoring.rewards": 0,
+    "posttrain.config": 1,
+    "posttrain.layout": 1,
+    "posttrain.io": 1,
+    "posttrain.lineage": 2,
+    "posttrain.stage": 2,
+    "posttrain.runtime": 2,
+    "posttrain.data": 3,
+    "posttrain.models": 4,
+    "posttrain.scoring": 4,
+    "posttrain.training": 5,
+    "posttrain.tracking": 5,
+    "posttrain.pipeline": 6,
+    "stages": 7,
+    "flows": 8,
+}
+# Upward imports the design allows, each inside a function with its reason: the CLI starts flows.
+UPWARD_ALLOWED = {("posttrain.pipeline.cli", "flows.pipeline"), ("posttrain.pipeline.cli", "flows.continual")}
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -124,6 +149,30 @@ def unexplained_lazy_imports(path: Path) -> list[str]:
 def test_no_import_cycles_among_project_modules() -> None:
     graph = import_graph(project_modules())
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def layer_of(module: str) -> int:
+    for prefix in sorted(LAYERS, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return LAYERS[prefix]
+    raise AssertionError(f"{module}: no layer in LAYERS; add it (and to docs/design.md)")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{source} (layer {layer_of(source)}) imports {target} (layer {layer_of(target)})"
+        for source, targets_ in sorted(graph.items())
+        for target in sorted(targets_)
+        if layer_of(target) > layer_of(source) and (source, target) not in UPWARD_ALLOWED
+    ]
+
+
+def test_imports_follow_the_layer_rule() -> None:
+    bad = upward_imports(import_graph(project_modules()))
+    assert not bad, "imports against the layer rule of docs/design.md:\n" + "\n".join(bad)
+    assert upward_imports({"posttrain.config": {"posttrain.training.job"}}) == [
+        "posttrain.config (layer 1) imports posttrain.training.job (layer 5)"
+    ]
 
 
 def test_every_import_inside_a_function_states_why() -> None:
