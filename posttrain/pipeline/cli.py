@@ -189,9 +189,8 @@ def validate(
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
     try:
-        from posttrain.tracking import (
-            registry,
-        )  # lazy: keeps `posttrain --help` fast (registry code is only for these commands)
+        # lazy: keeps `posttrain --help` fast; only the registry commands need it
+        from posttrain.tracking import registry
     except ImportError as error:
         _fail(f"posttrain.tracking.registry is not available ({error})")
     try:
