@@ -11,8 +11,9 @@ A stage builds its model, tokenizer and dataset, describes the run as a `Trainin
                          ContinualEvaluation (per-domain val loss + greedy exact match series),
                          CheckpointMarker (COMPLETE written after a checkpoint is fully saved),
                          Preemption (SIGTERM saves a checkpoint and exits non-zero), ProgressLog
-    checkpoints          checkpoints/<stage>-<key>/, key = hash of params + input content hashes;
-                         resume from the newest COMPLETE checkpoint, half-written ones removed
+    checkpoints          checkpoints/<stage>-<key>/, key = hash of code, params and inputs
+                         (posttrain.checkpointing); resume from the newest COMPLETE checkpoint,
+                         half-written ones removed; resuming a finished run trains 0 steps
     outputs              model folder written atomically with lineage.json; metrics JSON; PNG and
                          JSON of the continual-evaluation series
 
@@ -26,7 +27,7 @@ Public API (stable; DPO/GRPO stages use it):
     check_lengths(texts, ids, tokenizer, max_length, on_too_long, where) -> None
     load_validation_sets(layout, domains, eval_items) -> dict[str, ValidationSet]
     evaluate_domains(model, tokenizer, sets) -> dict[str, dict[str, float | None]]
-    checkpoint_key(...) / find_resume_checkpoint(folder) / COMPLETE_MARKER
+    find_resume_checkpoint(folder) / COMPLETE_MARKER
     TrainingJob, run_training(job, params, layout, runtime) -> StageResult
     write_model_output(...) (no-op stages that only re-save a model, e.g. pretrain with a given base)
 """
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from transformers import TrainerCallback
 
+from posttrain import checkpointing
 from posttrain.config import ComputeConfig, Params, ParamsError, ScheduleConfig, TrainStageConfig, params_hash
 from posttrain.entry import StageResult, resource_error
 from posttrain.errors import DataError, StageError
@@ -230,6 +232,14 @@ def with_schedule(trainer_cls: type) -> type:
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # The Trainer checks max_steps only after an optimizer step: resumed from the final
+            # checkpoint of a finished run, it would train step max_steps + 1 and change the model.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
     Scheduled.__name__ = Scheduled.__qualname__ = f"Scheduled{trainer_cls.__name__}"
     return Scheduled
 
@@ -403,14 +413,6 @@ def _mean_token_loss(
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_key(stage: str, section: TrainStageConfig, *, seed: int, inputs: dict[str, Any]) -> str:
-    """Hash of everything that determines a run: the stage's params, the seed and its inputs' content hashes.
-
-    A checkpoint is only resumed by a run with the same key; changing a param or an input starts fresh.
-    """
-    return params_hash({"stage": stage, "section": section.model_dump(mode="json"), "seed": seed, "inputs": inputs})
 
 
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -676,22 +678,27 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             f"({positions})"
         )
     parents = [parent_entry(p, layout.root) for p in job.parents]
-    key = checkpoint_key(
+    # The key covers code, params and inputs (posttrain.checkpointing): another run's checkpoint is never resumed.
+    components = checkpointing.key_components(
+        layout.root,
         stage,
-        section,
-        seed=runtime.seed,
         inputs={
+            "section": section.model_dump(mode="json"),
+            "seed": runtime.seed,
             "parents": [p["content_hash"] for p in parents],
             "data_manifest": json_hash(job.data_manifest) if job.data_manifest else None,
+            "device": runtime.device,
             "precision": runtime.precision,
+            "threads": runtime.num_threads,
+            # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
+            "world_size": world_size(),
             # A continued adapter is only as good as its base: the base's hash decides the run too.
             **({"adapter_base": job.adapter.base["content_hash"]} if job.adapter else {}),
-            # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
-            **({"world_size": world_size()} if world_size() > 1 else {}),
             **job.key_inputs,
         },
     )
-    ckpt_dir = layout.checkpoints(stage, key)
+    ckpt_dir = layout.checkpoints(stage, checkpointing.key_of(components))
+    checkpointing.prepare_folder(ckpt_dir, components, clean=is_main_process())
     ckpt_shown = ckpt_dir.relative_to(layout.root).as_posix() if ckpt_dir.is_relative_to(layout.root) else str(ckpt_dir)
     # Only rank 0 deletes half-written checkpoints (the others skip them the same way).
     resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
@@ -765,7 +772,8 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "tokens_per_second": round(tokens_run / training_seconds, 1),
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,
-        "train_loss_mean": output.training_loss,
+        # Mean over this run's steps (None when it resumed a finished run and trained none).
+        "train_loss_mean": output.training_loss if steps_run else None,
         "val_before": before,
         "val_after": after,
         "continual_eval": evaluation.series,
