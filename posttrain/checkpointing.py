@@ -49,6 +49,12 @@ def _stage_entry(root: Path, stage: str) -> dict[str, Any] | None:
     return entry
 
 
+def stage_deps(root: Path, stage: str) -> list[str] | None:
+    """The stage's deps as dvc.yaml lists them (None: no dvc.yaml or no such stage in it)."""
+    entry = _stage_entry(root, stage)
+    return None if entry is None else [str(d).rstrip("/") for d in entry.get("deps") or []]
+
+
 def code_deps(root: Path, stage: str) -> list[str]:
     """The stage's deps in dvc.yaml that are code (not under artifacts/), as written there."""
     entry = _stage_entry(root, stage) or {}

@@ -133,6 +133,10 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             tracking.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
+        if launch.is_main_process():
+            from posttrain.lineage import add_environment
+
+            add_environment(Layout(root).metrics("eval" if stage == "evaluate" else stage))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
         if track:

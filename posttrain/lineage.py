@@ -82,6 +82,26 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; else what `platform` knows): numerics differ between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def add_environment(metrics_path: Path) -> None:
+    """Record the CPU model, platform and library versions in a stage's metrics file (if it wrote one)."""
+    if not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    metrics["environment"] = {"cpu": cpu_model(), "platform": platform.platform(), "libraries": library_versions()}
+    write_json_atomic(metrics_path, metrics)
+
+
 _SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@")
 _SECRET_KEYS = re.compile(r"(token|password|secret|api[_-]?key)", re.IGNORECASE)
 

@@ -652,6 +652,7 @@ class TrainingJob:
     config_fields: dict[str, Any] = field(default_factory=dict)  # stage-specific TRL config fields
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. reward_funcs, ref_model
     key_inputs: dict[str, Any] = field(default_factory=dict)  # anything else that determines the result
+    eval_domains: list[str] | None = None  # continual-evaluation domains (None: every data.domains entry)
     lineage_extra: dict[str, Any] = field(default_factory=dict)
     metrics_extra: dict[str, Any] = field(default_factory=dict)
     # The model's LoRA adapter, from posttrain.adapters.load_input_model (None: full fine-tuning).
@@ -704,7 +705,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
 
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
-    domains = list(params.data.domains)
+    domains = job.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
         job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
     )

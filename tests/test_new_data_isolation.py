@@ -1,0 +1,34 @@
+"""New data reruns only what it feeds: the continual flow's incoming-data step adds a CPT domain,
+and `dvc repro cpt` reruns prepare, mix and cpt but not pretrain (real DVC, tiny recipe)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from test_pipeline_e2e import make_project_copy, run, stages_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_incoming_batch_reruns_cpt_but_not_pretrain(tmp_path):
+    from flows.continual import ingest, new_files
+    from posttrain.config import load_params
+
+    root = make_project_copy(tmp_path / "project")
+    first = run(["dvc", "repro", "cpt"], root)
+    assert stages_run(first.stdout) == ["prepare", "mix", "pretrain", "cpt"], first.stdout
+
+    cfg = load_params(root / "params.yaml").orchestration.continual
+    incoming = root / cfg.incoming_dir
+    incoming.mkdir(parents=True)
+    (incoming / "batch1.jsonl").write_text("".join(f'{{"prompt": "{a}*2=", "answer": "{2 * a}"}}\n' for a in range(40)))
+    ingest(root, new_files(root, cfg), cfg)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert cfg.domain in params["data"]["domains"] and cfg.domain in params["mixtures"]["cpt"]["weights"]
+
+    status = run(["dvc", "status", "pretrain", "--json"], root)
+    assert "pretrain" not in status.stdout or '"changed deps"' not in status.stdout.split('"pretrain"')[1][:200]
+    second = run(["dvc", "repro", "cpt"], root)
+    ran = stages_run(second.stdout)
+    assert ran == ["prepare", "mix", "cpt"], second.stdout
+    assert "Stage 'pretrain' didn't change, skipping" in second.stdout
