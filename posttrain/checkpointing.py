@@ -38,7 +38,9 @@ KEEP_KEYS = 2  # key folders kept per stage: the current run's and the one befor
 _DATA_PREFIX = "artifacts/"  # deps under here are data/models, keyed by their content hashes instead
 
 
-def _stage_entry(root: Path, stage: str) -> dict[str, Any] | None:
+def stage_entry(root: Path, stage: str) -> dict[str, Any] | None:
+    """The stage's mapping in <root>/dvc.yaml (None: no dvc.yaml or no such stage). Read with yaml,
+    not DVC: every stage process calls this, and importing DVC costs seconds."""
     path = root / "dvc.yaml"
     if not path.is_file():
         return None
@@ -51,13 +53,13 @@ def _stage_entry(root: Path, stage: str) -> dict[str, Any] | None:
 
 def stage_deps(root: Path, stage: str) -> list[str] | None:
     """The stage's deps as dvc.yaml lists them (None: no dvc.yaml or no such stage in it)."""
-    entry = _stage_entry(root, stage)
+    entry = stage_entry(root, stage)
     return None if entry is None else [str(d).rstrip("/") for d in entry.get("deps") or []]
 
 
 def code_deps(root: Path, stage: str) -> list[str]:
     """The stage's deps in dvc.yaml that are code (not under artifacts/), as written there."""
-    entry = _stage_entry(root, stage) or {}
+    entry = stage_entry(root, stage) or {}
     return [str(d) for d in entry.get("deps") or [] if not str(d).startswith(_DATA_PREFIX)]
 
 
@@ -89,7 +91,7 @@ def _lookup(raw: dict[str, Any], dotted: str, where: str) -> Any:
 
 def stage_params(root: Path, stage: str) -> dict[str, Any]:
     """The values of the params keys dvc.yaml lists for the stage (default file params.yaml)."""
-    entry = _stage_entry(root, stage) or {}
+    entry = stage_entry(root, stage) or {}
     values: dict[str, Any] = {}
     cache: dict[str, dict[str, Any]] = {}
 
@@ -110,7 +112,7 @@ def stage_params(root: Path, stage: str) -> dict[str, Any]:
 
 def key_components(root: Path, stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """What the key hashes: code file hashes, dvc.yaml params values, and the caller's inputs."""
-    if _stage_entry(root, stage) is None:
+    if stage_entry(root, stage) is None:
         log.warning("%s: stage %r not in dvc.yaml; its checkpoint key covers params and inputs only", root, stage)
     return {
         "stage": stage,
