@@ -85,3 +85,21 @@ def test_skipped_folders_are_logged_with_the_reason_and_old_keys_cleaned(tmp_pat
     assert checkpointing.clean(checkpoints, keep=1) == [first]
     assert checkpointing.clean(checkpoints, everything=True) == sorted([other, second])
     assert not checkpoints.exists()
+
+
+def test_posttrain_clean_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from posttrain.cli import app
+
+    checkpoints = tmp_path / "checkpoints"
+    for i, name in enumerate(("sft-old", "sft-mid", "sft-new", "grpo-only")):
+        (checkpoints / name).mkdir(parents=True)
+        os.utime(checkpoints / name, (100 + i, 100 + i))
+    result = CliRunner().invoke(app, ["clean", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert f"removed {checkpoints / 'sft-old'}" in result.output
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["grpo-only", "sft-mid", "sft-new"]
+    result = CliRunner().invoke(app, ["clean", "--all", "--root", str(tmp_path)])
+    assert result.exit_code == 0 and not checkpoints.exists()
+    assert CliRunner().invoke(app, ["clean", "--root", str(tmp_path)]).output.strip() == "nothing to remove"

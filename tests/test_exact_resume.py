@@ -141,3 +141,35 @@ def test_code_comment_changes_key_and_training_starts_from_step_zero(project):
     assert len(folders) == 2 and old_folder in folders
     new = next(f for f in folders if f != old_folder)
     assert "posttrain/adapters.py" in json.loads((new / "key.json").read_text())["code"]
+
+
+@pytest.mark.parametrize(("stage", "input_stage"), [("sft", "cpt"), ("grpo", "dpo")])
+def test_sft_and_grpo_rerun_after_complete_run_trains_zero_steps_same_hash(tmp_path, stage, input_stage):
+    """The fix sits in the trainer class every stage shares; SFT and GRPO (sampled rollouts) show it too."""
+    from test_dpo_grpo import build_project, tiny_raw
+
+    from posttrain.config import parse_params
+
+    raw = tiny_raw()
+    raw[stage]["trainer"] = {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2}
+    raw[stage]["eval_items"] = 8
+    raw[stage]["eval_every"] = 0
+    build_project(parse_params(raw), tmp_path, input_stage)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def run() -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}", "--root", str(tmp_path)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        return json.loads((tmp_path / "artifacts" / "metrics" / f"{stage}.json").read_text())
+
+    first = run()
+    second = run()
+    assert first["steps"] == second["steps"] == 4
+    assert (second["steps_this_run"], second["resumed_from_step"]) == (0, 4)
+    assert second["content_hash"] == first["content_hash"]
