@@ -74,6 +74,8 @@ def project(tmp_path_factory) -> Path:
     _run(root)
     metrics = _metrics(root)
     assert metrics["steps"] == STEPS and metrics["steps_this_run"] == STEPS
+    # The machine is named in the metrics: CPU numerics differ between CPU models.
+    assert metrics["environment"]["cpu"] and "torch" in metrics["environment"]["libraries"]
     return root
 
 

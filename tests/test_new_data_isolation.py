@@ -35,3 +35,18 @@ def test_incoming_batch_reruns_cpt_but_not_pretrain(tmp_path):
     ran = stages_run(second.stdout)
     assert ran == ["prepare", "mix", "cpt"], second.stdout
     assert "Stage 'pretrain' didn't change, skipping" in second.stdout
+
+
+def test_pretrain_refuses_a_tokenizer_domain_missing_from_its_dvc_deps(tmp_path):
+    from posttrain.config import ParamsError
+    from posttrain.layout import Layout
+    from stages.pretrain import check_declared_deps
+
+    stage = {"cmd": "python -m stages.pretrain", "deps": ["stages/pretrain.py", "artifacts/data/prepared/add"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
+    check_declared_deps(Layout(tmp_path), ["add"])
+    with pytest.raises(ParamsError, match=r"\['artifacts/data/prepared/sub'\]"):
+        check_declared_deps(Layout(tmp_path), ["add", "sub"])
+    stage["deps"].append("artifacts/data/prepared")  # the whole folder covers every domain
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
+    check_declared_deps(Layout(tmp_path), ["add", "sub"])
