@@ -61,6 +61,10 @@ class TokenizerConfig(Strict):
 
     vocab_size: Annotated[int, Field(ge=32, le=1_000_000)] = 96
     min_frequency: PositiveInt = 2
+    # Domains whose train splits the tokenizer (and pretrain's evaluation) reads; null = every domain.
+    # Listed explicitly, a domain added later (e.g. for CPT) leaves pretrain untouched; its
+    # characters must then already be covered by these domains (others map to <unk>).
+    domains: list[str] | None = None
 
 
 class ArchitectureConfig(Strict):
@@ -538,6 +542,9 @@ class Params(Strict):
                 problems.append(
                     (f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, f"one of {sorted(self.mixtures)}")
                 )
+        for i, domain in enumerate(self.model.tokenizer.domains or []):
+            if domain not in domains:
+                problems.append((f"model.tokenizer.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         for i, stage in enumerate(self.merge.models):
             if stage not in TRAINING_STAGES:
                 problems.append((f"merge.models[{i}]", stage, f"one of {list(TRAINING_STAGES)}"))
@@ -564,6 +571,10 @@ class Params(Strict):
 
     def stage_section(self, stage: str) -> BaseModel:
         return getattr(self, stage)
+
+    def pretrain_domains(self) -> list[str]:
+        """The domains pretrain reads: model.tokenizer.domains, or every domain when that is null."""
+        return list(self.model.tokenizer.domains or self.data.domains)
 
 
 # --------------------------------------------------------------------------- loading

@@ -40,6 +40,10 @@ class TrackingError(PipelineError):
     """MLflow cannot be used as configured (unreachable server, failed write); says what to change."""
 
 
+class SeedsError(PipelineError):
+    """The seed sweep (`posttrain seeds N`) could not be queued, run or read back."""
+
+
 class PromotionError(TrackingError):
     """Promotion or rollback cannot be done as asked (no candidate, force without reason, ...)."""
 

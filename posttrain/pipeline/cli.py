@@ -311,6 +311,47 @@ def continual(
     typer.echo(json.dumps(state.result(), indent=2, default=str))
 
 
+@app.command()
+def seeds(
+    n: Annotated[int, typer.Argument(help="Number of seeds: params.yaml's seed, seed+1, ..., seed+N-1.", min=1)],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Experiments run in parallel by DVC's queue.", min=1)] = 1,
+    root: RootOption = None,
+) -> None:
+    """Run the recipe under N seeds as DVC experiments; write artifacts/metrics/seeds.json and a plot."""
+    # lazy: keeps the CLI fast (the sweep imports DVC)
+    from posttrain.pipeline.seeds import run_sweep
+    from posttrain.scoring.seeds import PLOT_PATH, SEEDS_PATH
+
+    project = _root(root)
+    base = _load_or_fail(project).seed
+    try:
+        summary, failed = run_sweep(project, [base + i for i in range(n)], jobs=jobs)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"{SEEDS_PATH} and {PLOT_PATH}: seeds {summary['seeds']}")
+    for line in summary["targets_failed"]:
+        typer.echo(f"  target missed: {line}")
+    if failed:
+        _fail(f"the experiments of seeds {failed} failed; see `dvc queue logs <name>` (dvc exp show lists them)")
+
+
+@app.command()
+def clean(
+    all_: Annotated[bool, typer.Option("--all", help="Delete every checkpoint, of every key.")] = False,
+    keep: Annotated[
+        int | None,
+        typer.Option("--keep", help="Key folders kept per stage, newest first (default: as at stage start, 2).", min=1),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Delete old checkpoints: all but the newest --keep key folders per stage (or --all)."""
+    # lazy: keeps the CLI fast (training.checkpoints imports transformers)
+    from posttrain.training import checkpoints
+
+    removed = checkpoints.clean(_root(root) / "checkpoints", keep=keep or checkpoints.KEEP_KEYS, everything=all_)
+    typer.echo("\n".join(f"removed {path}" for path in removed) or "nothing to remove")
+
+
 def main() -> None:  # pragma: no cover - `python -m posttrain.pipeline.cli`
     app()
 

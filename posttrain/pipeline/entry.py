@@ -17,6 +17,7 @@ from pathlib import Path
 from posttrain.config import load_params
 from posttrain.errors import PipelineError, resource_error
 from posttrain.layout import Layout, find_root
+from posttrain.lineage import add_environment
 from posttrain.pipeline import launch
 from posttrain.runtime import is_main_process
 from posttrain.stage import StageFunction
@@ -74,6 +75,8 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             client.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
+        if launch.is_main_process():
+            add_environment(Layout(root).metrics("eval" if stage == "evaluate" else stage))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
         if track:

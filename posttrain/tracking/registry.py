@@ -19,6 +19,9 @@ Promotion rule (documented in the README's promotion section, written here once)
    i.e. the two intervals' relevant half-widths combined in quadrature (independent samples; a
    bootstrap CI may be asymmetric, so each side uses its own half). With min_improvement 0 the
    candidate must be better beyond noise; a negative value is a non-inferiority margin.
+5. where `artifacts/metrics/seeds.json` exists (`posttrain seeds N`), the improvement d must also
+   exceed the seed standard deviation of the final stage on `compare_domain`: beyond training noise,
+   not only beyond one run's sampling noise.
 A refused candidate keeps its aliases; the reasons are tagged on the version and printed. A version
 that was rolled back is not promoted again without `force`.
 
@@ -39,6 +42,7 @@ from posttrain.errors import PromotionError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
+from posttrain.scoring import seeds
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
 
@@ -428,8 +432,13 @@ def check_gates(
     candidate: dict[str, Any] | None,
     champion: dict[str, Any] | None,
     champion_version: str | None = None,
+    seed_std: float | None = None,
 ) -> list[Gate]:
-    """The promotion rule of this module's docstring, as a list of named pass/fail checks."""
+    """The promotion rule of this module's docstring, as a list of named pass/fail checks.
+
+    `seed_std`: the seed standard deviation of the final stage on `compare_domain` from seeds.json
+    (`posttrain seeds N`); when given, the improvement must also exceed it (rule 5).
+    """
     rules = params.promotion
     if candidate is None:
         return [Gate("evaluated", False, "the candidate has no evaluation scores; run the evaluate stage first")]
@@ -474,7 +483,12 @@ def check_gates(
             )
             if candidate.get("prepared_manifest_hash") != champion.get("prepared_manifest_hash"):
                 detail += "; note: the two were evaluated on different prepared data"
-            gates.append(Gate(name, low > rules.min_improvement, detail))
+            passed = low > rules.min_improvement
+            if seed_std is not None:
+                # One run's bootstrap CI ignores training noise: a new seed alone moves a score this much.
+                passed = passed and c["mean"] - p["mean"] > seed_std
+                detail += f"; seed std {seed_std:.4f} from seeds.json (improvement must exceed it)"
+            gates.append(Gate(name, passed, detail))
     return gates
 
 
@@ -532,7 +546,9 @@ def promote(
         )
         print(result.summary())
         return result
-    gates = check_gates(params, _scores(target), _scores(champion), before)
+    summary = seeds.read_summary(Path(root))
+    seed_std = seeds.spread(summary, params.promotion.final_stage, params.promotion.compare_domain) if summary else None
+    gates = check_gates(params, _scores(target), _scores(champion), before, seed_std=seed_std)
     if target.tags.get(ROLLED_BACK_TAG) == "true":
         gates.append(
             Gate(

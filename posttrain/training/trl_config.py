@@ -115,5 +115,13 @@ def with_schedule(trainer_cls: type) -> type:
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # The Trainer checks max_steps only after an optimizer step: resumed from the final
+            # checkpoint of a finished run, it would train step max_steps + 1 and change the model.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
     Scheduled.__name__ = Scheduled.__qualname__ = f"Scheduled{trainer_cls.__name__}"
     return Scheduled
