@@ -182,6 +182,9 @@ class HubDomain(_DomainBase):
     kind: Literal["hub"]
     name: str
     subset: str | None = None
+    # A commit sha or tag of the dataset repository: required for hub ids (posttrain.userdeps), so
+    # that the data behind params.yaml cannot change without DVC seeing a params change.
+    revision: str | None = None
     split: str = "train"
     columns: dict[str, str] = {}
     max_items: PositiveInt | None = None

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from posttrain import userdeps
 from posttrain.config import DataConfig, DomainConfig, Params
 from posttrain.data import decontamination, domains, io, sources, splits
 from posttrain.data.domains import Record
@@ -106,6 +107,7 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
 
 def run(params: Params, layout: Layout) -> StageResult:
     started = time.perf_counter()
+    userdeps.check(params.data, layout.root)  # an undeclared data file would go stale unseen
     manifest = prepare(params.data, layout)
     seconds = time.perf_counter() - started
     metrics = {

@@ -260,7 +260,7 @@ def load_hub(domain: str, config: HubDomain, verifier: str) -> tuple[list[Record
     )
     report = SourceReport(source=label)
     try:
-        dataset = datasets.load_dataset(config.name, config.subset, split=config.split)
+        dataset = datasets.load_dataset(config.name, config.subset, split=config.split, revision=config.revision)
     except Exception as error:  # network, missing cache, unknown split, bad files: all the user's to fix
         raise DataError(
             f"{label} (data.domains.{domain}): could not be loaded: {type(error).__name__}: {error}. "
