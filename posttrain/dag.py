@@ -51,6 +51,11 @@ def _open_repo(root: str | Path) -> Iterator[Repo]:
     try:
         yield repo
     except DvcException as error:
+        if "lock" in type(error).__name__.lower() or "dvc.lock" in str(error):
+            raise DagError(
+                f"{Path(root) / 'dvc.lock'}: {error}; dvc.yaml is fine. Restore the lock file "
+                "(git checkout dvc.lock) or delete it, and DVC reruns the stages it no longer records"
+            ) from None
         raise DagError(f"{Path(root) / 'dvc.yaml'}: {error}") from None
     finally:
         repo.close()
