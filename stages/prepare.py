@@ -19,6 +19,7 @@ from posttrain.config import DataConfig, DomainConfig, Params
 from posttrain.data import decontamination, domains, io, sources, splits
 from posttrain.data.domains import Record
 from posttrain.entry import StageResult, stage_main
+from posttrain.errors import DataError
 from posttrain.layout import Layout
 
 log = logging.getLogger("posttrain.prepare")
@@ -44,6 +45,7 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
     """Build, split, decontaminate and write all domains; returns the manifest."""
     by_domain: dict[str, dict[str, list[Record]]] = {}
     described: dict[str, dict[str, Any]] = {}
+    empty: list[str] = []
     for name, config in data.domains.items():
         started = time.perf_counter()
         records, source = build_domain(name, config, data, layout)
@@ -61,11 +63,9 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
         fractions = {"val": data.split.val_fraction, "test": data.split.test_fraction}
         for split, fraction in fractions.items():
             if fraction > 0 and not parts[split]:
-                log.warning(
-                    "domain %s: %s split is empty (%d items in all); add items to evaluate it",
-                    name,
-                    split,
-                    len(records),
+                empty.append(
+                    f"domain {name}: {split} split is empty ({len(records)} items in all, "
+                    f"data.split.{split}_fraction = {fraction}); add items to the domain or raise the fraction"
                 )
 
     report = decontamination.decontaminate(
@@ -74,6 +74,9 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
         data.decontamination.max_overlap,
         data.decontamination.max_leaked_fraction,
     )
+    if empty:
+        # Refused here, not later: DPO, GRPO and evaluation fail on an empty split after training.
+        raise DataError("; ".join(empty))
     log.info(
         "decontamination: %d val/test items checked, %d leaked, highest n-gram overlap %.2f",
         report["checked"],
