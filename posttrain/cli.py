@@ -76,6 +76,24 @@ def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, 
         _fail(str(error))
 
 
+def _run_check(project: Path, targets: list[str] | None, overrides: list[str]) -> Any:
+    """Everything a run needs from the params, checked before `--set` writes anything:
+    the stages asked for exist, the preflight checks pass, and overridden trainer keys are TRL's."""
+    from posttrain import dag, preflight
+    from posttrain.config import TRAINING_STAGES, ParamsError
+
+    def check(params: Any) -> None:
+        if targets:
+            dag.select(dag.stage_graph(project), targets)
+        problems = preflight.problems(params, project, undeclared=False)  # undeclared files are added
+        touched = sorted({o.split(".")[0] for o in overrides if ".trainer." in o.partition("=")[0]})
+        problems += preflight.trainer_key_problems(params, [s for s in touched if s in TRAINING_STAGES])
+        if problems:
+            raise ParamsError("params.yaml" + (" with --set" if overrides else "") + ": " + "; ".join(problems))
+
+    return check
+
+
 @app.command()
 def run(
     overrides: Annotated[
@@ -98,14 +116,19 @@ def run(
     Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
     MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
     """
-    from posttrain import dag
+    from posttrain import dag, userdeps
 
     project = _root(root)
     targets = _split(stages)
     try:
-        for change in dag.apply_overrides(project, overrides or []):
+        check = _run_check(project, targets, overrides or [])
+        for change in dag.apply_overrides(project, overrides or [], check=check):
             typer.echo(f"params.yaml: {change}")
-        _load(project)
+        params = _load(project)
+        if not overrides:
+            check(params)
+        for added in userdeps.sync(params.data, project):
+            typer.echo(f"dvc.yaml: added {added} to the deps of prepare (a data file it reads)")
     except PipelineError as error:
         _fail(str(error))
     if no_prefect:
@@ -185,14 +208,34 @@ def validate(
     root: RootOption = None,
 ) -> None:
     """Load and check a params file; print OK or every bad key with its value, and exit 1."""
+    from posttrain import preflight
     from posttrain.config import load_params
 
-    path = params or _root(root) / "params.yaml"
+    project = _root(root)
+    path = params or project / "params.yaml"
     try:
-        load_params(path)
+        problems = preflight.problems(load_params(path), project)
     except PipelineError as error:
         _fail(str(error))
+    if problems:
+        _fail(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {line}" for line in problems))
     typer.echo(f"OK: {path}")
+
+
+@app.command("sync-deps")
+def sync_deps(root: RootOption = None) -> None:
+    """Add every user data file params.yaml reads to the deps of `prepare` in dvc.yaml (DVC then sees edits)."""
+    from posttrain import userdeps
+
+    project = _root(root)
+    try:
+        added = userdeps.sync(_load(project).data, project)
+    except PipelineError as error:
+        _fail(str(error))
+    for path in added:
+        typer.echo(f"dvc.yaml: added {path} to the deps of prepare")
+    if not added:
+        typer.echo("dvc.yaml: every data file params.yaml reads is already a dependency of prepare")
 
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:

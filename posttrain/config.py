@@ -766,4 +766,8 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ParamsError(f"override {assignment!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ParamsError(f"override {assignment!r}: the value is not valid YAML ({problem})") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,13 +217,16 @@ def last_metrics(root: str | Path) -> dict[str, dict[str, Any]]:
     return metrics
 
 
-def apply_overrides(root: str | Path, overrides: Iterable[str]) -> list[str]:
+def apply_overrides(
+    root: str | Path, overrides: Iterable[str], check: Callable[[Any], None] | None = None
+) -> list[str]:
     """Write `key=value` overrides into <root>/params.yaml, the way `dvc exp run -S` does.
 
     The params file stays the single source that DVC's lock, MLflow and the flow all read. The
     result is validated with posttrain.config before anything is written (a bad value leaves the
     file untouched), comments are kept (DVC's round-trip YAML), and the file is replaced atomically.
     Returns the overrides that changed a value (applying the same override twice is a no-op).
+    `check(params)` may raise to refuse the new params; the file is then left untouched.
     """
     import os
     import tempfile
@@ -244,7 +247,9 @@ def apply_overrides(root: str | Path, overrides: Iterable[str]) -> list[str]:
         set_override(raw, assignment)
         if json.dumps(raw, sort_keys=True, default=str) != snapshot:
             changed.append(assignment)
-    parse_params(json.loads(json.dumps(raw, default=str)), source=f"{path} with --set {' '.join(overrides)}")
+    params = parse_params(json.loads(json.dumps(raw, default=str)), source=f"{path} with --set {' '.join(overrides)}")
+    if check is not None:
+        check(params)  # the caller's checks of the new params, before anything is written
     if changed:
         fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml", dir=path.parent)
         with os.fdopen(fd, "w") as handle:

@@ -34,7 +34,6 @@ Public API (stable; DPO/GRPO stages use it):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -58,6 +57,7 @@ from posttrain.errors import DataError, StageError
 from posttrain.launch import is_main_process, world_size
 from posttrain.layout import Layout
 from posttrain.lineage import atomic_output_dir, json_hash, parent_entry, write_json_atomic, write_lineage
+from posttrain.preflight import unknown_trainer_keys
 
 if TYPE_CHECKING:
     import datasets
@@ -151,13 +151,9 @@ def trl_config(
     """
     known = {f.name for f in dataclasses.fields(config_cls)}
     user = section.trainer.model_dump()
-    for key in user:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ParamsError(
-                f"{stage}.trainer.{key}: unknown setting for TRL's {config_cls.__name__} (value {user[key]!r}){hint}"
-            )
+    unknown = unknown_trainer_keys(config_cls, stage, user)  # also run by `posttrain run --set`
+    if unknown:
+        raise ParamsError(unknown[0])
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "report_to": "none",  # MLflow is recorded by posttrain.entry after the stage, not by the Trainer

@@ -92,12 +92,12 @@ def missing(data: DataConfig, root: Path) -> dict[str, str]:
     return {key: path for key, path in files.items() if not _covered(path, deps)}
 
 
-def problems(data: DataConfig, root: Path) -> list[str]:
-    """One line per undeclared file or unpinned hub dataset, each with its fix."""
+def problems(data: DataConfig, root: Path, undeclared: bool = True) -> list[str]:
+    """One line per undeclared file (when `undeclared`) or unpinned hub dataset, each with its fix."""
     lines = [
         f"{key} = {path!r} is read by '{STAGE}' but is not a dependency in dvc.yaml, so DVC would not see "
         "edits to it; run `posttrain sync-deps` (or add it under stages.prepare.deps)"
-        for key, path in missing(data, root).items()
+        for key, path in (missing(data, root) if undeclared else {}).items()
     ]
     lines += [
         f"{key}: not set; a hub dataset can change without DVC seeing it. Pin a commit or tag, e.g. "

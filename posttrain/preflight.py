@@ -1,0 +1,104 @@
+"""Checks `posttrain validate` and `posttrain run` make beyond the params schema (posttrain.config).
+
+They need the project folder, a library heavier than the schema may import, or a look at the
+data; each names the key and what is allowed, so a recipe fails before any stage runs:
+
+    undeclared user data files / unpinned hub datasets     (posttrain.userdeps)
+    orchestration.continual.cron                           (Prefect's own cron parser)
+    model.tokenizer.vocab_size below the data's alphabet   (synthetic domains: known before prepare)
+    <stage>.trainer keys TRL's config class does not have  (imports trl: only when asked)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+from posttrain import userdeps
+from posttrain.config import Params
+
+# The TRL config class each training stage builds (stages/*.py).
+TRL_CONFIGS = {
+    "pretrain": "SFTConfig",
+    "cpt": "SFTConfig",
+    "sft": "SFTConfig",
+    "dpo": "DPOConfig",
+    "grpo": "GRPOConfig",
+}
+
+
+def cron_problem(cron: str) -> str | None:
+    from prefect._internal.schemas.validators import validate_cron_string  # what `posttrain deploy` runs
+
+    try:
+        validate_cron_string(cron)
+    except ValueError as error:
+        return f"orchestration.continual.cron: {error}; expected five fields, e.g. '0 2 * * *'"
+    return None
+
+
+def vocab_problem(params: Params) -> str | None:
+    """The scratch tokenizer keeps every character it sees: a smaller vocab_size is silently exceeded."""
+    if params.model.base != "scratch":
+        return None
+    from posttrain.data import domains, splits
+    from posttrain.modeling import SPECIAL_TOKENS
+
+    chars: set[str] = set()
+    for name, config in params.data.domains.items():
+        if config.kind in domains.GENERATOR_KINDS:
+            quiet = logging.getLogger(domains.__name__)
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)  # its "space smaller than n_items" note is prepare's to log
+            try:
+                records = domains.generate(name, config, params.data.seed, config.verifier)
+            finally:
+                quiet.setLevel(level)
+            split = params.data.split
+            train = splits.split_records(records, split.salt, split.val_fraction, split.test_fraction)["train"]
+            chars.update(*(record["text"] for record in train))
+    needed = len(chars) + len(SPECIAL_TOKENS)
+    if params.model.tokenizer.vocab_size < needed:
+        return (
+            f"model.tokenizer.vocab_size: got {params.model.tokenizer.vocab_size}, but the synthetic domains use "
+            f"{len(chars)} distinct characters plus {len(SPECIAL_TOKENS)} special tokens; expected at least {needed}"
+        )
+    return None
+
+
+def unknown_trainer_keys(config_cls: type, stage: str, trainer: dict[str, Any]) -> list[str]:
+    """One line per `<stage>.trainer` key that TRL's `config_cls` does not have (with close names)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    lines = []
+    for key, value in trainer.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            lines.append(
+                f"{stage}.trainer.{key}: unknown setting for TRL's {config_cls.__name__} (value {value!r}){hint}"
+            )
+    return lines
+
+
+def trainer_key_problems(params: Params, stages: list[str]) -> list[str]:
+    """Unknown trainer keys of `stages`, checked before a run starts (imports trl: ~8 s)."""
+    import trl
+
+    lines = []
+    for stage in stages:
+        config_cls = getattr(trl, TRL_CONFIGS[stage])
+        lines += unknown_trainer_keys(config_cls, stage, params.stage_section(stage).trainer.model_dump())
+    return lines
+
+
+def problems(params: Params, root: Path, undeclared: bool = True) -> list[str]:
+    """Everything `posttrain validate` refuses beyond the schema, one line each (`undeclared`: also
+    report data files missing from dvc.yaml; `posttrain run` adds them instead)."""
+    found = userdeps.problems(params.data, root, undeclared=undeclared)
+    for problem in (cron_problem(params.orchestration.continual.cron), vocab_problem(params)):
+        if problem:
+            found.append(problem)
+    return found
