@@ -50,7 +50,7 @@ def vocab_problem(params: Params) -> str | None:
     chars: set[str] = set()
     for name, config in params.data.domains.items():
         if config.kind in domains.GENERATOR_KINDS:
-            quiet = logging.getLogger(domains.__name__)
+            quiet = domains.log
             level = quiet.level
             quiet.setLevel(logging.ERROR)  # its "space smaller than n_items" note is prepare's to log
             try:
