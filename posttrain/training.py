@@ -56,6 +56,7 @@ from posttrain.entry import StageResult, resource_error
 from posttrain.errors import DataError, StageError
 from posttrain.launch import is_main_process, world_size
 from posttrain.layout import Layout
+from posttrain.lengths import check_completion_room
 from posttrain.lineage import atomic_output_dir, json_hash, parent_entry, write_json_atomic, write_lineage
 from posttrain.preflight import unknown_trainer_keys
 
@@ -298,6 +299,8 @@ def load_prompt_completion_mixture(
     where = str(layout.mixture(stage) / "train.parquet")
     texts = [p + c for p, c in zip(data["prompt"], data["completion"], strict=False)]
     check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
+    if section.on_too_long == "truncate":
+        check_completion_room(data["prompt"], tokenizer, section.max_length, stage, where)
     return data.select_columns(["prompt", "completion"])
 
 
