@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,29 @@ TRL_CONFIGS = {
 }
 
 
-def cron_problem(cron: str) -> str | None:
-    from prefect._internal.schemas.validators import validate_cron_string  # what `posttrain deploy` runs
+def _prefect_croniter() -> Any:
+    """The croniter Prefect vendors and validates deployments with, loaded from its file so that
+    `posttrain validate` does not import Prefect (seconds); it needs only pytz and dateutil."""
+    spec = importlib.util.find_spec("prefect")  # finds, does not import, a top-level package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "_vendor" / "croniter" / "croniter.py"
+    loaded = importlib.util.spec_from_file_location("posttrain_vendored_croniter", path)
+    if loaded is None or loaded.loader is None or not path.is_file():
+        return None
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return module.croniter
 
-    try:
-        validate_cron_string(cron)
-    except ValueError as error:
-        return f"orchestration.continual.cron: {error}; expected five fields, e.g. '0 2 * * *'"
+
+def cron_problem(cron: str) -> str | None:
+    """Prefect's own rule (prefect._internal.schemas.validators.validate_cron_string)."""
+    croniter = _prefect_croniter()
+    if croniter is None:
+        return None  # no Prefect installed: `posttrain deploy` cannot run anyway
+    # Prefect also refuses croniter's random (R) and hashed (H) fields.
+    if not croniter.is_valid(cron) or any(part.casefold() in ("r", "h") for part in cron.split()):
+        return f"orchestration.continual.cron: got {cron!r}, not a valid cron expression; expected five fields, e.g. '0 2 * * *'"
     return None
 
 
