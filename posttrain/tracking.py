@@ -87,7 +87,8 @@ def check_store_writable(uri: str, source: str) -> None:
     db = Path(urllib.parse.urlsplit(uri).path)
     for path in (db, db.parent / "mlruns"):
         target = path if path.exists() else path.parent
-        if not os.access(target, os.W_OK):
+        usable = target.is_dir() if target != db else target.is_file()
+        if not usable or not os.access(target, os.W_OK):
             raise TrackingError(
                 f"MLflow store {redact(uri)} (from {source}): {target} is not writable; fix its permissions, "
                 "point tracking.tracking_uri elsewhere, or set tracking.enabled: false"
