@@ -608,7 +608,8 @@ class Params(Strict):
                     problems.append((f"promotion.{key}.{domain}", domain, f"a domain in {sorted(domains)}"))
         if self.promotion.final_stage not in MODEL_STAGES:
             problems.append(("promotion.final_stage", self.promotion.final_stage, f"one of {list(MODEL_STAGES)}"))
-        elif self.promotion.final_stage not in self.evaluate.models:
+        elif self.tracking.enabled and self.promotion.final_stage not in self.evaluate.models:
+            # Promotion (MLflow only) gates on the final stage's evaluation scores.
             problems.append(
                 (
                     "promotion.final_stage",

@@ -135,7 +135,7 @@ def test_unwritable_store_fails_before_training(tmp_path: Path, tiny_params: dic
 CROSS_REFERENCES = [
     ({"promotion": {"compare_domain": "nosuch"}}, "promotion.compare_domain: got 'nosuch', expected a domain in"),
     (
-        {"promotion": {"final_stage": "dpo"}, "evaluate": {"models": ["sft", "merge"]}},
+        {"promotion": {"final_stage": "dpo"}, "evaluate": {"models": ["sft", "merge"]}, "tracking": {"enabled": True}},
         "promotion.final_stage: got 'dpo', expected a stage in evaluate.models",
     ),
     ({"mixtures.cpt.replay": {"from_stage": "cpt"}}, "mixtures.cpt.replay.from_stage: got 'cpt', expected an earlier"),
