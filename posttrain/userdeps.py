@@ -64,14 +64,16 @@ def unpinned_hub(data: DataConfig, root: Path) -> list[str]:
     return keys
 
 
-def declared_deps(root: Path) -> list[str]:
-    """`prepare`'s deps in dvc.yaml (paths as written)."""
+def declared_deps(root: Path) -> list[str] | None:
+    """`prepare`'s deps in dvc.yaml (paths as written); None when dvc.yaml has no `prepare` stage."""
     try:
         dvc = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise UndeclaredDataError(f"{root / 'dvc.yaml'}: cannot be read ({error})") from None
-    deps = ((dvc.get("stages") or {}).get(STAGE) or {}).get("deps") or []
-    return [str(next(iter(dep))) if isinstance(dep, dict) else str(dep) for dep in deps]
+    stage = (dvc.get("stages") or {}).get(STAGE)
+    if stage is None:
+        return None
+    return [str(next(iter(dep))) if isinstance(dep, dict) else str(dep) for dep in stage.get("deps") or []]
 
 
 def _covered(path: str, deps: list[str]) -> bool:
@@ -89,6 +91,8 @@ def missing(data: DataConfig, root: Path) -> dict[str, str]:
     if not files or not (root / "dvc.yaml").is_file():
         return {}  # outside a DVC project (a stage function called directly) nothing can go stale
     deps = declared_deps(root)
+    if deps is None:
+        return {}  # a dvc.yaml without `prepare` (a toy pipeline): no stage reads these files
     return {key: path for key, path in files.items() if not _covered(path, deps)}
 
 
@@ -115,8 +119,14 @@ def check(data: DataConfig, root: Path) -> None:
 
 
 def sync(data: DataConfig, root: Path) -> list[str]:
-    """Add every undeclared user file to `prepare`'s deps in dvc.yaml (comments kept); returns them."""
-    absent = sorted(set(missing(data, root).values()))
+    """Add every undeclared user file to `prepare`'s deps in dvc.yaml; returns them."""
+    return add_deps(root, sorted(set(missing(data, root).values())))
+
+
+def add_deps(root: Path, paths: list[str]) -> list[str]:
+    """Add `paths` (not yet covered) to `prepare`'s deps in dvc.yaml, comments and layout kept."""
+    deps = declared_deps(root)
+    absent = [path for path in paths if deps is not None and not _covered(path, deps)]
     if not absent:
         return []
     from ruamel.yaml import YAML  # DVC's own YAML library: keeps dvc.yaml's comments and layout
@@ -125,8 +135,7 @@ def sync(data: DataConfig, root: Path) -> list[str]:
     editor.preserve_quotes = True
     path = root / "dvc.yaml"
     document: Any = editor.load(path.read_text())
-    deps = document["stages"][STAGE].setdefault("deps", [])
-    deps.extend(absent)
+    document["stages"][STAGE].setdefault("deps", []).extend(absent)
     tmp = path.with_name(".dvc.yaml.tmp")
     with tmp.open("w") as handle:
         editor.dump(document, handle)
