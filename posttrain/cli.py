@@ -174,6 +174,16 @@ def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
 
 
+def _unseen_data(project: Path) -> list[str]:
+    """Data DVC cannot see change (files missing from prepare's deps): "up to date" would not hold."""
+    from posttrain import userdeps
+
+    try:
+        return userdeps.problems(_load(project).data, project)
+    except PipelineError:
+        return []  # `posttrain validate` reports an invalid params file
+
+
 @app.command()
 def status(
     root: RootOption = None,
@@ -188,14 +198,17 @@ def status(
     except PipelineError as error:
         _fail(str(error))
     metrics = dag.last_metrics(project)
+    unseen = _unseen_data(project)
     if as_json:
         stale = {name: s.reasons for name, s in statuses.items() if s.stale}
-        typer.echo(json.dumps({"stale": stale, "metrics": metrics}, indent=2, default=str))
+        typer.echo(json.dumps({"stale": stale, "metrics": metrics, "unseen_data": unseen}, indent=2, default=str))
         return
     for name, state in statuses.items():
         typer.echo(f"{name:<16} {'stale' if state.stale else 'up to date'}")
         for reason in state.reasons:
             typer.echo(f"    {reason}")
+    for line in unseen:
+        typer.echo(f"warning: {line}")
     if metrics:
         typer.echo("\nlast metrics (artifacts/metrics/):")
         for name, values in metrics.items():

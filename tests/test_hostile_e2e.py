@@ -56,6 +56,8 @@ def test_edited_user_file_makes_prepare_stale_and_repro_reruns_it(project_copy: 
     # Not a dependency yet: validate says so, and prepare refuses instead of going stale unseen.
     checked = posttrain_cli(root, "validate")
     assert checked.returncode == 1 and "data.domains.qa.path = 'data/qa.jsonl'" in checked.stderr
+    shown = posttrain_cli(root, "status")
+    assert "warning: data.domains.qa.path = 'data/qa.jsonl' is read by 'prepare'" in shown.stdout
     refused = dvc(root, "repro", "prepare")
     assert refused.returncode != 0
     assert "data/qa.jsonl" in refused.stderr and "posttrain sync-deps" in refused.stderr
