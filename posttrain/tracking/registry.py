@@ -514,6 +514,52 @@ def _move_champion(client: MlflowClient, name: str, version: str, before: ModelV
     _set_history(client, name, [*history, version])
 
 
+def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry_locked(client.get_model_version, name, version)
+    except MlflowException:
+        known = [_ver(v) for v in _versions(client, name)]
+        raise PromotionError(f"--version {version}: '{name}' has no such version; it has versions {known}") from None
+
+
+def workspace_candidate(client: MlflowClient, params: Params, root: Path) -> ModelVersion:
+    """The registered version holding the final stage's model that is in the workspace now.
+
+    DVC's run cache can restore an older output without running the stage, so nothing re-points
+    the `candidate` alias; the workspace's lineage.json content hash says which model is really
+    there. The alias is moved to that version (or promotion refused when it was never registered).
+    """
+    stage = params.promotion.final_stage
+    name = registered_model_name(params, stage)
+    model_dir = Layout(root).model(stage)
+    lineage = read_lineage(model_dir)
+    if lineage is None:
+        raise PromotionError(
+            f"{model_dir}: no model with lineage.json in the workspace; run the '{stage}' stage (dvc repro {stage}) "
+            "or name a version with --version"
+        )
+    content = lineage.get("content_hash") or content_hash(file_hashes(model_dir))
+    alias = _alias(client, name, CANDIDATE)
+    found = find_version(client, name, content)
+    if found is None:
+        held = f"version {_ver(alias)} (content {str(alias.tags.get(TAG + 'content_hash'))[:12]})" if alias else "none"
+        raise PromotionError(
+            f"the workspace model {model_dir} (content {content[:12]}) is not a registered version of '{name}' "
+            f"('{CANDIDATE}' is {held}); register it with `dvc repro --force {stage}`, or name a version with --version"
+        )
+    if alias is None or _ver(alias) != _ver(found):
+        was = f"version {_ver(alias)}" if alias else "unset"
+        print(
+            f"{name}: '{CANDIDATE}' was {was}, but the workspace model {model_dir} (content {content[:12]}) is "
+            f"version {_ver(found)}; '{CANDIDATE}' now points at version {_ver(found)}"
+        )
+        _set_alias(client, name, CANDIDATE, _ver(found))
+    return found
+
+
 def promote(
     params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None
 ) -> PromotionResult:
@@ -527,11 +573,7 @@ def promote(
         raise PromotionError(
             f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first"
         )
-    target = retry_locked(client.get_model_version, name, str(version)) if version else _alias(client, name, CANDIDATE)
-    if target is None:
-        raise PromotionError(
-            f"registered model '{name}' has no '{CANDIDATE}' alias; run the '{params.promotion.final_stage}' stage first"
-        )
+    target = _get_version(client, name, str(version)) if version else workspace_candidate(client, params, Path(root))
     champion = _alias(client, name, CHAMPION)
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
