@@ -195,7 +195,7 @@ class HubDomain(_DomainBase):
     kind: Literal["hub"]
     name: str
     subset: str | None = None
-    # A commit sha or tag of the dataset repository: required for hub ids (posttrain.userdeps), so
+    # A commit sha or tag of the dataset repository: required for hub ids (posttrain.data.userdeps), so
     # that the data behind params.yaml cannot change without DVC seeing a params change.
     revision: str | None = None
     split: str = "train"

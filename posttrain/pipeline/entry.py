@@ -118,7 +118,7 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             client.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
-        if launch.is_main_process():
+        if is_main_process():
             add_environment(Layout(root).metrics("eval" if stage == "evaluate" else stage))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)

@@ -4,7 +4,7 @@
 2. after DVC's run cache restores an older `merge` output, promotion follows the workspace model;
 3. params.yaml edited while a stage runs: the stage fails naming the key, dvc.lock is not written.
 
-Cases 2 and 3 run the real stage entry (posttrain.entry.stage_main) from small stage scripts, so
+Cases 2 and 3 run the real stage entry (posttrain.pipeline.entry.stage_main) from small stage scripts, so
 the DVC and MLflow behaviour is real while no model is trained.
 """
 
