@@ -7,7 +7,7 @@ user's edit is. One complete run is the reference; each test reruns the stage in
 - rerun after a complete run (what `dvc repro -f -s pretrain` does): resumes the final checkpoint,
   trains 0 steps, writes a model with the same content hash;
 - the final checkpoint complete but no model written (a kill between the two): same;
-- tracking fails after training (an unwritable MLflow store): exit 1, then a rerun trains nothing;
+- tracking fails after training (an MLflow store that is no database): exit 1, then a rerun trains nothing;
 - a comment added to a library module: the key changes, the old folder is skipped with the reason
   in the log, training starts at step 0 (and, the maths being unchanged, ends at the same hash).
 """
@@ -109,15 +109,18 @@ def test_tracking_failure_after_training_then_rerun_trains_nothing(project):
     params_path = project / "params.yaml"
     original = params_path.read_text()
     raw = yaml.safe_load(original)
-    blocker = project / "not-a-folder"
-    blocker.write_text("a file where the MLflow store's folder would be")
-    raw["tracking"] = {**raw["tracking"], "enabled": True, "tracking_uri": f"sqlite:///{blocker}/mlflow.db"}
+    # A store that passes the writability probe at the stage's start but is no SQLite database:
+    # MLflow fails only when the stage records its run, after training and the model write.
+    store = project / "broken-store"
+    store.mkdir(exist_ok=True)
+    (store / "mlflow.db").write_bytes(b"not a database, " * 64)
+    raw["tracking"] = {**raw["tracking"], "enabled": True, "tracking_uri": f"sqlite:///{store}/mlflow.db"}
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         out = _run(project, expect=1)
         # Training and the model write finished; recording in MLflow is what failed.
         assert "pretrain: model written to" in out and "stage pretrain: finished" in out
-        assert "not-a-folder" in out.rsplit("stage pretrain: finished", 1)[1]
+        assert "file is not a database" in out.rsplit("stage pretrain: finished", 1)[1]
     finally:
         params_path.write_text(original)  # tracking params are not in the stage's key
     _run(project)
