@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.projects import TRAINING, make_project
+from helpers.projects import DPO_GRPO, TRAINING, build_trained_input_project, make_project
 from helpers.tiny import REPO, tiny_raw
+
+from posttrain.config import parse_params
 
 pytestmark = pytest.mark.slow
 
@@ -154,15 +156,11 @@ def test_code_comment_changes_key_and_training_starts_from_step_zero(project):
 @pytest.mark.parametrize(("stage", "input_stage"), [("sft", "cpt"), ("grpo", "dpo")])
 def test_sft_and_grpo_rerun_after_complete_run_trains_zero_steps_same_hash(tmp_path, stage, input_stage):
     """The fix sits in the trainer class every stage shares; SFT and GRPO (sampled rollouts) show it too."""
-    from test_dpo_grpo import build_project, tiny_raw
-
-    from posttrain.config import parse_params
-
-    raw = tiny_raw()
+    raw = tiny_raw(DPO_GRPO)
     raw[stage]["trainer"] = {"max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 2}
     raw[stage]["eval_items"] = 8
     raw[stage]["eval_every"] = 0
-    build_project(parse_params(raw), tmp_path, input_stage)
+    build_trained_input_project(parse_params(raw), tmp_path, input_stage)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
