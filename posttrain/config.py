@@ -464,14 +464,60 @@ class TrackingConfig(Strict):
     registered_model_prefix: str = "posttrain"
 
 
+class CandidateRule(Strict):
+    """Which evaluated model is the promotion candidate: exactly one of `stage` or `best_of`."""
+
+    # A named model stage, e.g. {stage: merge}.
+    stage: str | None = None
+    # The best of these stages on `metric` in artifacts/metrics/eval.json, e.g. {best_of: [sft, merge]}.
+    best_of: list[str] | None = None
+    # A domain's exact match, or `mean` (exact match averaged over the evaluated domains).
+    metric: str = "mean"
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CandidateRule:
+        if (self.stage is None) == (self.best_of is None):
+            raise ValueError(
+                "promotion.candidate needs exactly one of `stage: <name>` or `best_of: [<stages>]`; "
+                f"got stage={self.stage!r}, best_of={self.best_of!r}"
+            )
+        if self.best_of is not None and not self.best_of:
+            raise ValueError("promotion.candidate.best_of is empty; expected at least one stage name")
+        return self
+
+
 class PromotionConfig(Strict):
     # The stage whose model is the pipeline's final model (gets the `candidate` alias).
     final_stage: str = "merge"
+    # How the candidate is chosen; None: the final stage's model.
+    candidate: CandidateRule | None = None
+    # Domains on which the candidate may not be worse than any evaluated model of its own lineage
+    # (beyond the confidence intervals and the seed spread); empty: every domain both were scored on.
+    lineage_domains: list[str] = []
     min_exact_match: dict[str, Fraction] = {}
     max_forgetting: dict[str, Fraction] = {}
     # Candidate must beat the champion on this domain by at least `min_improvement`, judged with CIs.
     compare_domain: str | None = None
     min_improvement: float = 0.0
+
+
+def _candidate_problems(promotion: PromotionConfig, domains: set[str]) -> list[tuple[str, Any, str]]:
+    """Stage and domain names of promotion.candidate and promotion.lineage_domains that do not exist."""
+    problems: list[tuple[str, Any, str]] = []
+    for i, domain in enumerate(promotion.lineage_domains):
+        if domain not in domains:
+            problems.append((f"promotion.lineage_domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+    rule = promotion.candidate
+    if rule is None:
+        return problems
+    named = [("promotion.candidate.stage", rule.stage)] if rule.stage is not None else []
+    named += [(f"promotion.candidate.best_of[{i}]", stage) for i, stage in enumerate(rule.best_of or [])]
+    for key, stage in named:
+        if stage.split("@")[0] not in MODEL_STAGES:
+            problems.append((key, stage, f"one of {list(MODEL_STAGES)} (or a variant '<stage>@<name>')"))
+    if rule.metric != "mean" and rule.metric not in domains:
+        problems.append(("promotion.candidate.metric", rule.metric, f"'mean' or a domain in {sorted(domains)}"))
+    return problems
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -555,6 +601,7 @@ class Params(Strict):
                     problems.append((f"promotion.{key}.{domain}", domain, f"a domain in {sorted(domains)}"))
         if self.promotion.final_stage not in MODEL_STAGES:
             problems.append(("promotion.final_stage", self.promotion.final_stage, f"one of {list(MODEL_STAGES)}"))
+        problems += _candidate_problems(self.promotion, domains)
         for stage in self.orchestration.retries:
             if stage.split("@")[0] not in STAGE_NAMES:
                 problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {list(STAGE_NAMES)}"))

@@ -19,6 +19,11 @@ Promotion rule (documented in the README's promotion section, written here once)
    i.e. the two intervals' relevant half-widths combined in quadrature (independent samples; a
    bootstrap CI may be asymmetric, so each side uses its own half). With min_improvement 0 the
    candidate must be better beyond noise; a negative value is a non-inferiority margin.
+5. the lineage gate (`posttrain.tracking.gate`): not worse, beyond the confidence intervals (and the
+   seed spread when given), than any evaluated model the candidate descends from, on any gated domain.
+The candidate is `promotion.candidate` (a named stage or the best of several on a metric; see
+`posttrain.tracking.gate`), by default the final stage; its version is the one whose content matches
+the workspace's model, and the champion it is compared with is the champion of that stage's model.
 A refused candidate keeps its aliases; the reasons are tagged on the version and printed. A version
 that was rolled back is not promoted again without `force`.
 
@@ -41,6 +46,7 @@ from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
+from posttrain.tracking.gate import Gate, candidate_stage, lineage_gates, read_eval, workspace_content
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -391,13 +397,6 @@ def record_evaluation(
 
 
 @dataclass
-class Gate:
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass
 class PromotionResult:
     """What `promote` or `rollback` decided. `changed` is False when the registry was left as it was."""
 
@@ -500,24 +499,39 @@ def _move_champion(client: MlflowClient, name: str, version: str, before: ModelV
     _set_history(client, name, [*history, version])
 
 
+def _target(client: MlflowClient, name: str, stage: str, layout: Layout, version: str | None) -> ModelVersion:
+    """`version`, else the version of the workspace's `stage` model (by content hash), else the `candidate` alias."""
+    if version:
+        return retry_locked(client.get_model_version, name, str(version))
+    target = find_version(client, name, workspace_content(layout, stage)) or _alias(client, name, CANDIDATE)
+    if target is None:
+        raise PromotionError(f"registered model '{name}' has no version of the workspace's '{stage}' model")
+    return target
+
+
 def promote(
-    params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None
+    params: Params,
+    root: Path,
+    version: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    spread: dict[str, float] | None = None,
 ) -> PromotionResult:
-    """Promote the `candidate` (or `version`) of the final stage's model to `champion` if it passes
-    the gates; `force` skips them and needs a `reason`, which is recorded. Prints the decision."""
+    """Promote the candidate (`promotion.candidate`, or `version` of it) to `champion` if it passes
+    the gates, the lineage gate included (`posttrain.tracking.gate`; `spread`: an optional seed
+    standard deviation per domain); `force` skips them and needs a `reason`, which is recorded.
+    Prints the decision and each comparison."""
     if force and not (reason and reason.strip()):
         raise PromotionError("promote --force needs a reason (recorded on the version); e.g. --reason 'hotfix for ...'")
     client = connect(params, Path(root))
-    name = registered_model_name(params, params.promotion.final_stage)
+    layout = Layout(Path(root))
+    eval_data = read_eval(layout)
+    stage, chosen_by = candidate_stage(params, eval_data)
+    print(f"candidate: '{stage}' (chosen by {chosen_by})")
+    name = registered_model_name(params, stage)
     if not _exists(client, name):
-        raise PromotionError(
-            f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first"
-        )
-    target = retry_locked(client.get_model_version, name, str(version)) if version else _alias(client, name, CANDIDATE)
-    if target is None:
-        raise PromotionError(
-            f"registered model '{name}' has no '{CANDIDATE}' alias; run the '{params.promotion.final_stage}' stage first"
-        )
+        raise PromotionError(f"registered model '{name}' does not exist; run the pipeline up to '{stage}' first")
+    target = _target(client, name, stage, layout, version)
     champion = _alias(client, name, CHAMPION)
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
@@ -533,6 +547,7 @@ def promote(
         print(result.summary())
         return result
     gates = check_gates(params, _scores(target), _scores(champion), before)
+    gates += lineage_gates(params, layout, stage, eval_data, spread)
     if target.tags.get(ROLLED_BACK_TAG) == "true":
         gates.append(
             Gate(
@@ -597,6 +612,34 @@ def promote(
             reason=f"version {_ver(target)} NOT promoted (champion stays {before or 'unset'}): {failed}",
             gates=gates,
         )
+    print(result.summary())
+    return result
+
+
+def gate_verdict(params: Params, root: Path) -> PromotionResult:
+    """The end of `posttrain run`: `promote` when tracking is on; otherwise the same gates on the
+    workspace's eval.json and lineage files (no champion to compare with), printed, nothing changed."""
+    if params.tracking.enabled:
+        return promote(params, root)
+    layout = Layout(Path(root))
+    eval_data = read_eval(layout)
+    stage, chosen_by = candidate_stage(params, eval_data)
+    print(f"candidate: '{stage}' (chosen by {chosen_by})")
+    scores = parse_eval(eval_data or {}).get(stage)
+    candidate = {**scores, "run_id": "eval.json"} if scores else None
+    gates = check_gates(params, candidate, None, None) + lineage_gates(params, layout, stage, eval_data)
+    passed = all(g.passed for g in gates)
+    failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
+    result = PromotionResult(
+        stage,
+        None,
+        None,
+        None,
+        promoted=passed,
+        changed=False,
+        reason=("passes every gate" if passed else f"REFUSED: {failed}") + " (tracking off: no registry change)",
+        gates=gates,
+    )
     print(result.summary())
     return result
 
