@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,10 @@ from posttrain.scoring.rewards import REWARDS
 STAGE_NAMES = ("prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate")
 MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
 TRAINING_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo")
+# Training stages that may declare variants (`variants.<stage>.<name>`): dvc.yaml runs each as
+# its own stage `<stage>_variants@<name>` through `foreach`; its model stage name is `<stage>@<name>`.
+VARIANT_STAGES = ("sft",)
+VARIANT_NAME = re.compile(r"[a-z0-9_]+")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -501,7 +506,7 @@ class PromotionConfig(Strict):
     min_improvement: float = 0.0
 
 
-def _candidate_problems(promotion: PromotionConfig, domains: set[str]) -> list[tuple[str, Any, str]]:
+def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: list[str]) -> list[tuple[str, Any, str]]:
     """Stage and domain names of promotion.candidate and promotion.lineage_domains that do not exist."""
     problems: list[tuple[str, Any, str]] = []
     for i, domain in enumerate(promotion.lineage_domains):
@@ -513,8 +518,8 @@ def _candidate_problems(promotion: PromotionConfig, domains: set[str]) -> list[t
     named = [("promotion.candidate.stage", rule.stage)] if rule.stage is not None else []
     named += [(f"promotion.candidate.best_of[{i}]", stage) for i, stage in enumerate(rule.best_of or [])]
     for key, stage in named:
-        if stage.split("@")[0] not in MODEL_STAGES:
-            problems.append((key, stage, f"one of {list(MODEL_STAGES)} (or a variant '<stage>@<name>')"))
+        if stage not in models:
+            problems.append((key, stage, f"one of {models}"))
     if rule.metric != "mean" and rule.metric not in domains:
         problems.append(("promotion.candidate.metric", rule.metric, f"'mean' or a domain in {sorted(domains)}"))
     return problems
@@ -565,6 +570,39 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     promotion: PromotionConfig = PromotionConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    # Sibling runs of a training stage from the same parent: {<stage>: {<name>: overrides}}. The
+    # overrides are keys of the stage's section (deep-merged onto it) plus `seed`; each variant
+    # needs its own mixture `mixtures.<stage>@<name>`. dvc.yaml reads `variants.sft` (keep `sft: {}`).
+    variants: dict[str, dict[str, dict[str, Any]]] = {"sft": {}}
+
+    @model_validator(mode="after")
+    def _variants_valid(self) -> Params:
+        """Each variant's merged section validates; errors name `variants.<stage>.<name>.<key>`."""
+        problems: list[str] = []
+        for stage, named in self.variants.items():
+            if stage not in VARIANT_STAGES:
+                problems.append(f"variants.{stage}: got {stage!r}, expected one of {list(VARIANT_STAGES)}")
+                continue
+            for name, overrides in named.items():
+                if not VARIANT_NAME.fullmatch(name):
+                    problems.append(f"variants.{stage}.{name}: expected a name of [a-z0-9_]")
+                    continue
+                seed = overrides.get("seed", 0)
+                if not isinstance(seed, int) or isinstance(seed, bool):
+                    problems.append(f"variants.{stage}.{name}.seed: got {seed!r}, expected an integer")
+                try:
+                    self.stage_section(f"{stage}@{name}")
+                except ValidationError as error:
+                    for item in error.errors():
+                        key = f"variants.{stage}.{name}.{_format_location(item['loc'])}".rstrip(".")
+                        problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item['input']!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def variant_names(self) -> set[str]:
+        """Every declared variant as its model stage name, `<stage>@<name>`."""
+        return {f"{stage}@{name}" for stage, named in self.variants.items() for name in named}
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
@@ -574,9 +612,15 @@ class Params(Strict):
         for stage in TRAINING_STAGES:
             if stage not in self.mixtures:
                 problems.append((f"mixtures.{stage}", None, f"a mixture for training stage '{stage}'"))
+        variants = self.variant_names()
+        trained = [*TRAINING_STAGES, *sorted(variants)]
+        models = [*MODEL_STAGES, *sorted(variants)]
+        for variant in sorted(variants):
+            if variant not in self.mixtures:
+                problems.append((f"mixtures.{variant}", None, f"a mixture for variant '{variant}'"))
         for name, mixture in self.mixtures.items():
-            if name not in TRAINING_STAGES:
-                problems.append((f"mixtures.{name}", name, f"one of {list(TRAINING_STAGES)}"))
+            if name not in trained:
+                problems.append((f"mixtures.{name}", name, f"one of {trained}"))
             for domain in mixture.weights:
                 if domain not in domains:
                     problems.append((f"mixtures.{name}.weights.{domain}", domain, f"a domain in {sorted(domains)}"))
@@ -585,13 +629,13 @@ class Params(Strict):
                     (f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, f"one of {sorted(self.mixtures)}")
                 )
         for i, stage in enumerate(self.merge.models):
-            if stage not in TRAINING_STAGES:
-                problems.append((f"merge.models[{i}]", stage, f"one of {list(TRAINING_STAGES)}"))
-        if self.merge.base is not None and self.merge.base not in TRAINING_STAGES:
-            problems.append(("merge.base", self.merge.base, f"one of {list(TRAINING_STAGES)}"))
+            if stage not in trained:
+                problems.append((f"merge.models[{i}]", stage, f"one of {trained}"))
+        if self.merge.base is not None and self.merge.base not in trained:
+            problems.append(("merge.base", self.merge.base, f"one of {trained}"))
         for i, stage in enumerate(self.evaluate.models):
-            if stage not in MODEL_STAGES:
-                problems.append((f"evaluate.models[{i}]", stage, f"one of {list(MODEL_STAGES)}"))
+            if stage not in models:
+                problems.append((f"evaluate.models[{i}]", stage, f"one of {models}"))
         for i, domain in enumerate(self.evaluate.domains):
             if domain not in domains:
                 problems.append((f"evaluate.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
@@ -601,16 +645,37 @@ class Params(Strict):
                     problems.append((f"promotion.{key}.{domain}", domain, f"a domain in {sorted(domains)}"))
         if self.promotion.final_stage not in MODEL_STAGES:
             problems.append(("promotion.final_stage", self.promotion.final_stage, f"one of {list(MODEL_STAGES)}"))
-        problems += _candidate_problems(self.promotion, domains)
+        problems += _candidate_problems(self.promotion, domains, models)
+        dvc_stages = [*STAGE_NAMES, *(f"{stage}_variants" for stage in VARIANT_STAGES)]
         for stage in self.orchestration.retries:
-            if stage.split("@")[0] not in STAGE_NAMES:
-                problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {list(STAGE_NAMES)}"))
+            if stage.split("@")[0] not in dvc_stages:
+                problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {dvc_stages}"))
         if problems:
             raise ValueError("; ".join(f"{path}: got {value!r}, expected {want}" for path, value, want in problems))
         return self
 
     def stage_section(self, stage: str) -> BaseModel:
-        return getattr(self, stage)
+        """The section of `stage`; for a variant `<stage>@<name>`, the stage's section with the
+        variant's overrides deep-merged onto it (validated by the section's own class)."""
+        base, _, name = stage.partition("@")
+        section = getattr(self, base)
+        if not name:
+            return section
+        overrides = {k: v for k, v in self.variants[base][name].items() if k != "seed"}
+        return type(section).model_validate(_deep_merge(section.model_dump(), overrides))
+
+    def stage_seed(self, stage: str) -> int:
+        """The seed a stage runs with: a variant's own `seed`, else the recipe's `seed`."""
+        base, _, name = stage.partition("@")
+        return int(self.variants[base][name].get("seed", self.seed)) if name else self.seed
+
+
+def _deep_merge(target: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(target)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
 
 
 # --------------------------------------------------------------------------- loading

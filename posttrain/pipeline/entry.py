@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from posttrain.config import load_params
-from posttrain.errors import PipelineError, resource_error
+from posttrain.config import Params, load_params
+from posttrain.errors import ParamsError, PipelineError, resource_error
 from posttrain.layout import Layout, find_root
 from posttrain.pipeline import launch
 from posttrain.runtime import is_main_process
@@ -49,12 +51,22 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+def variant_stage(params: Params, stage: str, variant: str, run: Any) -> tuple[str, StageFunction]:
+    """`<stage>@<variant>` and the stage function bound to that name (it takes a `stage` argument)."""
+    name = f"{stage}@{variant}"
+    if name not in params.variant_names():
+        declared = sorted(params.variants.get(stage, {}))
+        raise ParamsError(f"variants.{stage}.{variant}: not declared in params.yaml; declared: {declared}")
+    return name, functools.partial(run, stage=name)
+
+
 def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) -> None:
     """The process entry of `python -m stages.<stage>`: it ends the process (exit status 0, 1 or 3)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the '{stage}' stage.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=None, help="project root (default: nearest folder with dvc.yaml)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for pipeline errors")
+    parser.add_argument("--variant", default=None, help="run the variant `variants.<stage>.<name>` of this stage")
     args = parser.parse_args(argv)
     setup_logging()
     root = Path(args.root).resolve() if args.root else find_root()
@@ -66,7 +78,10 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         params = load_params(params_path)
         if launch.should_relaunch(stage, params.compute):
             # compute.launcher: accelerate -> run this same module under `accelerate launch`.
-            sys.exit(launch.relaunch(stage, params.compute, root, params_path, debug=args.debug))
+            code = launch.relaunch(stage, params.compute, root, params_path, debug=args.debug, variant=args.variant)
+            sys.exit(code)
+        if args.variant is not None:
+            stage, run = variant_stage(params, stage, args.variant, run)
         # Other ranks of a distributed run train, but write nothing and track nothing.
         track = params.tracking.enabled and is_main_process()
         if track:
