@@ -394,10 +394,29 @@ class GRPOStageConfig(TrainStageConfig):
 # --------------------------------------------------------------------------- merge and evaluation
 
 
+class AdaMergingConfig(Strict):
+    """merge.method adamerging: task-vector coefficients learned by minimising the merged model's
+    prediction entropy on unlabeled validation prompts (posttrain/models/adamerging.py)."""
+
+    granularity: Literal["task", "layer"] = "task"
+    steps: PositiveInt = 60
+    lr: Annotated[float, Field(gt=0.0)] = 0.05
+    # Starting coefficient of every task vector (AdaMerging's paper starts at 0.3).
+    init: float = 0.5
+    # Unlabeled prompts: the first N of each domain's validation split (never test).
+    prompts_per_domain: PositiveInt = 64
+    # Domains whose validation prompts are used; empty: every domain.
+    domains: list[str] = []
+    batch_size: PositiveInt = 64
+    # Steps between regenerating the merged model's own answers (the positions the entropy is taken on).
+    refresh: PositiveInt = 10
+    max_new_tokens: PositiveInt = 8
+
+
 class MergeConfig(Strict):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average"] = (
-        "linear"
-    )
+    method: Literal[
+        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average", "adamerging"
+    ] = "linear"
     # Stages whose output models are merged (same architecture, one fine-tuning line).
     models: list[str] = ["sft", "grpo"]
     weights: list[Annotated[float, Field(ge=0.0)]] | None = None
@@ -410,6 +429,7 @@ class MergeConfig(Strict):
     # checkpoint_average: how many of the last checkpoints of models[0]'s stage to average.
     last_k: PositiveInt = 3
     seed: int = 0
+    adamerging: AdaMergingConfig = AdaMergingConfig()
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
@@ -423,7 +443,7 @@ class MergeConfig(Strict):
             raise ValueError("merge.weights are all zero; expected at least one weight > 0")
         if self.method == "slerp" and len(self.models) != 2:
             raise ValueError(f"slerp merges exactly two models; got {len(self.models)}")
-        if self.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties") and not self.base:
+        if self.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging") and not self.base:
             raise ValueError(f"merge method '{self.method}' needs merge.base (the common ancestor stage)")
         return self
 
@@ -633,6 +653,9 @@ class Params(Strict):
                 problems.append((f"merge.models[{i}]", stage, f"one of {trained}"))
         if self.merge.base is not None and self.merge.base not in trained:
             problems.append(("merge.base", self.merge.base, f"one of {trained}"))
+        for i, domain in enumerate(self.merge.adamerging.domains):
+            if domain not in domains:
+                problems.append((f"merge.adamerging.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         for i, stage in enumerate(self.evaluate.models):
             if stage not in models:
                 problems.append((f"evaluate.models[{i}]", stage, f"one of {models}"))

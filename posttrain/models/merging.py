@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging")
 SAME_LINE_HINT = (
     "merge only models of one fine-tuning line (models that share a parent, e.g. an SFT model and "
     "its own GRPO fine-tune); averaging separately trained models destroys them"
@@ -309,6 +309,13 @@ def check_compatible(first: LazyWeights, others: Sequence[LazyWeights], *, confi
                     f"cannot merge {other.folder} with {first.folder}: tokenizer.json vocabularies differ "
                     f"(token ids would mean different things); {SAME_LINE_HINT}"
                 )
+
+
+def check_compatible_folders(folders: Sequence[Path]) -> None:
+    """`check_compatible` on model folders: the first against the others."""
+    with ExitStack() as stack:
+        weights = [LazyWeights(Path(folder), stack) for folder in folders]
+        check_compatible(weights[0], weights[1:])
 
 
 def _ancestors(folder: Path, root: Path, depth: int = 32) -> set[str] | None:
