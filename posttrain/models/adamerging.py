@@ -8,6 +8,8 @@ of its own greedy completion (and its end-of-sequence token), which are regenera
 current coefficients every `refresh` steps. The prompt positions are left out: a prompt's own
 tokens (random digits) are not predictable, and lowering their entropy would reward memorisation.
 
+Coefficients are kept in [0, 1] (projected after each Adam step).
+
 - `task` granularity: one lambda per task vector;
 - `layer` granularity: one lambda per task vector and parameter tensor (AdaMerging's layer-wise).
 """
@@ -164,6 +166,10 @@ def adamerge(
         optimizer.zero_grad()
         entropy.backward()
         optimizer.step()
+        with torch.no_grad():
+            # Projected onto [0, 1]: unconstrained, entropy minimisation drove a task vector's
+            # coefficient below zero (subtracting a skill makes the model confidently wrong).
+            coeffs.clamp_(0.0, 1.0)
 
     materialise()
     out_dir = Path(out_dir)
