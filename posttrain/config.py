@@ -343,6 +343,26 @@ class TrainStageConfig(Strict):
     # Continual evaluation: every N optimizer steps (0 = off) score each domain's validation set.
     eval_every: NonNegInt = 0
     eval_items: PositiveInt = 64
+    # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
+    # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
+    average_last: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _averaging_needs_constant_lr(self) -> TrainStageConfig:
+        if self.average_last and self.schedule.name != "constant":
+            raise ValueError(
+                f"average_last: {self.average_last} replaces LR decay; expected schedule.name 'constant', "
+                f"got {self.schedule.name!r}"
+            )
+        if self.average_last and self.lora is not None:
+            raise ValueError("average_last: averages full-model checkpoints; expected lora: null")
+        steps, every = self.trainer.max_steps, self.trainer.save_steps
+        if self.average_last and steps // every < self.average_last:
+            raise ValueError(
+                f"average_last: {self.average_last} checkpoints, but trainer.max_steps {steps} / save_steps {every} "
+                f"saves only {steps // every}"
+            )
+        return self
 
 
 class DPOStageConfig(TrainStageConfig):
