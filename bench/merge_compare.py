@@ -11,9 +11,10 @@ Setup (the default recipe's data and its `cpt` model as the shared parent, `--pa
 
 Criterion of issue 15 per seed: the merge is within 2 points of the better parent on every domain and
 above each parent on the mean over domains. Writes artifacts/bench/merge_compare.json and prints a
-Markdown table (README). Runs in a scratch workspace (`$BENCH_SCRATCH`/merge_compare).
+Markdown table (README). Runs in a scratch workspace (`$BENCH_SCRATCH`/merge_compare_<setup>).
 
-    python bench/merge_compare.py --seeds 0 1 2 --steps 150
+    python bench/merge_compare.py --setup disjoint --seeds 0 1 2 --steps 120
+    python bench/merge_compare.py --setup emphasis --seeds 0 1 2 --steps 120
 """
 
 from __future__ import annotations
@@ -36,7 +37,16 @@ from bench.common import REPO, SCRATCH, log, write_result
 from posttrain.config import parse_params
 from posttrain.layout import Layout
 
-VARIANTS = {"arith": {"add": 0.5, "add3": 0.5}, "text": {"rev": 0.5, "sub": 0.5}}
+# Two ways to split the skills between the siblings: each on its own domains only (`disjoint`), or
+# each on every domain with its own skills weighted up (`emphasis`: 35/35 vs 15/15).
+SETUPS = {
+    "disjoint": {"arith": {"add": 0.5, "add3": 0.5}, "text": {"rev": 0.5, "sub": 0.5}},
+    "emphasis": {
+        "arith": {"add": 0.35, "add3": 0.35, "rev": 0.15, "sub": 0.15},
+        "text": {"add": 0.15, "add3": 0.15, "rev": 0.35, "sub": 0.35},
+    },
+}
+VARIANTS = SETUPS["disjoint"]
 DOMAINS = ("add", "add3", "rev", "sub")
 TA_GRID = (0.25, 0.5, 0.75, 1.0)
 MARGIN = 0.02  # "within 2 points of the better parent"
@@ -140,11 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--items", type=int, default=200, help="test items per domain")
     parser.add_argument("--val-items", type=int, default=100, help="validation items per domain (lambda grid)")
     parser.add_argument("--parent", type=Path, default=REPO / "artifacts" / "models" / "cpt")
+    parser.add_argument("--setup", choices=sorted(SETUPS), default="disjoint", help="how the skills are split")
     args = parser.parse_args(argv)
+    VARIANTS.clear()
+    VARIANTS.update(SETUPS[args.setup])
     from posttrain.lineage import read_lineage
     from stages import mix, sft
 
-    root = SCRATCH / "merge_compare"
+    root = SCRATCH / f"merge_compare_{args.setup}"
     layout = prepare_workspace(root, args.parent)
     test, val = load_items(layout, "test", args.items), load_items(layout, "val", args.val_items)
     mix.run(bench_params(args.seeds[0], args.steps), layout)  # mixtures do not depend on the run seed
@@ -189,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "setup": {
             "parent": str(args.parent),
             "parent_content_hash": (read_lineage(args.parent) or {}).get("content_hash"),
+            "setup": args.setup,
             "variants": VARIANTS,
             "steps": args.steps,
             "test_items_per_domain": args.items,
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for m in runs[args.seeds[0]]["verdict"]
         },
     }
-    write_result("merge_compare", result)
+    write_result(f"merge_compare_{args.setup}", result)
     print(table(result))
     return result
 

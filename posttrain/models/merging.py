@@ -11,7 +11,10 @@ Methods (`MergeConfig.method`):
 - `slerp`: spherical interpolation between two models at `t`, per tensor; falls back to linear
   interpolation when the two tensors are (anti)parallel or zero, where the sphere formula is
   numerically meaningless.
-- `checkpoint_average`: uniform average of a training stage's last K complete checkpoints.
+- `checkpoint_average`: uniform average of a training stage's last K complete checkpoints (it reads
+  checkpoints/, which is no DVC dependency; a trainer stage's `average_last` does the same inside
+  the stage, over its own checkpoints).
+- `adamerging`: task arithmetic whose coefficients are learned (posttrain/models/adamerging.py).
 
 The arithmetic of task arithmetic, TIES and DARE is `peft.utils.merge_utils` (the code behind
 PEFT's `add_weighted_adapter`), applied to full task vectors; SLERP and linear are a few lines here.
