@@ -144,15 +144,24 @@ def run(
         _fail(state.message or "the pipeline flow failed")
     outcomes = state.result()
     typer.echo("  ".join(f"{stage}: {outcome}" for stage, outcome in outcomes.items()))
-    _gate_after_run(project, targets, no_gate)
+    _gate_after_run(project, targets, no_gate, outcomes)
 
 
 GATE_REFUSED = 3  # `posttrain run` exit code when the promotion gate refuses the candidate (README)
 
 
-def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool) -> None:
-    """A whole-pipeline run ends with the promotion gate: its verdict is printed, a refusal exits 3."""
+def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, stages: Any = None) -> None:
+    """A whole-pipeline run ends with the promotion gate: its verdict is printed, a refusal exits 3.
+
+    Only a DAG with an `evaluate` stage has scores to gate on (`stages`: its stage names, else read).
+    """
     if targets or no_gate:
+        return
+    try:
+        names = stages if stages is not None else dag.stage_graph(project)
+    except PipelineError as error:
+        _fail(str(error))
+    if "evaluate" not in names:
         return
     typer.echo("promotion gate:")
     result = _registry_call("gate_verdict", _load_or_fail(project), project)
