@@ -616,18 +616,19 @@ def promote(
     return result
 
 
-def gate_verdict(params: Params, root: Path) -> PromotionResult:
+def gate_verdict(params: Params, root: Path, spread: dict[str, float] | None = None) -> PromotionResult:
     """The end of `posttrain run`: `promote` when tracking is on; otherwise the same gates on the
-    workspace's eval.json and lineage files (no champion to compare with), printed, nothing changed."""
+    workspace's eval.json and lineage files (no champion to compare with), printed, nothing changed.
+    `spread`: an optional seed standard deviation per domain for the lineage gate."""
     if params.tracking.enabled:
-        return promote(params, root)
+        return promote(params, root, spread=spread)
     layout = Layout(Path(root))
     eval_data = read_eval(layout)
     stage, chosen_by = candidate_stage(params, eval_data)
     print(f"candidate: '{stage}' (chosen by {chosen_by})")
     scores = parse_eval(eval_data or {}).get(stage)
     candidate = {**scores, "run_id": "eval.json"} if scores else None
-    gates = check_gates(params, candidate, None, None) + lineage_gates(params, layout, stage, eval_data)
+    gates = check_gates(params, candidate, None, None) + lineage_gates(params, layout, stage, eval_data, spread)
     passed = all(g.passed for g in gates)
     failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
     result = PromotionResult(
