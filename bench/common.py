@@ -94,6 +94,9 @@ def make_project_copy(dest: Path, params_source: Path | None = None, threads: in
     if threads is not None:
         params["compute"]["num_threads"] = threads
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # merge and evaluate depend on artifacts/variants/ (git-tracked README), even with no variant declared.
+    (dest / "artifacts" / "variants").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "artifacts" / "variants" / "README.md", dest / "artifacts" / "variants" / "README.md")
     (dest / ".dvc").mkdir(exist_ok=True)
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")

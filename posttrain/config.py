@@ -24,6 +24,10 @@ from posttrain.scoring.rewards import REWARDS
 STAGE_NAMES = ("prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate")
 MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
 TRAINING_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo")
+# Training stages that may declare variants (`variants.<stage>.<name>`): dvc.yaml runs each as
+# its own stage `<stage>_variants@<name>` through `foreach`; its model stage name is `<stage>@<name>`.
+VARIANT_STAGES = ("sft",)
+VARIANT_NAME = re.compile(r"[a-z0-9_]+")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -371,6 +375,26 @@ class TrainStageConfig(Strict):
     # Continual evaluation: every N optimizer steps (0 = off) score each domain's validation set.
     eval_every: NonNegInt = 0
     eval_items: PositiveInt = 64
+    # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
+    # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
+    average_last: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _averaging_needs_constant_lr(self) -> TrainStageConfig:
+        if self.average_last and self.schedule.name != "constant":
+            raise ValueError(
+                f"average_last: {self.average_last} replaces LR decay; expected schedule.name 'constant', "
+                f"got {self.schedule.name!r}"
+            )
+        if self.average_last and self.lora is not None:
+            raise ValueError("average_last: averages full-model checkpoints; expected lora: null")
+        steps, every = self.trainer.max_steps, self.trainer.save_steps
+        if self.average_last and steps // every < self.average_last:
+            raise ValueError(
+                f"average_last: {self.average_last} checkpoints, but trainer.max_steps {steps} / save_steps {every} "
+                f"saves only {steps // every}"
+            )
+        return self
 
 
 class DPOStageConfig(TrainStageConfig):
@@ -422,10 +446,29 @@ class GRPOStageConfig(TrainStageConfig):
 # --------------------------------------------------------------------------- merge and evaluation
 
 
+class AdaMergingConfig(Strict):
+    """merge.method adamerging: task-vector coefficients learned by minimising the merged model's
+    prediction entropy on unlabeled validation prompts (posttrain/models/adamerging.py)."""
+
+    granularity: Literal["task", "layer"] = "task"
+    steps: PositiveInt = 60
+    lr: Annotated[float, Field(gt=0.0)] = 0.05
+    # Starting coefficient of every task vector (AdaMerging's paper starts at 0.3).
+    init: float = 0.5
+    # Unlabeled prompts: the first N of each domain's validation split (never test).
+    prompts_per_domain: PositiveInt = 64
+    # Domains whose validation prompts are used; empty: every domain.
+    domains: list[str] = []
+    batch_size: PositiveInt = 64
+    # Steps between regenerating the merged model's own answers (the positions the entropy is taken on).
+    refresh: PositiveInt = 10
+    max_new_tokens: PositiveInt = 8
+
+
 class MergeConfig(Strict):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average"] = (
-        "linear"
-    )
+    method: Literal[
+        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average", "adamerging"
+    ] = "linear"
     # Stages whose output models are merged (same architecture, one fine-tuning line).
     models: list[str] = ["sft", "grpo"]
     weights: list[Annotated[float, Field(ge=0.0)]] | None = None
@@ -438,6 +481,7 @@ class MergeConfig(Strict):
     # checkpoint_average: how many of the last checkpoints of models[0]'s stage to average.
     last_k: PositiveInt = 3
     seed: Seed = 0
+    adamerging: AdaMergingConfig = AdaMergingConfig()
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
@@ -451,7 +495,7 @@ class MergeConfig(Strict):
             raise ValueError("merge.weights are all zero; expected at least one weight > 0")
         if self.method == "slerp" and len(self.models) != 2:
             raise ValueError(f"slerp merges exactly two models; got {len(self.models)}")
-        if self.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties") and not self.base:
+        if self.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging") and not self.base:
             raise ValueError(f"merge method '{self.method}' needs merge.base (the common ancestor stage)")
         return self
 
@@ -505,14 +549,60 @@ class TrackingConfig(Strict):
         return value
 
 
+class CandidateRule(Strict):
+    """Which evaluated model is the promotion candidate: exactly one of `stage` or `best_of`."""
+
+    # A named model stage, e.g. {stage: merge}.
+    stage: str | None = None
+    # The best of these stages on `metric` in artifacts/metrics/eval.json, e.g. {best_of: [sft, merge]}.
+    best_of: list[str] | None = None
+    # A domain's exact match, or `mean` (exact match averaged over the evaluated domains).
+    metric: str = "mean"
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CandidateRule:
+        if (self.stage is None) == (self.best_of is None):
+            raise ValueError(
+                "promotion.candidate needs exactly one of `stage: <name>` or `best_of: [<stages>]`; "
+                f"got stage={self.stage!r}, best_of={self.best_of!r}"
+            )
+        if self.best_of is not None and not self.best_of:
+            raise ValueError("promotion.candidate.best_of is empty; expected at least one stage name")
+        return self
+
+
 class PromotionConfig(Strict):
     # The stage whose model is the pipeline's final model (gets the `candidate` alias).
     final_stage: str = "merge"
+    # How the candidate is chosen; None: the final stage's model.
+    candidate: CandidateRule | None = None
+    # Domains on which the candidate may not be worse than any evaluated model of its own lineage
+    # (beyond the confidence intervals and the seed spread); empty: every domain both were scored on.
+    lineage_domains: list[str] = []
     min_exact_match: dict[str, Fraction] = {}
     max_forgetting: dict[str, Fraction] = {}
     # Candidate must beat the champion on this domain by at least `min_improvement`, judged with CIs.
     compare_domain: str | None = None
     min_improvement: float = 0.0
+
+
+def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: list[str]) -> list[tuple[str, Any, str]]:
+    """Stage and domain names of promotion.candidate and promotion.lineage_domains that do not exist."""
+    problems: list[tuple[str, Any, str]] = []
+    for i, domain in enumerate(promotion.lineage_domains):
+        if domain not in domains:
+            problems.append((f"promotion.lineage_domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+    rule = promotion.candidate
+    if rule is None:
+        return problems
+    named = [("promotion.candidate.stage", rule.stage)] if rule.stage is not None else []
+    named += [(f"promotion.candidate.best_of[{i}]", stage) for i, stage in enumerate(rule.best_of or [])]
+    for key, stage in named:
+        if stage not in models:
+            problems.append((key, stage, f"one of {models}"))
+    if rule.metric != "mean" and rule.metric not in domains:
+        problems.append(("promotion.candidate.metric", rule.metric, f"'mean' or a domain in {sorted(domains)}"))
+    return problems
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -567,6 +657,39 @@ class Params(Strict):
     tracking: TrackingConfig = TrackingConfig()
     promotion: PromotionConfig = PromotionConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    # Sibling runs of a training stage from the same parent: {<stage>: {<name>: overrides}}. The
+    # overrides are keys of the stage's section (deep-merged onto it) plus `seed`; each variant
+    # needs its own mixture `mixtures.<stage>@<name>`. dvc.yaml reads `variants.sft` (keep `sft: {}`).
+    variants: dict[str, dict[str, dict[str, Any]]] = {"sft": {}}
+
+    @model_validator(mode="after")
+    def _variants_valid(self) -> Params:
+        """Each variant's merged section validates; errors name `variants.<stage>.<name>.<key>`."""
+        problems: list[str] = []
+        for stage, named in self.variants.items():
+            if stage not in VARIANT_STAGES:
+                problems.append(f"variants.{stage}: got {stage!r}, expected one of {list(VARIANT_STAGES)}")
+                continue
+            for name, overrides in named.items():
+                if not VARIANT_NAME.fullmatch(name):
+                    problems.append(f"variants.{stage}.{name}: expected a name of [a-z0-9_]")
+                    continue
+                seed = overrides.get("seed", 0)
+                if not isinstance(seed, int) or isinstance(seed, bool):
+                    problems.append(f"variants.{stage}.{name}.seed: got {seed!r}, expected an integer")
+                try:
+                    self.stage_section(f"{stage}@{name}")
+                except ValidationError as error:
+                    for item in error.errors():
+                        key = f"variants.{stage}.{name}.{_format_location(item['loc'])}".rstrip(".")
+                        problems.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {item['input']!r})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def variant_names(self) -> set[str]:
+        """Every declared variant as its model stage name, `<stage>@<name>`."""
+        return {f"{stage}@{name}" for stage, named in self.variants.items() for name in named}
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
@@ -576,9 +699,15 @@ class Params(Strict):
         for stage in TRAINING_STAGES:
             if stage not in self.mixtures:
                 problems.append((f"mixtures.{stage}", None, f"a mixture for training stage '{stage}'"))
+        variants = self.variant_names()
+        trained = [*TRAINING_STAGES, *sorted(variants)]
+        models = [*MODEL_STAGES, *sorted(variants)]
+        for variant in sorted(variants):
+            if variant not in self.mixtures:
+                problems.append((f"mixtures.{variant}", None, f"a mixture for variant '{variant}'"))
         for name, mixture in self.mixtures.items():
-            if name not in TRAINING_STAGES:
-                problems.append((f"mixtures.{name}", name, f"one of {list(TRAINING_STAGES)}"))
+            if name not in trained:
+                problems.append((f"mixtures.{name}", name, f"one of {trained}"))
             for domain in mixture.weights:
                 if domain not in domains:
                     problems.append((f"mixtures.{name}.weights.{domain}", domain, f"a domain in {sorted(domains)}"))
@@ -591,13 +720,16 @@ class Params(Strict):
                 problems.append((f"model.tokenizer.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         problems += _stage_order_problems(self)
         for i, stage in enumerate(self.merge.models):
-            if stage not in TRAINING_STAGES:
-                problems.append((f"merge.models[{i}]", stage, f"one of {list(TRAINING_STAGES)}"))
-        if self.merge.base is not None and self.merge.base not in TRAINING_STAGES:
-            problems.append(("merge.base", self.merge.base, f"one of {list(TRAINING_STAGES)}"))
+            if stage not in trained:
+                problems.append((f"merge.models[{i}]", stage, f"one of {trained}"))
+        if self.merge.base is not None and self.merge.base not in trained:
+            problems.append(("merge.base", self.merge.base, f"one of {trained}"))
+        for i, domain in enumerate(self.merge.adamerging.domains):
+            if domain not in domains:
+                problems.append((f"merge.adamerging.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         for i, stage in enumerate(self.evaluate.models):
-            if stage not in MODEL_STAGES:
-                problems.append((f"evaluate.models[{i}]", stage, f"one of {list(MODEL_STAGES)}"))
+            if stage not in models:
+                problems.append((f"evaluate.models[{i}]", stage, f"one of {models}"))
         for i, domain in enumerate(self.evaluate.domains):
             if domain not in domains:
                 problems.append((f"evaluate.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
@@ -619,19 +751,41 @@ class Params(Strict):
         compare = self.promotion.compare_domain
         if compare is not None and compare not in domains:
             problems.append(("promotion.compare_domain", compare, f"a domain in {sorted(domains)}"))
+        problems += _candidate_problems(self.promotion, domains, models)
+        dvc_stages = [*STAGE_NAMES, *(f"{stage}_variants" for stage in VARIANT_STAGES)]
         for stage in self.orchestration.retries:
-            if stage.split("@")[0] not in STAGE_NAMES:
-                problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {list(STAGE_NAMES)}"))
+            if stage.split("@")[0] not in dvc_stages:
+                problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {dvc_stages}"))
         if problems:
             raise ValueError("; ".join(f"{path}: got {value!r}, expected {want}" for path, value, want in problems))
         return self
 
     def stage_section(self, stage: str) -> BaseModel:
-        return getattr(self, stage)
+        """The section of `stage`; for a variant `<stage>@<name>`, the stage's section with the
+        variant's overrides deep-merged onto it (validated by the section's own class)."""
+        base, _, name = stage.partition("@")
+        section = getattr(self, base)
+        if not name:
+            return section
+        overrides = {k: v for k, v in self.variants[base][name].items() if k != "seed"}
+        return type(section).model_validate(_deep_merge(section.model_dump(), overrides))
+
+    def stage_seed(self, stage: str) -> int:
+        """The seed a stage runs with: a variant's own `seed`, else the recipe's `seed`."""
+        base, _, name = stage.partition("@")
+        return int(self.variants[base][name].get("seed", self.seed)) if name else self.seed
 
     def pretrain_domains(self) -> list[str]:
         """The domains pretrain reads: model.tokenizer.domains, or every domain when that is null."""
         return list(self.model.tokenizer.domains or self.data.domains)
+
+
+def _deep_merge(target: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(target)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both else value
+    return merged
 
 
 # Record shape each training stage reads from its mixture (stages/*.py).

@@ -37,7 +37,14 @@ class Layout:
         return self.artifacts / "data" / "mixtures" / stage
 
     def model(self, stage: str) -> Path:
+        # Variants (`sft@<name>`) live in one folder that merge and evaluate can depend on as a whole.
+        if "@" in stage:
+            return self.variants / stage
         return self.artifacts / "models" / stage
+
+    @property
+    def variants(self) -> Path:
+        return self.artifacts / "variants"
 
     def metrics(self, stage: str) -> Path:
         return self.artifacts / "metrics" / f"{stage}.json"

@@ -15,11 +15,45 @@ from posttrain.config import Params, params_hash
 from posttrain.io import atomic_output_dir, write_json_atomic
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, verify_model_folder, write_lineage
+from posttrain.models.adamerging import adamerge
 from posttrain.models.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
 from posttrain.pipeline.entry import stage_main
 from posttrain.stage import StageResult
+from posttrain.training.data import first_validation_items
 
 log = logging.getLogger("posttrain.merge")
+
+
+# What lineage.json and metrics keep of an AdaMerging run (the learned coefficients among them).
+ADAMERGING_RECORD = ("granularity", "init", "steps", "prompts", "coefficients", "entropy_before", "entropy_after")
+
+
+def adamerging_merge(params: Params, layout: Layout, inputs: list[Path], base_dir: Path | None, out: Path) -> dict:
+    """AdaMerging on the first `prompts_per_domain` validation prompts of each domain (never test)."""
+    cfg = params.merge.adamerging
+    domains = cfg.domains or list(params.data.domains)
+    prompts = [r["prompt"] for r in first_validation_items(layout, domains, cfg.prompts_per_domain) if r["prompt"]]
+    assert base_dir is not None  # the config requires merge.base for adamerging
+    return adamerge(
+        inputs,
+        base_dir,
+        out,
+        prompts,
+        granularity=cfg.granularity,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        init=cfg.init,
+        batch_size=cfg.batch_size,
+        refresh=cfg.refresh,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=params.merge.seed,
+    )
+
+
+def _lineage_record(stats: dict) -> dict:
+    if stats["method"] == "adamerging":
+        return {"method": "adamerging", **{k: stats[k] for k in ADAMERGING_RECORD}}
+    return {k: stats[k] for k in ("method", "weights", "density", "t", "seed")}
 
 
 def run(params: Params, layout: Layout) -> StageResult:
@@ -47,17 +81,21 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     final = layout.model("merge")
     with atomic_output_dir(final) as tmp:
-        stats = merge_models(
-            inputs,
-            tmp,
-            method=cfg.method,
-            weights=weights,
-            base_dir=base_dir,
-            density=cfg.density,
-            t=cfg.t,
-            seed=cfg.seed,
-            files_from=files_from,
-        )
+        if cfg.method == "adamerging":
+            stats = adamerging_merge(params, layout, inputs, base_dir, tmp)
+            weights = stats["mean_coefficient_per_model"]
+        else:
+            stats = merge_models(
+                inputs,
+                tmp,
+                method=cfg.method,
+                weights=weights,
+                base_dir=base_dir,
+                density=cfg.density,
+                t=cfg.t,
+                seed=cfg.seed,
+                files_from=files_from,
+            )
         parents = [parent_entry(folder, root, weight=w) for folder, w in zip(inputs, weights, strict=True)]
         if base_dir is not None:
             parents.append({**parent_entry(base_dir, root), "role": "base"})
@@ -69,7 +107,7 @@ def run(params: Params, layout: Layout) -> StageResult:
             params=cfg.model_dump(mode="json"),
             params_hash=params_hash(cfg),
             seed=cfg.seed,
-            extra={"merge": {k: stats[k] for k in ("method", "weights", "density", "t", "seed")}},
+            extra={"merge": _lineage_record(stats)},
         )
     if cfg.method == "checkpoint_average":
         names = [f"{cfg.models[0]}/{folder.name}" for folder in inputs]
@@ -79,16 +117,21 @@ def run(params: Params, layout: Layout) -> StageResult:
         "method": cfg.method,
         "inputs": names,
         "weights": dict(zip(names, weights, strict=True)),
-        "tensors": stats["tensors"],
-        "parameters": stats["parameters"],
-        "l2_distance_to_inputs": dict(zip(names, stats["l2_distance_to_inputs"], strict=True)),
         "seconds": stats["seconds"],
         "content_hash": record["content_hash"],
     }
+    flat: dict[str, float] = {"seconds": stats["seconds"]}
+    if cfg.method == "adamerging":
+        metrics["adamerging"] = {k: stats[k] for k in ADAMERGING_RECORD + ("entropy_curve",)}
+        flat.update({"entropy_before": stats["entropy_before"], "entropy_after": stats["entropy_after"]})
+        flat.update({f"coefficient.{n}": w for n, w in metrics["weights"].items()})
+    else:
+        metrics.update({k: stats[k] for k in ("tensors", "parameters")})
+        metrics["l2_distance_to_inputs"] = dict(zip(names, stats["l2_distance_to_inputs"], strict=True))
+        flat.update({"tensors": stats["tensors"], "parameters": stats["parameters"]})
+        flat.update({f"l2_distance_to_inputs.{n}": d for n, d in metrics["l2_distance_to_inputs"].items()})
     write_json_atomic(layout.metrics("merge"), metrics)
     log.info("merge: %s of %s written to %s in %.1f s", cfg.method, names, final, stats["seconds"])
-    flat = {"tensors": stats["tensors"], "parameters": stats["parameters"], "seconds": stats["seconds"]}
-    flat.update({f"l2_distance_to_inputs.{n}": d for n, d in metrics["l2_distance_to_inputs"].items()})
     return StageResult(metrics=flat, model_dir=final, artifacts=[layout.metrics("merge")])
 
 

@@ -1,5 +1,9 @@
 """Stage `sft`: supervised fine-tuning of the cpt model on prompt/completion pairs.
 
+A variant (`variants.sft.<name>`, run as `python -m stages.sft --variant <name>`) is the same
+stage under the name `sft@<name>`: its section with the variant's overrides, its own seed and
+mixture (`mixtures.sft@<name>`), written to artifacts/models/sft@<name>/.
+
 TRL's SFTTrainer on a prompt-completion dataset: the loss covers only the completion tokens
 (`completion_only_loss=True`; the prompt's labels are -100) and TRL appends the tokenizer's EOS to
 every completion, so the model learns to stop after the answer.
@@ -24,23 +28,23 @@ STAGE = "sft"
 PARENT = "cpt"
 
 
-def run(params: Params, layout: Layout) -> StageResult:
-    section = params.sft
-    runtime = setup_runtime(params.compute, params.seed)
+def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
+    section = params.stage_section(stage)
+    runtime = setup_runtime(params.compute, params.stage_seed(stage))
 
     # 1. The cpt model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
     # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.models.lora).
-    loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
+    loaded = loading.load_for_training(layout, stage, parent, params, runtime)
 
     # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only.
     job = TrainingJob(
-        stage=STAGE,
+        stage=stage,
         section=section,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
-        train_dataset=load_prompt_completion_mixture(layout, STAGE, loaded.tokenizer, section),
-        data_manifest=mixture_manifest(layout, STAGE),
+        train_dataset=load_prompt_completion_mixture(layout, stage, loaded.tokenizer, section),
+        data_manifest=mixture_manifest(layout, stage),
         parents=[parent],
         adapter=loaded.adapter,
         config_fields={"completion_only_loss": True},

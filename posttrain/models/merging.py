@@ -11,7 +11,10 @@ Methods (`MergeConfig.method`):
 - `slerp`: spherical interpolation between two models at `t`, per tensor; falls back to linear
   interpolation when the two tensors are (anti)parallel or zero, where the sphere formula is
   numerically meaningless.
-- `checkpoint_average`: uniform average of a training stage's last K complete checkpoints.
+- `checkpoint_average`: uniform average of a training stage's last K complete checkpoints (it reads
+  checkpoints/, which is no DVC dependency; a trainer stage's `average_last` does the same inside
+  the stage, over its own checkpoints).
+- `adamerging`: task arithmetic whose coefficients are learned (posttrain/models/adamerging.py).
 
 The arithmetic of task arithmetic, TIES and DARE is `peft.utils.merge_utils` (the code behind
 PEFT's `add_weighted_adapter`), applied to full task vectors; SLERP and linear are a few lines here.
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
+NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging")
 SAME_LINE_HINT = (
     "merge only models of one fine-tuning line (models that share a parent, e.g. an SFT model and "
     "its own GRPO fine-tune); averaging separately trained models destroys them"
@@ -309,6 +312,13 @@ def check_compatible(first: LazyWeights, others: Sequence[LazyWeights], *, confi
                     f"cannot merge {other.folder} with {first.folder}: tokenizer.json vocabularies differ "
                     f"(token ids would mean different things); {SAME_LINE_HINT}"
                 )
+
+
+def check_compatible_folders(folders: Sequence[Path]) -> None:
+    """`check_compatible` on model folders: the first against the others."""
+    with ExitStack() as stack:
+        weights = [LazyWeights(Path(folder), stack) for folder in folders]
+        check_compatible(weights[0], weights[1:])
 
 
 def _ancestors(folder: Path, root: Path, depth: int = 32) -> set[str] | None:

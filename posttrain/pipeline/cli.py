@@ -108,6 +108,9 @@ def run(
     no_prefect: Annotated[
         bool, typer.Option("--no-prefect", help="Run plain `dvc repro` (no Prefect server, no retries).")
     ] = False,
+    no_gate: Annotated[
+        bool, typer.Option("--no-gate", help="Do not apply the promotion gate after a whole-pipeline run.")
+    ] = False,
     wait: WaitOption = 0.0,
     root: RootOption = None,
 ) -> None:
@@ -115,6 +118,8 @@ def run(
 
     Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
     MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
+    A whole-pipeline run (no --stages) ends with the promotion gate and its verdict; exit code
+    GATE_REFUSED (3) when the gate refuses the candidate.
     """
     project = _root(root)
     targets = _split(stages)
@@ -136,9 +141,12 @@ def run(
                 code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
         except PipelineError as error:
             _fail(str(error))
+        if code == 0:
+            _gate_after_run(project, targets, no_gate)
         raise typer.Exit(code)
     if not force and _nothing_to_run(project, targets, downstream, wait):
         typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
+        _gate_after_run(project, targets, no_gate)
         return
     # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
     from flows.pipeline import check_prefect_api, pipeline_flow
@@ -160,6 +168,30 @@ def run(
         _fail(state.message or "the pipeline flow failed")
     outcomes = state.result()
     typer.echo("  ".join(f"{stage}: {outcome}" for stage, outcome in outcomes.items()))
+    _gate_after_run(project, targets, no_gate, outcomes)
+
+
+GATE_REFUSED = 3  # `posttrain run` exit code when the promotion gate refuses the candidate (README)
+
+
+def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, stages: Any = None) -> None:
+    """A whole-pipeline run ends with the promotion gate: its verdict is printed, a refusal exits 3.
+
+    Only a DAG with an `evaluate` stage has scores to gate on (`stages`: its stage names, else read).
+    """
+    if targets or no_gate:
+        return
+    try:
+        names = stages if stages is not None else dag.stage_graph(project)
+    except PipelineError as error:
+        _fail(str(error))
+    if "evaluate" not in names:
+        return
+    typer.echo("promotion gate:")
+    result = _registry_call("gate_verdict", _load_or_fail(project), project)
+    if not result.promoted:
+        typer.echo(f"promotion gate REFUSED the candidate: exit code {GATE_REFUSED}")
+        raise typer.Exit(GATE_REFUSED)
 
 
 def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:

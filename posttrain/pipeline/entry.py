@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -15,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import parse_params, read_yaml
-from posttrain.errors import ParamsChangedError, PipelineError, resource_error
+from posttrain.config import Params, parse_params, read_yaml
+from posttrain.errors import ParamsChangedError, ParamsError, PipelineError, resource_error
 from posttrain.layout import Layout, find_root
 from posttrain.lineage import add_environment
 from posttrain.pipeline import launch
@@ -56,8 +57,12 @@ _ABSENT = object()
 
 def declared_values(raw: Any, root: Path, stage: str) -> dict[str, Any]:
     """The values of the params keys dvc.yaml declares for `stage` (what DVC writes into dvc.lock)."""
+    keys = runs.stage_param_keys(root, stage)
+    base, _, variant = stage.partition("@")
+    if variant:  # the variant's own overrides and mixture (dvc.yaml lists them through foreach templates)
+        keys = [*keys, f"variants.{base}.{variant}", f"mixtures.{stage}"]
     values: dict[str, Any] = {}
-    for key in runs.stage_param_keys(root, stage):
+    for key in keys:
         node: Any = raw
         for part in key.split("."):
             node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
@@ -91,12 +96,22 @@ def check_params_unchanged(started_with: dict[str, Any], params_path: Path, root
         )
 
 
+def variant_stage(params: Params, stage: str, variant: str, run: Any) -> tuple[str, StageFunction]:
+    """`<stage>@<variant>` and the stage function bound to that name (it takes a `stage` argument)."""
+    name = f"{stage}@{variant}"
+    if name not in params.variant_names():
+        declared = sorted(params.variants.get(stage, {}))
+        raise ParamsError(f"variants.{stage}.{variant}: not declared in params.yaml; declared: {declared}")
+    return name, functools.partial(run, stage=name)
+
+
 def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) -> None:
     """The process entry of `python -m stages.<stage>`: it ends the process (exit status 0, 1 or 3)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the '{stage}' stage.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--root", default=None, help="project root (default: nearest folder with dvc.yaml)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for pipeline errors")
+    parser.add_argument("--variant", default=None, help="run the variant `variants.<stage>.<name>` of this stage")
     args = parser.parse_args(argv)
     setup_logging()
     root = Path(args.root).resolve() if args.root else find_root()
@@ -110,7 +125,11 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         started_with = declared_values(raw, root, stage)
         if launch.should_relaunch(stage, params.compute):
             # compute.launcher: accelerate -> run this same module under `accelerate launch`.
-            sys.exit(launch.relaunch(stage, params.compute, root, params_path, debug=args.debug))
+            code = launch.relaunch(stage, params.compute, root, params_path, debug=args.debug, variant=args.variant)
+            sys.exit(code)
+        if args.variant is not None:
+            stage, run = variant_stage(params, stage, args.variant, run)
+            started_with = declared_values(raw, root, stage)
         # Other ranks of a distributed run train, but write nothing and track nothing.
         track = params.tracking.enabled and is_main_process()
         if track:

@@ -102,7 +102,15 @@ def accelerate_command(stage: str, config_file: Path, stage_args: list[str]) -> 
     ]  # fmt: skip
 
 
-def relaunch(stage: str, compute: ComputeConfig, root: Path, params_path: Path, *, debug: bool = False) -> int:
+def relaunch(
+    stage: str,
+    compute: ComputeConfig,
+    root: Path,
+    params_path: Path,
+    *,
+    debug: bool = False,
+    variant: str | None = None,
+) -> int:
     """Run the stage under `accelerate launch`; return its exit status.
 
     SIGTERM/SIGINT are forwarded to the whole process group of the launch, so every rank gets the
@@ -112,6 +120,8 @@ def relaunch(stage: str, compute: ComputeConfig, root: Path, params_path: Path, 
     stage_args = ["--params", str(params_path.resolve()), "--root", str(root.resolve())]
     if debug:
         stage_args.append("--debug")
+    if variant is not None:
+        stage_args += ["--variant", variant]
     cmd = accelerate_command(stage, config_file, stage_args)
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"

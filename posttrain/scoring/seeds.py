@@ -123,6 +123,12 @@ def spread(summary: Mapping[str, Any], stage: str, domain: str) -> float | None:
     return ((summary.get("models") or {}).get(stage, {}).get(domain) or {}).get("std")
 
 
+def spreads(summary: Mapping[str, Any], stage: str) -> dict[str, float]:
+    """The seed standard deviation of `stage`'s exact match per domain (empty: not in the sweep)."""
+    domains = (summary.get("models") or {}).get(stage) or {}
+    return {domain: entry["std"] for domain, entry in domains.items() if entry.get("std") is not None}
+
+
 def read_summary(root: Path) -> dict[str, Any] | None:
     path = root / SEEDS_PATH
     if not path.is_file():

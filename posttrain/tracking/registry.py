@@ -20,8 +20,13 @@ Promotion rule (documented in the README's promotion section, written here once)
    bootstrap CI may be asymmetric, so each side uses its own half). With min_improvement 0 the
    candidate must be better beyond noise; a negative value is a non-inferiority margin.
 5. where `artifacts/metrics/seeds.json` exists (`posttrain seeds N`), the improvement d must also
-   exceed the seed standard deviation of the final stage on `compare_domain`: beyond training noise,
+   exceed the seed standard deviation of the candidate stage on `compare_domain`: beyond training noise,
    not only beyond one run's sampling noise.
+5. the lineage gate (`posttrain.tracking.gate`): not worse, beyond the confidence intervals (and the
+   seed spread when given), than any evaluated model the candidate descends from, on any gated domain.
+The candidate is `promotion.candidate` (a named stage or the best of several on a metric; see
+`posttrain.tracking.gate`), by default the final stage; its version is the one whose content matches
+the workspace's model, and the champion it is compared with is the champion of that stage's model.
 A refused candidate keeps its aliases; the reasons are tagged on the version and printed. A version
 that was rolled back is not promoted again without `force`.
 
@@ -45,6 +50,7 @@ from posttrain.lineage import content_hash, file_hashes, library_versions, read_
 from posttrain.scoring import seeds
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
+from posttrain.tracking.gate import Gate, candidate_stage, lineage_gates, read_eval
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -395,13 +401,6 @@ def record_evaluation(
 
 
 @dataclass
-class Gate:
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass
 class PromotionResult:
     """What `promote` or `rollback` decided. `changed` is False when the registry was left as it was."""
 
@@ -525,14 +524,13 @@ def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         raise PromotionError(f"--version {version}: '{name}' has no such version; it has versions {known}") from None
 
 
-def workspace_candidate(client: MlflowClient, params: Params, root: Path) -> ModelVersion:
-    """The registered version holding the final stage's model that is in the workspace now.
+def workspace_candidate(client: MlflowClient, params: Params, root: Path, stage: str) -> ModelVersion:
+    """The registered version holding `stage`'s model that is in the workspace now.
 
     DVC's run cache can restore an older output without running the stage, so nothing re-points
     the `candidate` alias; the workspace's lineage.json content hash says which model is really
     there. The alias is moved to that version (or promotion refused when it was never registered).
     """
-    stage = params.promotion.final_stage
     name = registered_model_name(params, stage)
     model_dir = Layout(root).model(stage)
     lineage = read_lineage(model_dir)
@@ -561,19 +559,30 @@ def workspace_candidate(client: MlflowClient, params: Params, root: Path) -> Mod
 
 
 def promote(
-    params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None
+    params: Params,
+    root: Path,
+    version: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    spread: dict[str, float] | None = None,
 ) -> PromotionResult:
-    """Promote the `candidate` (or `version`) of the final stage's model to `champion` if it passes
-    the gates; `force` skips them and needs a `reason`, which is recorded. Prints the decision."""
+    """Promote the candidate (`promotion.candidate`, or `version` of it) to `champion` if it passes
+    the gates, the lineage gate included (`posttrain.tracking.gate`; `spread`: an optional seed
+    standard deviation per domain); `force` skips them and needs a `reason`, which is recorded.
+    Prints the decision and each comparison."""
     if force and not (reason and reason.strip()):
         raise PromotionError("promote --force needs a reason (recorded on the version); e.g. --reason 'hotfix for ...'")
     client = connect(params, Path(root))
-    name = registered_model_name(params, params.promotion.final_stage)
+    layout = Layout(Path(root))
+    eval_data = read_eval(layout)
+    stage, chosen_by = candidate_stage(params, eval_data)
+    print(f"candidate: '{stage}' (chosen by {chosen_by})")
+    name = registered_model_name(params, stage)
     if not _exists(client, name):
-        raise PromotionError(
-            f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first"
-        )
-    target = _get_version(client, name, str(version)) if version else workspace_candidate(client, params, Path(root))
+        raise PromotionError(f"registered model '{name}' does not exist; run the pipeline up to '{stage}' first")
+    target = (
+        _get_version(client, name, str(version)) if version else workspace_candidate(client, params, Path(root), stage)
+    )
     champion = _alias(client, name, CHAMPION)
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
@@ -589,8 +598,11 @@ def promote(
         print(result.summary())
         return result
     summary = seeds.read_summary(Path(root))
-    seed_std = seeds.spread(summary, params.promotion.final_stage, params.promotion.compare_domain) if summary else None
+    seed_std = seeds.spread(summary, stage, params.promotion.compare_domain) if summary else None
+    if spread is None and summary:
+        spread = seeds.spreads(summary, stage)
     gates = check_gates(params, _scores(target), _scores(champion), before, seed_std=seed_std)
+    gates += lineage_gates(params, layout, stage, eval_data, spread)
     if target.tags.get(ROLLED_BACK_TAG) == "true":
         gates.append(
             Gate(
@@ -655,6 +667,35 @@ def promote(
             reason=f"version {_ver(target)} NOT promoted (champion stays {before or 'unset'}): {failed}",
             gates=gates,
         )
+    print(result.summary())
+    return result
+
+
+def gate_verdict(params: Params, root: Path, spread: dict[str, float] | None = None) -> PromotionResult:
+    """The end of `posttrain run`: `promote` when tracking is on; otherwise the same gates on the
+    workspace's eval.json and lineage files (no champion to compare with), printed, nothing changed.
+    `spread`: an optional seed standard deviation per domain for the lineage gate."""
+    if params.tracking.enabled:
+        return promote(params, root, spread=spread)
+    layout = Layout(Path(root))
+    eval_data = read_eval(layout)
+    stage, chosen_by = candidate_stage(params, eval_data)
+    print(f"candidate: '{stage}' (chosen by {chosen_by})")
+    scores = parse_eval(eval_data or {}).get(stage)
+    candidate = {**scores, "run_id": "eval.json"} if scores else None
+    gates = check_gates(params, candidate, None, None) + lineage_gates(params, layout, stage, eval_data, spread)
+    passed = all(g.passed for g in gates)
+    failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
+    result = PromotionResult(
+        stage,
+        None,
+        None,
+        None,
+        promoted=passed,
+        changed=False,
+        reason=("passes every gate" if passed else f"REFUSED: {failed}") + " (tracking off: no registry change)",
+        gates=gates,
+    )
     print(result.summary())
     return result
 

@@ -184,7 +184,8 @@ def _log_params(client: MlflowClient, run_id: str, values: dict[str, str]) -> No
     # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.entities import Param
 
-    items = [Param(key[:250], value) for key, value in sorted(values.items())]
+    # MLflow refuses '@' in keys; variants (`mixtures.sft@arith`) are logged as `mixtures.sft:arith`.
+    items = [Param(key.replace("@", ":")[:250], value) for key, value in sorted(values.items())]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         retry_locked(client.log_batch, run_id, params=items[start : start + 100])
 

@@ -36,8 +36,9 @@ from transformers import TrainerCallback
 
 from posttrain.config import params_hash
 from posttrain.dvcfile import stage_entry, stage_params
-from posttrain.errors import ParamsError
+from posttrain.errors import ParamsError, StageError
 from posttrain.io import sha256_file, write_json_atomic
+from posttrain.models.merging import complete_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +228,30 @@ def training_series(checkpoint: Path, keys: tuple[str, ...], prefixes: tuple[str
         for e in history
         if any(k in e for k in keys)
     ]
+
+
+def average_last_checkpoints(model: Any, folder: Path, last_k: int) -> list[str]:
+    """Load into `model` the uniform average of the last `last_k` complete checkpoints under `folder`
+    (the stage's own run); returns their names. StageError when fewer than `last_k` exist."""
+    # lazy: torch and safetensors are heavy to import; only checkpoint averaging needs them here
+    import torch
+    from safetensors.torch import load_file
+
+    found = complete_checkpoints(folder)[-last_k:]
+    if len(found) < last_k:
+        raise StageError(
+            f"average_last: {last_k} checkpoints requested, {len(found)} complete under {folder}; "
+            "expected trainer.save_steps to save at least that many"
+        )
+    total: dict[str, torch.Tensor] = {}
+    for checkpoint in found:
+        for name, tensor in load_file(str(checkpoint / "model.safetensors")).items():
+            total[name] = total.get(name, 0) + tensor.double() / last_k
+    state = {name: tensor.to(model.state_dict()[name].dtype) for name, tensor in total.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise StageError(
+            f"average_last: checkpoint tensors do not match the model (missing {missing}, extra {unexpected})"
+        )
+    return [checkpoint.name for checkpoint in found]

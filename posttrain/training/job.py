@@ -37,7 +37,14 @@ from posttrain.models.build import count_parameters
 from posttrain.runtime import Runtime, is_main_process, world_size
 from posttrain.stage import StageResult, flat_metrics
 from posttrain.training.callbacks import ContinualEvaluation, Preemption, all_finite, make_callbacks
-from posttrain.training.checkpoints import find_resume_checkpoint, key_components, key_of, prepare_folder, tokens_at
+from posttrain.training.checkpoints import (
+    average_last_checkpoints,
+    find_resume_checkpoint,
+    key_components,
+    key_of,
+    prepare_folder,
+    tokens_at,
+)
 from posttrain.training.data import load_validation_sets
 from posttrain.training.outputs import write_model_output
 from posttrain.training.trl_config import trl_config, with_schedule
@@ -188,7 +195,12 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         )
     if not all_finite(model):
         raise StageError(f"stage {stage}: final weights contain NaN/inf; no model written")
-    after = evaluation.at(state.global_step) or evaluation.record(state.global_step, model)
+    averaged = average_last_checkpoints(model, ckpt_dir, section.average_last) if section.average_last else None
+    if averaged:  # the model is now the average: score it, not the last step's weights
+        log.info("%s: model = average of %s", stage, ", ".join(averaged))
+        after = evaluation.record(state.global_step, model)
+    else:
+        after = evaluation.at(state.global_step) or evaluation.record(state.global_step, model)
 
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     steps_run = state.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
@@ -220,6 +232,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "threads": runtime.num_threads,
         "checkpoints": ckpt_shown,
         "world_size": config.world_size,
+        "averaged_checkpoints": averaged,
         **job.metrics_extra,
     }
     # FSDP / DeepSpeed hold shards: gather the full weights (a collective, so every rank calls it).

@@ -55,7 +55,7 @@ def write_model_output(
             parents=parents,
             params=section.model_dump(mode="json"),
             params_hash=params_hash(section),
-            seed=params.seed,
+            seed=params.stage_seed(stage),
             data_manifest=data_manifest,
             extra=lineage_extra,
         )

@@ -126,6 +126,12 @@ DPO_GRPO: dict[str, Any] = {
 # --------------------------------------------------------------------------- copies of this repository
 
 
+def copy_variants_folder(root: Path) -> None:
+    """artifacts/variants/ with its git-tracked README: merge and evaluate depend on the folder."""
+    (root / "artifacts" / "variants").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "artifacts" / "variants" / "README.md", root / "artifacts" / "variants" / "README.md")
+
+
 def make_small_project(tmp_path: Path, raw: dict[str, Any]) -> Path:
     """A copy of the project (code, dvc.yaml, DVC config) with tiny params, in a fresh git repo."""
     root = tmp_path / "project"
@@ -139,6 +145,7 @@ def make_small_project(tmp_path: Path, raw: dict[str, Any]) -> Path:
     # What `dvc init` would add besides the config.
     (root / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
     shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
+    copy_variants_folder(root)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
@@ -151,6 +158,7 @@ def make_project_copy(dest: Path, params_source: Path = REPO / "configs" / "tiny
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     shutil.copy(params_source, dest / "params.yaml")
+    copy_variants_folder(dest)
     (dest / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +142,36 @@ def test_no_change_run_answers_from_dvc_status_without_starting_prefect(toy: Pat
     assert _nothing_to_run(toy, None, False, 0.0)
     (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("seed: 1", "seed: 2"))
     assert not _nothing_to_run(toy, None, False, 0.0)
+
+
+def test_whole_run_ends_with_the_gate_and_exit_code_3_when_it_refuses(tmp_path: Path) -> None:
+    """A DAG with an `evaluate` stage: after `posttrain run`, the gate's verdict; a regression exits 3."""
+    from helpers.tiny import tiny_raw
+
+    root = tmp_path / "project"
+    root.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=toy_env())
+    (root / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: python -c pass\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw(), sort_keys=False))  # tracking off
+    models = {"grpo": ([], {"add3": 0.52}), "merge": (["grpo"], {"add3": 0.07})}
+    for stage, (parents, _) in models.items():
+        folder = root / "artifacts" / "models" / stage
+        folder.mkdir(parents=True)
+        entries = [{"stage": p, "path": f"artifacts/models/{p}", "content_hash": p} for p in parents]
+        (folder / "lineage.json").write_text(json.dumps({"stage": stage, "content_hash": stage, "parents": entries}))
+    scores = {
+        stage: {
+            "content_hash": stage,
+            "domains": {d: {"exact_match": {"mean": m, "ci_low": m - 0.02, "ci_high": m + 0.02}} for d, m in s.items()},
+        }
+        for stage, (_, s) in models.items()
+    }
+    (root / "artifacts" / "metrics").mkdir(parents=True)
+    (root / "artifacts" / "metrics" / "eval.json").write_text(json.dumps({"models": scores}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", toy_env()["PATH"])
+        result = runner.invoke(app, ["run", "--no-prefect", "--root", str(root)])
+        skipped = runner.invoke(app, ["run", "--no-prefect", "--no-gate", "--root", str(root)])
+    assert result.exit_code == 3, result.output
+    assert "[FAIL] not_worse_than.grpo.add3: parent 'grpo'" in result.output and "exit code 3" in result.output
+    assert skipped.exit_code == 0, skipped.output

@@ -40,7 +40,8 @@ def stage_modules(dvc_yaml: Path) -> dict[str, tuple[str, list[str]]]:
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     out = {}
     for name, stage in stages.items():
-        match = re.fullmatch(r"python -m ([\w.]+)", stage["cmd"].strip())
+        stage = stage.get("do", stage)  # a foreach stage: its template
+        match = re.fullmatch(r"python -m ([\w.]+)( --variant \$\{key\})?", stage["cmd"].strip())
         assert match, f"dvc.yaml stage {name}: cmd {stage['cmd']!r} is not `python -m <module>`"
         out[name] = (match.group(1), [str(d) if isinstance(d, str) else next(iter(d)) for d in stage["deps"]])
     return out

@@ -125,6 +125,7 @@ def test_promotion_follows_the_workspace_model_after_a_run_cache_restore(tmp_pat
     _init_dvc(root)
     raw: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["tracking"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    raw["promotion"]["candidate"] = {"stage": "merge"}  # the workspace's merge model, whatever the recipe picks
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "artifacts/data/prepared").mkdir(parents=True)
     (root / "artifacts/data/prepared/manifest.json").write_text("{}")
@@ -137,7 +138,8 @@ def test_promotion_follows_the_workspace_model_after_a_run_cache_restore(tmp_pat
         return str(MlflowClient(raw["tracking"]["tracking_uri"]).get_registered_model(name).aliases["candidate"])
 
     _set_density(root, 0.6)
-    assert dvc(root, "repro").returncode == 0
+    done = dvc(root, "repro")
+    assert done.returncode == 0, done.stderr + done.stdout
     v1 = candidate()
     _set_density(root, 0.5)
     assert dvc(root, "repro").returncode == 0

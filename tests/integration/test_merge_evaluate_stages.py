@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -95,6 +96,26 @@ def test_merge_stage_writes_model_lineage_and_metrics(project, tiny_params):
 
     loaded = load_stage_model(out)
     assert loaded.model.config.hidden_size == 32
+
+
+def test_adamerging_stage_records_its_coefficients(project, tiny_params):
+    from stages import merge
+
+    for domain in ITEMS:  # unlabeled prompts come from the val split (the fixture has test only)
+        val = project.prepared_split(domain, "val")
+        if not val.is_file():
+            shutil.copy(project.prepared_split(domain, "test"), val)
+    ada = {"steps": 4, "refresh": 2, "prompts_per_domain": 8, "max_new_tokens": 4, "domains": list(ITEMS)}
+    params = params_for(
+        tiny_params,
+        merge={"method": "adamerging", "models": ["sft", "grpo"], "base": "pretrain", "adamerging": ada},
+    )
+    merge.run(params, project)
+    metrics = json.loads(project.metrics("merge").read_text())
+    lineage = verify_model_folder(project.model("merge"))
+    assert metrics["method"] == "adamerging" and len(metrics["adamerging"]["coefficients"]) == 2
+    assert lineage["merge"]["coefficients"] == metrics["adamerging"]["coefficients"]
+    assert set(metrics["weights"]) == {"sft", "grpo"} and metrics["adamerging"]["prompts"] > 0
 
 
 def test_merge_stage_refuses_models_of_different_lines(project, tiny_params, tmp_path):

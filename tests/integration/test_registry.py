@@ -219,3 +219,31 @@ def test_eval_parser_accepts_other_layouts() -> None:
     )
     assert listed["sft"]["exact_match"]["rev"]["mean"] == 0.7 and listed["sft"]["content_hash"] == "abc"
     assert listed["sft"]["forgetting"] == {"rev": 0.05}
+
+
+def test_candidate_worse_than_its_parent_is_refused(
+    project: tuple[Layout, Params], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from posttrain.tracking import registry
+
+    layout, params = project
+    make_model(layout, "grpo", seed=51)
+    write_stage_metrics(layout, "grpo")
+    record("grpo", params, layout)
+    make_model(layout, "merge", seed=52, parents=("grpo",))
+    write_stage_metrics(layout, "merge")
+    record("merge", params, layout)
+    # The figures: the merge passes min_exact_match.add and forgetting but lost add3 to grpo.
+    write_eval(
+        layout,
+        {"grpo": {"add": score(0.938), "add3": score(0.52)}, "merge": {"add": score(0.93), "add3": score(0.068)}},
+        {"merge": {"add": 0.01}},
+    )
+    record("evaluate", params, layout, model=False)
+    result = registry.promote(params, layout.root)
+    assert not result.promoted and "champion" not in aliases(params)
+    failed = [g for g in result.gates if not g.passed]
+    assert [g.name for g in failed] == ["not_worse_than.grpo.add3"]
+    out = capsys.readouterr().out
+    assert "candidate: 'merge'" in out and "not_worse_than.grpo.add: parent 'grpo': add: candidate 0.9300" in out
+    assert "parent 'grpo'" in failed[0].detail and "add3" in failed[0].detail

@@ -24,7 +24,7 @@ def error_of(raw: dict[str, Any]) -> str:
 
 def test_repo_params_are_valid() -> None:
     params = load_params(REPO / "params.yaml")
-    assert set(params.mixtures) == {"pretrain", "cpt", "sft", "dpo", "grpo"}
+    assert set(params.mixtures) == {"pretrain", "cpt", "sft", "dpo", "grpo"} | params.variant_names()
 
 
 def test_tiny_params_are_valid(tiny_params: dict[str, Any]) -> None:
