@@ -25,8 +25,8 @@ from posttrain.scoring import rewards
 from posttrain.stage import StageResult
 from posttrain.training import measures
 from posttrain.training.curriculum import UCBCurriculum, arm_of, curriculum_hook, curriculum_trainer
-from posttrain.training.hybrid import hybrid_trainer
 from posttrain.training.data import check_lengths, first_validation_items, mixture_manifest, read_mixture
+from posttrain.training.hybrid import hybrid_trainer
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "grpo"
