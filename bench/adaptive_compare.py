@@ -9,14 +9,14 @@ process pays ~10-12 s of imports; on 2 shared cores that is minutes per run agai
 stage takes. The switch itself is the same params key either way (see README: `dvc exp run -S`).
 
 One shared base, built once: prepare (domains below), pretrain on every domain's text, then sft on
-add/sub/rev/addb. Then per seed (params.seed and the mixture seeds):
+add/subb/rev. Then per seed (params.seed and the mixture seeds):
 
-- curriculum: grpo on `addb` (1-3 digit sums: easy, learnable and hard buckets) from the base sft model,
+- curriculum: grpo on `subb` (1-3 digit differences: easy, learnable and hard buckets) from the base sft model,
   uniform order vs `grpo.curriculum: {method: ucb}`. Held-out (val) exact match at every checkpoint:
   steps to reach base + 0.05, area under the curve (mean over checkpoints), final test exact match.
 - hybrid: on add3 from the base sft model, `grpo.hybrid` for N steps vs sft N/2 then grpo N/2 (equal
   optimizer steps and batch). Test exact match on add3 (trained), add4 (harder, never trained) and the
-  change on add/sub/rev (forgetting).
+  change on add/subb/rev (forgetting).
 - mixing: sft from the pretrained base at one step budget, static recipe weights vs stratified (equal
   weights) vs `mixtures.sft.adaptive: {method: aioli}` (probes inside the budget). Test loss and exact
   match averaged over the four domains.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shutil
 import statistics
@@ -45,14 +46,14 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 DOMAINS = {
     "add": {"kind": "addition", "digits": 2, "n_items": 3000},
-    "sub": {"kind": "subtraction", "digits": 2, "n_items": 3000},
+    # Subtraction with 1-3 digit operands: easy, learnable and hard buckets in one domain (the curriculum's).
+    "subb": {"kind": "subtraction", "digits": 1, "max_digits": 3, "n_items": 3000},
     "rev": {"kind": "reverse", "min_length": 3, "max_length": 6, "n_items": 3000},
     "add3": {"kind": "addition", "digits": 3, "n_items": 3000},
     "add4": {"kind": "addition", "digits": 4, "n_items": 600},
-    "addb": {"kind": "addition", "digits": 1, "max_digits": 3, "n_items": 3000},
 }
-MIX_DOMAINS = ("add", "sub", "rev", "add3")
-STATIC = {"add": 0.4, "sub": 0.25, "rev": 0.15, "add3": 0.2}  # the default recipe's sft weights
+MIX_DOMAINS = ("add", "subb", "rev", "add3")
+STATIC = {"add": 0.4, "subb": 0.25, "rev": 0.15, "add3": 0.2}  # the default recipe's sft weights (sub -> subb)
 GRPO_STEPS = 120
 MIX_STEPS = 300
 EVAL_ITEMS = 200
@@ -62,13 +63,13 @@ def base_raw() -> dict[str, Any]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["tracking"]["enabled"] = False
     raw["data"]["domains"] = copy.deepcopy(DOMAINS)
-    every = {"add": 1, "sub": 1, "rev": 1, "add3": 1, "addb": 1}
+    every = {"add": 1, "subb": 1, "rev": 1, "add3": 1}
     raw["mixtures"] = {
         "pretrain": {"format": "text", "weights": every, "total": 8000},
-        "cpt": {"format": "text", "weights": {"sub": 1}, "total": 200},
-        "sft": {"format": "prompt_completion", "weights": {"add": 1, "sub": 1, "rev": 1, "addb": 1}, "total": 6000},
+        "cpt": {"format": "text", "weights": {"subb": 1}, "total": 200},
+        "sft": {"format": "prompt_completion", "weights": {"add": 1, "subb": 1, "rev": 1}, "total": 6000},
         "dpo": {"format": "preference", "weights": {"add": 1}, "total": 200},
-        "grpo": {"format": "prompt_answer", "weights": {"addb": 1}, "total": 1000},
+        "grpo": {"format": "prompt_answer", "weights": {"subb": 1}, "total": 1000},
     }
     raw["pretrain"]["trainer"].update(max_steps=600, save_steps=600)
     raw["pretrain"]["eval_every"] = 0
@@ -170,7 +171,7 @@ def curriculum_run(base: Path, seed: int, method: str) -> dict[str, Any]:
     curve = []
     for ckpt in sorted(layout.root.glob("checkpoints/grpo-*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         model, tokenizer = load(ckpt)
-        curve.append({"step": int(ckpt.name.split("-")[1]), **scores(model, tokenizer, layout, "addb", "val")})
+        curve.append({"step": int(ckpt.name.split("-")[1]), **scores(model, tokenizer, layout, "subb", "val")})
     model, tokenizer = load(layout.model("grpo"))
     from posttrain.io import read_json
 
@@ -178,7 +179,7 @@ def curriculum_run(base: Path, seed: int, method: str) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 1),
         "curve": curve,
-        "test": scores(model, tokenizer, layout, "addb", "test"),
+        "test": scores(model, tokenizer, layout, "subb", "test"),
         "final_probabilities": metrics.get("curriculum_final_probabilities"),
     }
 
@@ -210,7 +211,7 @@ def hybrid_run(base: Path, seed: int, method: str) -> dict[str, Any]:
     model, tokenizer = load(layout.model("grpo"))
     return {
         "seconds": round(seconds, 1),
-        "test": {d: scores(model, tokenizer, layout, d, "test") for d in ("add3", "add4", "add", "sub", "rev")},
+        "test": {d: scores(model, tokenizer, layout, d, "test") for d in ("add3", "add4", "add", "subb", "rev")},
     }
 
 
@@ -275,7 +276,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--only", nargs="*", default=["curriculum", "hybrid", "mixing"])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--readme", action="store_true", help="render the table into README.md")
+    parser.add_argument("--report-only", action="store_true", help="re-render the table from the JSON written before")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "adaptive_compare.json").read_text())
+        table = report(results, results["base_val_exact_match"])
+        (args.out / "adaptive_compare.md").write_text(table["markdown"])
+        if args.readme:
+            render_readme(table["markdown"])
+        return
     from posttrain.io import write_json_atomic
     from posttrain.runtime import setup_runtime
 
@@ -288,9 +298,10 @@ def main() -> None:
 
     base_layout = Layout(base)
     results["base"] = {
-        d: scores(model, tokenizer, base_layout, d, "test") for d in ("addb", "add3", "add4", "add", "sub", "rev")
+        d: scores(model, tokenizer, base_layout, d, "test") for d in ("subb", "add3", "add4", "add", "rev")
     }
-    base_val = scores(model, tokenizer, base_layout, "addb", "val")["exact_match"]
+    base_val = scores(model, tokenizer, base_layout, "subb", "val")["exact_match"]
+    results["base_val_exact_match"] = base_val
     plan = {
         "curriculum": (curriculum_run, ("uniform", "ucb")),
         "hybrid": (hybrid_run, ("sft_then_grpo", "hybrid")),
@@ -309,6 +320,17 @@ def main() -> None:
     write_json_atomic(out, results)
     (args.out / "adaptive_compare.md").write_text(table["markdown"])
     log(f"wrote {out} and {args.out / 'adaptive_compare.md'}")
+    if args.readme:
+        render_readme(table["markdown"])
+
+
+def render_readme(markdown: str) -> None:
+    """Put the table between the `<!-- adaptive:start -->` / `<!-- adaptive:end -->` markers of README.md."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- adaptive:start -->", "<!-- adaptive:end -->"
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{markdown}{end}{rest.split(end, 1)[1]}")
 
 
 def report(results: dict[str, Any], base_val: float) -> dict[str, Any]:
@@ -319,7 +341,7 @@ def report(results: dict[str, Any], base_val: float) -> dict[str, Any]:
     )
     if "curriculum" in runs:
         threshold = base_val + 0.05
-        lines += ["", f"Curriculum (grpo on addb, {GRPO_STEPS} steps; threshold = base val EM {base_val:.3f} + 0.05)", "",
+        lines += ["", f"Curriculum (grpo on subb, {GRPO_STEPS} steps; threshold = base val EM {base_val:.3f} + 0.05)", "",
                   "| method | steps to threshold | AUC held-out EM | final test EM |", "|---|---|---|---|"]  # fmt: skip
         for method, items in runs["curriculum"].items():
             figures = [curriculum_figures(r, threshold) for r in items]
@@ -331,13 +353,13 @@ def report(results: dict[str, Any], base_val: float) -> dict[str, Any]:
     if "hybrid" in runs:
         base = results["base"]
         lines += ["", f"Hybrid vs SFT→GRPO (add3, {GRPO_STEPS} steps in all; forgetting = after − base EM)", "",
-                  "| method | add3 EM | add4 EM (harder) | Δ add | Δ sub | Δ rev |", "|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | add3 EM | add4 EM (harder) | Δ add | Δ subb | Δ rev |", "|---|---|---|---|---|---|"]  # fmt: skip
         for method, items in runs["hybrid"].items():
             s = {d: summary([r["test"][d]["exact_match"] for r in items]) for d in ("add3", "add4")}
-            for d in ("add", "sub", "rev"):
+            for d in ("add", "subb", "rev"):
                 s[f"delta_{d}"] = summary([r["test"][d]["exact_match"] - base[d]["exact_match"] for r in items])
             summ[f"hybrid/{method}"] = s
-            cells = [fmt(s["add3"]), fmt(s["add4"])] + [fmt(s[f"delta_{d}"]) for d in ("add", "sub", "rev")]
+            cells = [fmt(s["add3"]), fmt(s["add4"])] + [fmt(s[f"delta_{d}"]) for d in ("add", "subb", "rev")]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if "mixing" in runs:
         lines += ["", f"Online mixing (sft from the pretrained base, {MIX_STEPS} steps x 32 rows, probes included)", "",
