@@ -71,9 +71,9 @@ def base_raw() -> dict[str, Any]:
         "dpo": {"format": "preference", "weights": {"add": 1}, "total": 200},
         "grpo": {"format": "prompt_answer", "weights": {"subb": 1}, "total": 1000},
     }
-    raw["pretrain"]["trainer"].update(max_steps=600, save_steps=600)
+    raw["pretrain"]["trainer"].update(max_steps=800, save_steps=800)
     raw["pretrain"]["eval_every"] = 0
-    raw["sft"]["trainer"].update(max_steps=400, save_steps=400)
+    raw["sft"]["trainer"].update(max_steps=1000, save_steps=1000)
     raw["sft"]["eval_every"] = 0
     raw["sft"]["schedule"] = {"name": "cosine", "warmup_fraction": 0.05}
     raw["grpo"]["trainer"].update(
