@@ -98,15 +98,16 @@ class CurriculumSampler(Sampler[int]):
         self.prompts_per_batch = prompts_per_batch
         self.mini_repeat_count = mini_repeat_count
         self.repeat_count = repeat_count
-        self.seed = seed
         self.num_batches = max(len(row_arms) // prompts_per_batch, 1)
+        # One rng and one set of queues for the sampler's life: a second epoch continues the stream.
+        self.rng = random.Random(f"{seed}:curriculum")
+        self.queues: dict[str, list[int]] = {a: [] for a in self.by_arm}
 
     def __len__(self) -> int:
         return self.num_batches * self.prompts_per_batch * self.mini_repeat_count * self.repeat_count
 
     def __iter__(self) -> Iterator[int]:
-        rng = random.Random(f"{self.seed}:curriculum")
-        queues: dict[str, list[int]] = {a: [] for a in self.by_arm}
+        rng, queues = self.rng, self.queues
         arms = [a for a in self.curriculum.arms if self.by_arm[a]]
         for _ in range(self.num_batches):
             # Read now, not at construction: the trainer updates the curriculum between batches.
