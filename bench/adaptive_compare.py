@@ -77,7 +77,7 @@ def base_raw() -> dict[str, Any]:
     raw["sft"]["eval_every"] = 0
     raw["sft"]["schedule"] = {"name": "cosine", "warmup_fraction": 0.05}
     raw["grpo"]["trainer"].update(
-        learning_rate=1e-4, max_steps=GRPO_STEPS, per_device_train_batch_size=32, save_steps=20, logging_steps=10
+        learning_rate=5e-5, max_steps=GRPO_STEPS, per_device_train_batch_size=32, save_steps=20, logging_steps=10
     )
     raw["grpo"]["eval_items"] = 64
     raw["grpo"]["num_generations"] = 8
@@ -160,6 +160,9 @@ def curriculum_run(base: Path, seed: int, method: str) -> dict[str, Any]:
     from stages import grpo, mix
 
     raw = with_seed(base_raw(), seed)
+    # Binary reward: a bucket the model always solves or never solves then gives zero advantage (with the
+    # recipe's partial-credit digit_match, impossible items still have reward variance).
+    raw["grpo"]["rewards"] = [{"name": "exact_match", "weight": 1.0}]
     if method == "ucb":
         raw["grpo"]["curriculum"] = {"method": "ucb", "arms": "difficulty"}
     params = params_of(raw)
@@ -168,7 +171,8 @@ def curriculum_run(base: Path, seed: int, method: str) -> dict[str, Any]:
     started = time.perf_counter()
     grpo.run(params, layout)
     seconds = time.perf_counter() - started
-    curve = []
+    model, tokenizer = load(layout.model("dpo"))
+    curve = [{"step": 0, **scores(model, tokenizer, layout, "subb", "val")}]
     for ckpt in sorted(layout.root.glob("checkpoints/grpo-*/checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
         model, tokenizer = load(ckpt)
         curve.append({"step": int(ckpt.name.split("-")[1]), **scores(model, tokenizer, layout, "subb", "val")})
@@ -199,7 +203,11 @@ def hybrid_run(base: Path, seed: int, method: str) -> dict[str, Any]:
         mix.run(params, layout)
         grpo.run(params, layout)
     else:  # sft for half the steps, then grpo for the other half, same batch
-        raw["sft"]["trainer"].update(max_steps=GRPO_STEPS // 2, per_device_train_batch_size=batch, learning_rate=1e-4)
+        raw["sft"]["trainer"].update(
+            max_steps=GRPO_STEPS // 2,
+            per_device_train_batch_size=batch,
+            learning_rate=raw["grpo"]["trainer"]["learning_rate"],
+        )
         raw["grpo"]["trainer"]["max_steps"] = GRPO_STEPS // 2
         params = params_of(raw)
         layout = workspace(f"hybrid-{method}-{seed}", base, {"cpt": "sft"})
@@ -292,7 +300,12 @@ def main() -> None:
     setup_runtime(params_of(base_raw()).compute, 0)  # threads as the recipe sets them (1)
     args.out.mkdir(parents=True, exist_ok=True)
     base = build_base(SCRATCH / "adaptive")
+    out = args.out / "adaptive_compare.json"
     results: dict[str, Any] = {"machine": machine_info(), "seeds": args.seeds, "runs": {}}
+    if out.is_file():  # keep the comparisons not rerun now (same seeds only)
+        earlier = json.loads(out.read_text())
+        if earlier.get("seeds") == args.seeds:
+            results["runs"] = {k: v for k, v in earlier.get("runs", {}).items() if k not in args.only}
     model, tokenizer = load(Path(base) / "artifacts/models/sft")
     from posttrain.layout import Layout
 
@@ -307,9 +320,9 @@ def main() -> None:
         "hybrid": (hybrid_run, ("sft_then_grpo", "hybrid")),
         "mixing": (mixing_run, ("static", "stratified", "aioli")),
     }
-    out = args.out / "adaptive_compare.json"
     for name in args.only:
         run_fn, methods = plan[name]
+        results["runs"][name] = {}
         for method in methods:
             for seed in args.seeds:
                 log(f"{name} {method} seed {seed}")
