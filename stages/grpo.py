@@ -26,7 +26,7 @@ from posttrain.stage import StageResult
 from posttrain.training import measures
 from posttrain.training.curriculum import UCBCurriculum, arm_of, curriculum_hook, curriculum_trainer
 from posttrain.training.data import check_lengths, first_validation_items, mixture_manifest, read_mixture
-from posttrain.training.hybrid import hybrid_trainer
+from posttrain.training.hybrid import hybrid_hook, hybrid_trainer
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "grpo"
@@ -70,6 +70,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     if section.hybrid is not None:
         trainer_cls = hybrid_trainer(trainer_cls)
         trainer_kwargs["hybrid"] = section.hybrid
+        measure.append(hybrid_hook())
 
     # 5. GRPO through the shared trainer set-up.
     config_fields = {"num_generations": section.num_generations, "max_completion_length": section.max_completion_length,

@@ -5,7 +5,8 @@ exactly right is above `grpo.hybrid.threshold`, the prompt's rollouts train with
 usual; otherwise the prompt is one the policy cannot solve yet, its rollouts' advantages are zeroed
 and the loss gets an SFT term instead: the token NLL of the item's demonstration (prompt + gold
 `answer` + EOS, loss on the answer and EOS only), weighted by `sft_weight`. The share of prompts on
-each branch is logged per step (`hybrid/sft_share` in the Trainer's logs).
+each branch is logged per step (`hybrid/sft_share` in the Trainer's logs; `hybrid_trajectory` and
+`hybrid_sft_share_mean` in the stage's metrics).
 
 The demonstration tensors ride along in the generation batch (one row per rollout, like every other
 tensor there), so TRL's own shuffling and splitting of the batch keep them aligned.
@@ -21,6 +22,8 @@ import torch
 
 from posttrain.config import HybridConfig
 from posttrain.data.verifiers import exact_match
+from posttrain.training.checkpoints import training_series
+from posttrain.training.job import MeasureHook, TrainedRun
 
 SFT_KEYS = ("sft_input_ids", "sft_attention_mask", "sft_loss_mask", "sft_rows")
 
@@ -99,3 +102,15 @@ def hybrid_trainer(base: type) -> type:
 
     HybridTrainer.__name__ = HybridTrainer.__qualname__ = f"Hybrid{base.__name__}"
     return HybridTrainer
+
+
+def hybrid_hook() -> MeasureHook:
+    """After training: the SFT / RL shares per logging step (metrics `hybrid_trajectory`, an MLflow series)."""
+
+    def measure(run: TrainedRun) -> dict[str, Any]:
+        series = training_series(run.final_checkpoint, ("hybrid/sft_share", "hybrid/rl_share"))
+        rows = [{"step": e["step"], "sft_share": e["hybrid/sft_share"]} for e in series if "hybrid/sft_share" in e]
+        shares = [r["sft_share"] for r in rows]
+        return {"hybrid_trajectory": rows, "hybrid_sft_share_mean": statistics.fmean(shares) if shares else None}
+
+    return measure

@@ -47,6 +47,8 @@ def test_hybrid_trains_failed_prompts_with_sft(tmp_path) -> None:
     params = _params(hybrid={"threshold": 0.0})
     layout = build_trained_input_project(params, tmp_path, "dpo")
     grpo.run(params, layout)
+    metrics = json.loads(layout.metrics("grpo").read_text())
+    assert metrics["hybrid_sft_share_mean"] == 1.0 and metrics["hybrid_trajectory"][0]["sft_share"] == 1.0
     state = sorted((layout.root / "checkpoints").glob("grpo-*/checkpoint-*"))[-1] / "trainer_state.json"
     shares = [e["hybrid/sft_share"] for e in json.loads(state.read_text())["log_history"] if "hybrid/sft_share" in e]
     # An untrained model gets every sum wrong: every prompt takes the SFT branch.
