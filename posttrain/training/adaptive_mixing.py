@@ -5,8 +5,8 @@ the starting proportions. The stage's training rows are then drawn by a seeded s
 current proportions instead of TRL's shuffle. `rounds` times during training (evenly spaced, the
 first before step 1):
 
-1. probe: for each domain j, a copy of the model takes `probe_steps` optimizer steps (AdamW at the
-   stage's peak learning rate) on batches of domain j's training rows only;
+1. probe: for each domain j, the model takes `probe_steps` optimizer steps (a fresh AdamW at the
+   stage's peak learning rate) on batches of domain j's training rows only, then its weights are restored;
 2. measure: each domain i's loss per token on its first `eval_items` VALIDATION items (never test)
    before and after each probe: A[j][i] = loss_i(before) - loss_i(after probe j), how much training
    on j lowers i's loss;
@@ -23,7 +23,6 @@ on and which were probed, by id.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -194,27 +193,41 @@ class OnlineMixing(TrainerCallback):
         return {d: mean_token_loss(model, tokenizer, self.val_texts[d], batch_size=64) for d in self.domains}
 
     def probe(self, model: Any, domain: str, args: Any, round_index: int) -> dict[str, float]:
-        """Domain losses after `probe_steps` steps on `domain` alone, on a copy of `model`."""
-        clone = copy.deepcopy(model)
-        clone.train()
-        optimizer = torch.optim.AdamW(clone.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        """Domain losses after `probe_steps` steps on `domain` alone; the model's weights are restored after.
+
+        Trained in place and restored rather than on a deepcopy: the Trainer's model carries forward
+        wrappers bound to the original instance, so a copy's forward would not reach the copy's weights.
+        """
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        was_training = model.training
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
         rng = random.Random(f"{self.seed}:probe:{round_index}:{domain}")
         pool = self.sampler.by_domain[domain]
         batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        device = next(clone.parameters()).device
-        for _ in range(self.config.probe_steps):
-            indices = [rng.choice(pool) for _ in range(batch_size)]
-            self.probe_ids += [self.row_ids[i] for i in indices]
-            self.probe_rows += len(indices)
-            # Token columns only (the rows also hold id, domain and the raw strings).
-            rows = [{k: v for k, v in self.trainer.train_dataset[i].items() if isinstance(v, list)} for i in indices]
-            batch = self.trainer.data_collator(rows)
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            optimizer.zero_grad()
-            clone(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(clone.parameters(), args.max_grad_norm)
-            optimizer.step()
-        return self.losses(clone)
+        device = next(model.parameters()).device
+        try:
+            for _ in range(self.config.probe_steps):
+                indices = [rng.choice(pool) for _ in range(batch_size)]
+                self.probe_ids += [self.row_ids[i] for i in indices]
+                self.probe_rows += len(indices)
+                # Token columns only (the rows also hold the raw strings).
+                rows = [
+                    {k: v for k, v in self.trainer.train_dataset[i].items() if isinstance(v, list)} for i in indices
+                ]
+                batch = self.trainer.data_collator(rows)
+                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                optimizer.zero_grad()
+                model(**batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+            return self.losses(model)
+        finally:
+            with torch.no_grad():
+                model.load_state_dict(saved)
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
 
     def update(self, step: int, model: Any, args: Any) -> None:
         round_index = len(self.history)

@@ -31,6 +31,11 @@ def test_online_mixing_records_trajectory_items_and_stays_in_budget(tmp_path) ->
     assert [point["step"] for point in trajectory] == [0, 2]  # 4 main steps (12 - 2 rounds x 4 domains x 1 probe step)
     assert all(set(point["p"]) == domains and abs(sum(point["p"].values()) - 1) < 1e-5 for point in trajectory)
     assert set(trajectory[0]["interaction"]) == domains
+    # The probes really train (a probe that leaves the weights as they were measures no change at all),
+    # and the update moves the proportions off the static weights.
+    assert all(trajectory[0]["interaction"][d][d] > 0 for d in domains)
+    static = read_json(layout.mixture("sft") / "manifest.json")["output_proportions"]
+    assert metrics["mixing_final_proportions"] != {d: round(p, 6) for d, p in static.items()}
     # Budget: main steps + probe steps = trainer.max_steps; rows trained + probed = max_steps x batch.
     assert metrics["steps"] == metrics["mixing_main_steps"] == 4 and metrics["mixing_probe_steps"] == 8
     assert metrics["mixing_rows_trained"] + metrics["mixing_rows_probed"] == 12 * 8
