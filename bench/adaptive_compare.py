@@ -63,6 +63,8 @@ def base_raw() -> dict[str, Any]:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["tracking"]["enabled"] = False
     raw["data"]["domains"] = copy.deepcopy(DOMAINS)
+    raw["model"]["tokenizer"]["domains"] = None  # every domain
+    raw["promotion"]["compare_domain"] = "add3"
     every = {"add": 1, "subb": 1, "rev": 1, "add3": 1}
     raw["mixtures"] = {
         "pretrain": {"format": "text", "weights": every, "total": 8000},

@@ -53,6 +53,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import execute_pipeline, failure_state
 from posttrain.config import ContinualConfig, load_params
+from posttrain.data import userdeps
 from posttrain.errors import DataError, PipelineError
 from posttrain.pipeline import dag
 from posttrain.pipeline.workspace import pipeline_lock
@@ -156,7 +157,7 @@ def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
     version = hashlib.sha256(data).hexdigest()[:12]
 
     # One file per version, named by content: the params path changes with the data, so DVC sees
-    # `prepare` as stale through the `data` params (dvc.yaml does not list data files as deps).
+    # `prepare` as stale through the `data` params; the folder is also added to prepare's deps below.
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{version}.parquet"
     tmp = folder / f".{version}.parquet.tmp"
@@ -179,6 +180,8 @@ def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
     if cfg.domain not in load_params(root / "params.yaml").mixtures["cpt"].weights:
         overrides.append(f"mixtures.cpt.weights.{cfg.domain}={cfg.weight}")
     dag.apply_overrides(root, overrides)
+    # The store folder (every version of it) is what `prepare` reads: DVC must see its content.
+    userdeps.add_deps(root, [folder.relative_to(root).as_posix()])
 
     state = read_state(root, cfg)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,19 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+# torch, numpy and random all accept this range; numpy refuses negatives and values >= 2**32.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Domain names become folder names under artifacts/ and MLflow metric names: no path separators,
+# no "..", nothing MLflow refuses (it rejects e.g. parentheses).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+SAFE_NAME_HINT = "letters, digits, '_' and '-', starting with a letter or digit, at most 64 characters"
+# YAML 1.1 (PyYAML) reads `1e-8` (no dot) as a string; these are the e-notation forms it misses.
+_E_NOTATION = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def check_safe_name(name: str, key: str) -> None:
+    if not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{key}: got {name!r}; expected {SAFE_NAME_HINT}")
 
 
 class Strict(BaseModel):
@@ -61,6 +75,10 @@ class TokenizerConfig(Strict):
 
     vocab_size: Annotated[int, Field(ge=32, le=1_000_000)] = 96
     min_frequency: PositiveInt = 2
+    # Domains whose train splits the tokenizer (and pretrain's evaluation) reads; null = every domain.
+    # Listed explicitly, a domain added later (e.g. for CPT) leaves pretrain untouched; its
+    # characters must then already be covered by these domains (others map to <unk>).
+    domains: list[str] | None = None
 
 
 class ArchitectureConfig(Strict):
@@ -187,6 +205,9 @@ class HubDomain(_DomainBase):
     kind: Literal["hub"]
     name: str
     subset: str | None = None
+    # A commit sha or tag of the dataset repository: required for hub ids (posttrain.data.userdeps), so
+    # that the data behind params.yaml cannot change without DVC seeing a params change.
+    revision: str | None = None
     split: str = "train"
     columns: dict[str, str] = {}
     max_items: PositiveInt | None = None
@@ -238,6 +259,8 @@ class DataConfig(Strict):
     def _some_domains(cls, domains: dict[str, Any]) -> dict[str, Any]:
         if not domains:
             raise ValueError("no domains declared; expected at least one")
+        for name in domains:
+            check_safe_name(str(name), f"domain name data.domains.{name}")
         return domains
 
 
@@ -310,6 +333,16 @@ class TrainerArgs(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _e_notation_numbers(cls, values: Any) -> Any:
+        """`adam_epsilon: 1e-8` arrives as the string '1e-8' (YAML 1.1); TRL would fail on it late."""
+        if not isinstance(values, dict):
+            return values
+        return {
+            k: float(v) if isinstance(v, str) and _E_NOTATION.fullmatch(v.strip()) else v for k, v in values.items()
+        }
 
     learning_rate: Annotated[float, Field(gt=0.0)] = 1e-3
     max_steps: PositiveInt = 100
@@ -468,7 +501,7 @@ class MergeConfig(Strict):
     t: Fraction = 0.5
     # checkpoint_average: how many of the last checkpoints of models[0]'s stage to average.
     last_k: PositiveInt = 3
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
@@ -513,7 +546,7 @@ class EvaluateConfig(Strict):
     pass_at_k: PassAtKConfig = PassAtKConfig()
     bootstrap_samples: PositiveInt = 1000
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
-    seed: int = 0
+    seed: Seed = 0
 
 
 # --------------------------------------------------------------------------- tracking and promotion
@@ -526,6 +559,14 @@ class TrackingConfig(Strict):
     experiment: str = "posttrain"
     # Registered model name is "<registered_model_prefix>-<stage>".
     registered_model_prefix: str = "posttrain"
+
+    @field_validator("experiment", "registered_model_prefix")
+    @classmethod
+    def _mlflow_name(cls, value: str) -> str:
+        # Found at validation: MLflow itself refuses these only after a stage trained its model.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", value):
+            raise ValueError(f"got {value!r}; expected a name of letters, digits, '_', '.' and '-' (no '/', not empty)")
+        return value
 
 
 class PromotionConfig(Strict):
@@ -546,6 +587,13 @@ class ContinualConfig(Strict):
     incoming_dir: str = "data/incoming"
     # Domain the incoming files are registered under.
     domain: str = "incoming"
+
+    @field_validator("domain")
+    @classmethod
+    def _safe_domain(cls, domain: str) -> str:
+        check_safe_name(domain, "domain name")
+        return domain
+
     # Weight of that domain in the cpt mixture when it is first registered (later edits are kept).
     weight: Annotated[float, Field(gt=0.0)] = 1.0
     # Record field -> column in the incoming files (the file domain's `columns`).
@@ -568,7 +616,7 @@ class OrchestrationConfig(Strict):
 
 
 class Params(Strict):
-    seed: int = 1234
+    seed: Seed = 1234
     compute: ComputeConfig = ComputeConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig
@@ -602,6 +650,10 @@ class Params(Strict):
                 problems.append(
                     (f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, f"one of {sorted(self.mixtures)}")
                 )
+        for i, domain in enumerate(self.model.tokenizer.domains or []):
+            if domain not in domains:
+                problems.append((f"model.tokenizer.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+        problems += _stage_order_problems(self)
         for i, stage in enumerate(self.merge.models):
             if stage not in TRAINING_STAGES:
                 problems.append((f"merge.models[{i}]", stage, f"one of {list(TRAINING_STAGES)}"))
@@ -619,6 +671,18 @@ class Params(Strict):
                     problems.append((f"promotion.{key}.{domain}", domain, f"a domain in {sorted(domains)}"))
         if self.promotion.final_stage not in MODEL_STAGES:
             problems.append(("promotion.final_stage", self.promotion.final_stage, f"one of {list(MODEL_STAGES)}"))
+        elif self.tracking.enabled and self.promotion.final_stage not in self.evaluate.models:
+            # Promotion (MLflow only) gates on the final stage's evaluation scores.
+            problems.append(
+                (
+                    "promotion.final_stage",
+                    self.promotion.final_stage,
+                    f"a stage in evaluate.models {self.evaluate.models}",
+                )
+            )
+        compare = self.promotion.compare_domain
+        if compare is not None and compare not in domains:
+            problems.append(("promotion.compare_domain", compare, f"a domain in {sorted(domains)}"))
         for stage in self.orchestration.retries:
             if stage.split("@")[0] not in STAGE_NAMES:
                 problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {list(STAGE_NAMES)}"))
@@ -628,6 +692,42 @@ class Params(Strict):
 
     def stage_section(self, stage: str) -> BaseModel:
         return getattr(self, stage)
+
+    def pretrain_domains(self) -> list[str]:
+        """The domains pretrain reads: model.tokenizer.domains, or every domain when that is null."""
+        return list(self.model.tokenizer.domains or self.data.domains)
+
+
+# Record shape each training stage reads from its mixture (stages/*.py).
+STAGE_FORMATS = {
+    "pretrain": "text",
+    "cpt": "text",
+    "sft": "prompt_completion",
+    "dpo": "preference",
+    "grpo": "prompt_answer",
+}
+
+
+def _stage_order_problems(params: Params) -> list[tuple[str, Any, str]]:
+    """Replay from an earlier stage only, one format per stage, no model listed twice."""
+    problems: list[tuple[str, Any, str]] = []
+    for name, mixture in params.mixtures.items():
+        if name in STAGE_FORMATS and mixture.format != STAGE_FORMATS[name]:
+            problems.append(
+                (f"mixtures.{name}.format", mixture.format, f"'{STAGE_FORMATS[name]}' (what {name} trains on)")
+            )
+        if mixture.replay and name in TRAINING_STAGES and mixture.replay.from_stage in TRAINING_STAGES:
+            earlier = list(TRAINING_STAGES[: TRAINING_STAGES.index(name)])
+            if mixture.replay.from_stage not in earlier:
+                want = f"an earlier training stage, one of {earlier}" if earlier else "no replay (nothing comes before)"
+                problems.append((f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, want))
+    for key, stages in (("merge.models", params.merge.models), ("evaluate.models", params.evaluate.models)):
+        seen: set[str] = set()
+        for i, stage in enumerate(stages):
+            if stage in seen:
+                problems.append((f"{key}[{i}]", stage, "each stage at most once (it is listed twice)"))
+            seen.add(stage)
+    return problems
 
 
 # --------------------------------------------------------------------------- loading
@@ -673,12 +773,35 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(_format_errors(source, error)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last; DVC refuses)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; expected each key once per mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
+    data = path.read_bytes()
     try:
-        return yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ParamsError(
+            f"{path}: line {line}: byte 0x{data[error.start]:02x} is not valid UTF-8; expected a UTF-8 encoded file"
+        ) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -711,4 +834,8 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ParamsError(f"override {assignment!r}: '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ParamsError(f"override {assignment!r}: the value is not valid YAML ({problem})") from None

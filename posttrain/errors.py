@@ -24,8 +24,16 @@ class StageError(PipelineError):
     """A stage could not finish (NaN loss, incompatible inputs, corrupted model, ...)."""
 
 
+class ParamsChangedError(StageError):
+    """params.yaml changed under a running stage: the model would not match what dvc.lock records."""
+
+
 class ParamsError(PipelineError, ValueError):
     """A params file that cannot be used. The message names the file, the key path and the value."""
+
+
+class UndeclaredDataError(PipelineError):
+    """A user file `prepare` reads is not a dvc.yaml dependency, or a hub dataset is not pinned."""
 
 
 class DagError(PipelineError):
@@ -38,6 +46,10 @@ class WorkspaceBusy(PipelineError):
 
 class TrackingError(PipelineError):
     """MLflow cannot be used as configured (unreachable server, failed write); says what to change."""
+
+
+class SeedsError(PipelineError):
+    """The seed sweep (`posttrain seeds N`) could not be queued, run or read back."""
 
 
 class PromotionError(TrackingError):

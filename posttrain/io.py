@@ -34,14 +34,37 @@ def json_hash(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@")
+# Matched only where "://" occurs (see _redact_uris): tried at every position, the scheme's
+# `[a-z...]*` made redaction quadratic; a 10 MB params string never returned.
+_SCHEME_BEFORE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]{0,31}\Z")
+_CREDENTIALS_AFTER = re.compile(r"(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@")
 _SECRET_KEYS = re.compile(r"(token|password|secret|api[_-]?key)", re.IGNORECASE)
+
+
+def _redact_uris(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://user:***@host`, in time linear in len(text).
+
+    Each credentials match starts right after a "://" and stops at the next '/', so the scans
+    never overlap.
+    """
+    parts: list[str] = []
+    done = 0
+    at = text.find("://")
+    while at != -1:
+        start = at + 3
+        if _SCHEME_BEFORE.search(text, max(0, at - 32), at):
+            found = _CREDENTIALS_AFTER.match(text, start)
+            if found:
+                parts.append(text[done:start] + found["user"] + ":***@")
+                done = found.end()
+        at = text.find("://", max(start, done))
+    return "".join(parts) + text[done:] if parts else text
 
 
 def redact(value: Any) -> Any:
     """Remove secrets before anything is logged or recorded: passwords in URIs, *token*/*password* keys."""
     if isinstance(value, str):
-        return _SECRET_IN_URI.sub(r"\g<scheme>\g<user>:***@", value)
+        return _redact_uris(value)
     if isinstance(value, dict):
         return {key: ("***" if _SECRET_KEYS.search(str(key)) and item else redact(item)) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

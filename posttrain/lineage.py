@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.errors import StageError
-from posttrain.io import json_hash, redact, sha256_file
+from posttrain.io import json_hash, redact, sha256_file, write_json_atomic
 
 LINEAGE_FILE = "lineage.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers")
@@ -62,6 +62,26 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; else what `platform` knows): numerics differ between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def add_environment(metrics_path: Path) -> None:
+    """Record the CPU model, platform and library versions in a stage's metrics file (if it wrote one)."""
+    if not metrics_path.is_file():
+        return
+    metrics = json.loads(metrics_path.read_text())
+    metrics["environment"] = {"cpu": cpu_model(), "platform": platform.platform(), "libraries": library_versions()}
+    write_json_atomic(metrics_path, metrics)
 
 
 def read_lineage(model_dir: Path) -> dict[str, Any] | None:

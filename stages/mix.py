@@ -1,7 +1,8 @@
 """Stage `mix`: build the training mixture of every training stage from the prepared train splits.
 
     artifacts/data/mixtures/<stage>/train.parquet   columns by the mixture's format (docs/design.md)
-    artifacts/data/mixtures/<stage>/manifest.json   weights, proportions, counts, replay, ids, hash, seed
+    artifacts/data/mixtures/<stage>/manifest.json   weights, proportions, counts, replay, ids, hash, seed,
+                                                    prepared_train_hashes (only the domains it drew from)
     artifacts/metrics/mix.json                      per-stage totals and seconds
 
 Reads `mixtures` from params.yaml and artifacts/data/prepared (checked against prepare's manifest).
@@ -25,13 +26,15 @@ from posttrain.stage import StageResult
 log = logging.getLogger("posttrain.mix")
 
 
-def load_train_splits(layout: Layout, needed: set[str]) -> tuple[dict[str, list[Record]], str]:
-    """Train records of the `needed` domains, each verified against prepare's manifest hash."""
+def load_train_splits(layout: Layout, needed: set[str]) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    """Train records of the `needed` domains, each verified against prepare's manifest hash, and
+    those hashes (a mixture records only its own domains', so a new domain leaves it unchanged)."""
     manifest_path = layout.prepared / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{manifest_path}: not found; run the prepare stage first (dvc repro prepare)")
     manifest = io.read_json(manifest_path)
     train: dict[str, list[Record]] = {}
+    hashes: dict[str, str] = {}
     for domain in sorted(needed):
         entry = manifest["domains"].get(domain)
         if entry is None:
@@ -47,7 +50,8 @@ def load_train_splits(layout: Layout, needed: set[str]) -> tuple[dict[str, list[
                 f"{path}: content hash {actual} differs from prepare's manifest ({expected}); rerun prepare"
             )
         train[domain] = io.read_parquet(path, domains.RECORD_COLUMNS)
-    return train, io.sha256_file(manifest_path)
+        hashes[domain] = expected
+    return train, hashes
 
 
 def run(params: Params, layout: Layout) -> StageResult:
@@ -55,7 +59,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     mixtures = params.mixtures
     order = mixing.stage_order(mixtures)
     needed = {d for m in mixtures.values() for d, w in m.weights.items() if w > 0}
-    train, prepared_hash = load_train_splits(layout, needed)
+    train, prepared_hashes = load_train_splits(layout, needed)
 
     built: dict[str, mixing.Mixture] = {}
     metrics: dict[str, Any] = {"stages": {}}
@@ -66,7 +70,12 @@ def run(params: Params, layout: Layout) -> StageResult:
             mixture = mixing.build_mixture(stage, mixtures[stage], train, built)
             built[stage] = mixture
             content_hash = io.write_parquet(mixture.rows, tmp / stage / "train.parquet", mixture.columns)
-            manifest = {**mixture.manifest, "content_hash": content_hash, "prepared_manifest_hash": prepared_hash}
+            # The prepared train splits this mixture drew from (its own domains and its replay source's).
+            drawn = {d for d, w in mixtures[stage].weights.items() if w > 0}
+            if mixtures[stage].replay:
+                drawn |= set(built[mixtures[stage].replay.from_stage].manifest["prepared_train_hashes"])
+            mixture.manifest["prepared_train_hashes"] = {d: prepared_hashes[d] for d in sorted(drawn)}
+            manifest = {**mixture.manifest, "content_hash": content_hash}
             io.write_json(manifest, tmp / stage / "manifest.json")
             replay = manifest["replay"]["items"] if manifest["replay"] else 0
             metrics["stages"][stage] = {

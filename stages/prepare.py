@@ -16,8 +16,9 @@ from typing import Any
 
 from posttrain import io
 from posttrain.config import DataConfig, DomainConfig, Params
-from posttrain.data import decontamination, domains, sources, splits
+from posttrain.data import decontamination, domains, sources, splits, userdeps
 from posttrain.data.domains import Record
+from posttrain.errors import DataError
 from posttrain.layout import Layout
 from posttrain.pipeline.entry import stage_main
 from posttrain.stage import StageResult
@@ -45,6 +46,7 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
     """Build, split, decontaminate and write all domains; returns the manifest."""
     by_domain: dict[str, dict[str, list[Record]]] = {}
     described: dict[str, dict[str, Any]] = {}
+    empty: list[str] = []
     for name, config in data.domains.items():
         started = time.perf_counter()
         records, source = build_domain(name, config, data, layout)
@@ -62,11 +64,9 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
         fractions = {"val": data.split.val_fraction, "test": data.split.test_fraction}
         for split, fraction in fractions.items():
             if fraction > 0 and not parts[split]:
-                log.warning(
-                    "domain %s: %s split is empty (%d items in all); add items to evaluate it",
-                    name,
-                    split,
-                    len(records),
+                empty.append(
+                    f"domain {name}: {split} split is empty ({len(records)} items in all, "
+                    f"data.split.{split}_fraction = {fraction}); add items to the domain or raise the fraction"
                 )
 
     report = decontamination.decontaminate(
@@ -75,6 +75,9 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
         data.decontamination.max_overlap,
         data.decontamination.max_leaked_fraction,
     )
+    if empty:
+        # Refused here, not later: DPO, GRPO and evaluation fail on an empty split after training.
+        raise DataError("; ".join(empty))
     log.info(
         "decontamination: %d val/test items checked, %d leaked, highest n-gram overlap %.2f",
         report["checked"],
@@ -108,6 +111,7 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
 
 def run(params: Params, layout: Layout) -> StageResult:
     started = time.perf_counter()
+    userdeps.check(params.data, layout.root)  # an undeclared data file would go stale unseen
     manifest = prepare(params.data, layout)
     seconds = time.perf_counter() - started
     metrics = {

@@ -1,11 +1,14 @@
 """Stage `pretrain`: bootstrap the base model.
 
-model.base: scratch   train a BPE tokenizer on every domain's train split, build a tiny Llama
-                      from model.architecture, and train it on the `pretrain` mixture (text)
+model.base: scratch   train a BPE tokenizer on the train splits of model.tokenizer.domains
+                      (default: every domain), build a tiny Llama from model.architecture, and
+                      train it on the `pretrain` mixture (text)
 model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
                       training): the next stages start from it, lineage.json says so
 
-reads   artifacts/data/prepared/*/train.parquet, artifacts/data/mixtures/pretrain/
+reads   artifacts/data/prepared/<d>/{train,val}.parquet for d in model.tokenizer.domains (each
+        must be a dep in dvc.yaml: a domain added later must not rerun pretrain, so the deps name
+        these domains, not all prepared data), artifacts/data/mixtures/pretrain/
 writes  artifacts/models/pretrain/ (+ lineage.json), artifacts/metrics/pretrain.json,
         artifacts/plots/pretrain_continual_eval.{png,json}
 """
@@ -16,8 +19,9 @@ import logging
 from collections.abc import Iterator
 
 from posttrain.config import Params
-from posttrain.errors import DataError
-from posttrain.io import json_hash
+from posttrain.dvcfile import stage_deps
+from posttrain.errors import DataError, ParamsError
+from posttrain.io import sha256_file
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
 from posttrain.models import build
@@ -45,15 +49,31 @@ def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
         yield from pd.read_parquet(path, columns=["text"])["text"].tolist()
 
 
+def check_declared_deps(layout: Layout, domains: list[str]) -> None:
+    """Each domain pretrain reads is a dep of the stage in dvc.yaml (else DVC would not rerun it)."""
+    deps = stage_deps(layout.root, STAGE)
+    if deps is None:  # not run from a DVC project (e.g. a test calling the stage directly)
+        return
+    prepared = layout.prepared.relative_to(layout.root).as_posix()
+    missing = [d for d in domains if prepared not in deps and f"{prepared}/{d}" not in deps]
+    if missing:
+        raise ParamsError(
+            f"{layout.root / 'dvc.yaml'}: stage {STAGE} reads the prepared data of {missing} "
+            f"(model.tokenizer.domains) but does not list it in deps; add {[f'{prepared}/{d}' for d in missing]}"
+        )
+
+
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.pretrain
     runtime = setup_runtime(params.compute, params.seed)
+    domains = params.pretrain_domains()
+    check_declared_deps(layout, domains)
     if params.model.base != "scratch":
         return use_given_base(params, layout, runtime)
 
     # 1. Tokenizer and model from scratch (seeded by setup_runtime, so the init is reproducible).
     tokenizer = build.train_tokenizer(
-        prepared_texts(layout, list(params.data.domains)),
+        prepared_texts(layout, domains),
         params.model.tokenizer,
         max_length=params.model.architecture.max_position_embeddings,
     )
@@ -71,8 +91,9 @@ def run(params: Params, layout: Layout) -> StageResult:
         # The tokenizer is trained on the prepared data, so it and the architecture define the run too.
         key_inputs={
             "model": params.model.model_dump(mode="json"),
-            "prepared": json_hash(layout.prepared / "manifest.json"),
+            "tokenizer_data": {d: sha256_file(layout.prepared_split(d, "train")) for d in domains},
         },
+        eval_domains=domains,
         lineage_extra={"base": "scratch", "model": params.model.model_dump(mode="json")},
     )
     return run_training(job, params, layout, runtime)
@@ -81,7 +102,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 def use_given_base(params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """No training: re-save the configured base so every later stage reads one verified folder."""
     loaded = build.load_base(params.model)
-    sets = load_validation_sets(layout, list(params.data.domains), params.pretrain.eval_items)
+    sets = load_validation_sets(layout, params.pretrain_domains(), params.pretrain.eval_items)
     scores = evaluate_domains(loaded.model, loaded.tokenizer, sets)
     parents = [parent_entry(loaded.path, layout.root)] if loaded.path else []
     log.info("model.base is %r: no pretraining, the base is written out as the pretrain model", params.model.base)

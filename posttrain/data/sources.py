@@ -196,6 +196,22 @@ def _csv_text(path: Path, data: bytes) -> str:
         raise DataError(f"{path}: line {line}: not valid UTF-8; expected a UTF-8 encoded file") from None
 
 
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a data file, in the user's terms."""
+    if path.is_dir():
+        return "is a directory; expected a data file (JSONL, CSV or Parquet)"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "is a symlink loop; expected a data file"
+        except OSError:
+            return f"is a symlink to {path.readlink()}, which does not exist"
+    if path.exists():
+        return "is not a regular file; expected a data file (JSONL, CSV or Parquet)"
+    return "file not found"
+
+
 def load_file(domain: str, config: FileDomain, root: Path, verifier: str) -> tuple[list[Record], SourceReport]:
     """Records from a FileDomain config; relative paths are relative to the project root."""
     path = Path(config.path)
@@ -203,11 +219,17 @@ def load_file(domain: str, config: FileDomain, root: Path, verifier: str) -> tup
         path = root / path
     report = SourceReport(source=str(path))
     if not path.is_file():
-        raise DataError(f"{path}: file not found (data.domains.{domain}.path = {config.path!r})")
+        raise DataError(f"{path}: {_not_a_file(path)} (data.domains.{domain}.path = {config.path!r})")
     fmt = _file_format(path, config.format)
     report.source = f"{path} ({fmt})"
     if fmt == "jsonl":
-        parsed = list(_jsonl_rows(path, path.read_bytes()))
+        data = path.read_bytes()
+        if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            raise DataError(
+                f"{path}: holds a JSON array; expected JSON Lines, one object per line "
+                f"(convert it with: jq -c '.[]' {path.name} > {path.stem}.jsonl)"
+            )
+        parsed = list(_jsonl_rows(path, data))
         mapping = _resolve_mode(config.columns, _jsonl_keys(parsed), str(path))
         rows: Iterator[tuple[str, Any]] = iter(parsed)
     elif fmt == "csv":
@@ -262,7 +284,7 @@ def load_hub(domain: str, config: HubDomain, verifier: str) -> tuple[list[Record
     )
     report = SourceReport(source=label)
     try:
-        dataset = datasets.load_dataset(config.name, config.subset, split=config.split)
+        dataset = datasets.load_dataset(config.name, config.subset, split=config.split, revision=config.revision)
     except Exception as error:  # network, missing cache, unknown split, bad files: all the user's to fix
         raise DataError(
             f"{label} (data.domains.{domain}): could not be loaded: {type(error).__name__}: {error}. "

@@ -77,6 +77,13 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_length: int 
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        # BPE keeps every character it saw: the asked size was silently exceeded (validate checks
+        # the synthetic domains; file domains are known only here).
+        raise StageError(
+            f"model.tokenizer.vocab_size: got {cfg.vocab_size}, but the training texts need "
+            f"{tokenizer.get_vocab_size()} tokens (every character plus special tokens); expected at least that"
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,

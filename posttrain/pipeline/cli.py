@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from posttrain.config import load_params
+from posttrain.config import TRAINING_STAGES, load_params
+from posttrain.data import userdeps
 from posttrain.errors import ParamsError, PipelineError
 from posttrain.layout import find_root
 from posttrain.pipeline import dag
@@ -75,6 +76,24 @@ def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, 
         _fail(str(error))
 
 
+def _run_check(project: Path, targets: list[str] | None, overrides: list[str]) -> Any:
+    """Everything a run needs from the params, checked before `--set` writes anything:
+    the stages asked for exist, the preflight checks pass, and overridden trainer keys are TRL's."""
+    # lazy: keeps the CLI fast (the preflight checks import the data generators and model builders)
+    from posttrain.pipeline import preflight
+
+    def check(params: Any) -> None:
+        if targets:
+            dag.select(dag.stage_graph(project), targets)
+        problems = preflight.problems(params, project, undeclared=False)  # undeclared files are added
+        touched = sorted({o.split(".")[0] for o in overrides if ".trainer." in o.partition("=")[0]})
+        problems += preflight.trainer_key_problems(params, [s for s in touched if s in TRAINING_STAGES])
+        if problems:
+            raise ParamsError("params.yaml" + (" with --set" if overrides else "") + ": " + "; ".join(problems))
+
+    return check
+
+
 @app.command()
 def run(
     overrides: Annotated[
@@ -100,9 +119,14 @@ def run(
     project = _root(root)
     targets = _split(stages)
     try:
-        for change in dag.apply_overrides(project, overrides or []):
+        check = _run_check(project, targets, overrides or [])
+        for change in dag.apply_overrides(project, overrides or [], check=check):
             typer.echo(f"params.yaml: {change}")
-        _load(project)
+        params = _load(project)
+        if not overrides:
+            check(params)
+        for added in userdeps.sync(params.data, project):
+            typer.echo(f"dvc.yaml: added {added} to the deps of prepare (a data file it reads)")
     except PipelineError as error:
         _fail(str(error))
     if no_prefect:
@@ -147,6 +171,14 @@ def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
     return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
 
 
+def _unseen_data(project: Path) -> list[str]:
+    """Data DVC cannot see change (files missing from prepare's deps): "up to date" would not hold."""
+    try:
+        return userdeps.problems(_load(project).data, project)
+    except PipelineError:
+        return []  # `posttrain validate` reports an invalid params file
+
+
 @app.command()
 def status(
     root: RootOption = None,
@@ -159,14 +191,17 @@ def status(
     except PipelineError as error:
         _fail(str(error))
     metrics = dag.last_metrics(project)
+    unseen = _unseen_data(project)
     if as_json:
         stale = {name: s.reasons for name, s in statuses.items() if s.stale}
-        typer.echo(json.dumps({"stale": stale, "metrics": metrics}, indent=2, default=str))
+        typer.echo(json.dumps({"stale": stale, "metrics": metrics, "unseen_data": unseen}, indent=2, default=str))
         return
     for name, state in statuses.items():
         typer.echo(f"{name:<16} {'stale' if state.stale else 'up to date'}")
         for reason in state.reasons:
             typer.echo(f"    {reason}")
+    for line in unseen:
+        typer.echo(f"warning: {line}")
     if metrics:
         typer.echo("\nlast metrics (artifacts/metrics/):")
         for name, values in metrics.items():
@@ -179,12 +214,32 @@ def validate(
     root: RootOption = None,
 ) -> None:
     """Load and check a params file; print OK or every bad key with its value, and exit 1."""
-    path = params or _root(root) / "params.yaml"
+    # lazy: keeps the CLI fast (the preflight checks import the data generators and model builders)
+    from posttrain.pipeline import preflight
+
+    project = _root(root)
+    path = params or project / "params.yaml"
     try:
-        load_params(path)
+        problems = preflight.problems(load_params(path), project)
     except PipelineError as error:
         _fail(str(error))
+    if problems:
+        _fail(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {line}" for line in problems))
     typer.echo(f"OK: {path}")
+
+
+@app.command("sync-deps")
+def sync_deps(root: RootOption = None) -> None:
+    """Add every user data file params.yaml reads to the deps of `prepare` in dvc.yaml (DVC then sees edits)."""
+    project = _root(root)
+    try:
+        added = userdeps.sync(_load(project).data, project)
+    except PipelineError as error:
+        _fail(str(error))
+    for path in added:
+        typer.echo(f"dvc.yaml: added {path} to the deps of prepare")
+    if not added:
+        typer.echo("dvc.yaml: every data file params.yaml reads is already a dependency of prepare")
 
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -309,6 +364,47 @@ def continual(
     if state.is_failed():
         _fail(state.message or "the continual flow failed")
     typer.echo(json.dumps(state.result(), indent=2, default=str))
+
+
+@app.command()
+def seeds(
+    n: Annotated[int, typer.Argument(help="Number of seeds: params.yaml's seed, seed+1, ..., seed+N-1.", min=1)],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Experiments run in parallel by DVC's queue.", min=1)] = 1,
+    root: RootOption = None,
+) -> None:
+    """Run the recipe under N seeds as DVC experiments; write artifacts/metrics/seeds.json and a plot."""
+    # lazy: keeps the CLI fast (the sweep imports DVC)
+    from posttrain.pipeline.seeds import run_sweep
+    from posttrain.scoring.seeds import PLOT_PATH, SEEDS_PATH
+
+    project = _root(root)
+    base = _load_or_fail(project).seed
+    try:
+        summary, failed = run_sweep(project, [base + i for i in range(n)], jobs=jobs)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"{SEEDS_PATH} and {PLOT_PATH}: seeds {summary['seeds']}")
+    for line in summary["targets_failed"]:
+        typer.echo(f"  target missed: {line}")
+    if failed:
+        _fail(f"the experiments of seeds {failed} failed; see `dvc queue logs <name>` (dvc exp show lists them)")
+
+
+@app.command()
+def clean(
+    all_: Annotated[bool, typer.Option("--all", help="Delete every checkpoint, of every key.")] = False,
+    keep: Annotated[
+        int | None,
+        typer.Option("--keep", help="Key folders kept per stage, newest first (default: as at stage start, 2).", min=1),
+    ] = None,
+    root: RootOption = None,
+) -> None:
+    """Delete old checkpoints: all but the newest --keep key folders per stage (or --all)."""
+    # lazy: keeps the CLI fast (training.checkpoints imports transformers)
+    from posttrain.training import checkpoints
+
+    removed = checkpoints.clean(_root(root) / "checkpoints", keep=keep or checkpoints.KEEP_KEYS, everything=all_)
+    typer.echo("\n".join(f"removed {path}" for path in removed) or "nothing to remove")
 
 
 def main() -> None:  # pragma: no cover - `python -m posttrain.pipeline.cli`

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,11 @@ def _open_repo(root: str | Path) -> Iterator[Repo]:
     try:
         yield repo
     except DvcException as error:
+        if "lock" in type(error).__name__.lower() or "dvc.lock" in str(error):
+            raise DagError(
+                f"{Path(root) / 'dvc.lock'}: {error}; dvc.yaml is fine. Restore the lock file "
+                "(git checkout dvc.lock) or delete it, and DVC reruns the stages it no longer records"
+            ) from None
         raise DagError(f"{Path(root) / 'dvc.yaml'}: {error}") from None
     finally:
         repo.close()
@@ -213,13 +218,16 @@ def last_metrics(root: str | Path) -> dict[str, dict[str, Any]]:
     return metrics
 
 
-def apply_overrides(root: str | Path, overrides: Iterable[str]) -> list[str]:
+def apply_overrides(
+    root: str | Path, overrides: Iterable[str], check: Callable[[Any], None] | None = None
+) -> list[str]:
     """Write `key=value` overrides into <root>/params.yaml, the way `dvc exp run -S` does.
 
     The params file stays the single source that DVC's lock, MLflow and the flow all read. The
     result is validated with posttrain.config before anything is written (a bad value leaves the
     file untouched), comments are kept (DVC's round-trip YAML), and the file is replaced atomically.
     Returns the overrides that changed a value (applying the same override twice is a no-op).
+    `check(params)` may raise to refuse the new params; the file is then left untouched.
     """
     # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
@@ -236,7 +244,9 @@ def apply_overrides(root: str | Path, overrides: Iterable[str]) -> list[str]:
         set_override(raw, assignment)
         if json.dumps(raw, sort_keys=True, default=str) != snapshot:
             changed.append(assignment)
-    parse_params(json.loads(json.dumps(raw, default=str)), source=f"{path} with --set {' '.join(overrides)}")
+    params = parse_params(json.loads(json.dumps(raw, default=str)), source=f"{path} with --set {' '.join(overrides)}")
+    if check is not None:
+        check(params)  # the caller's checks of the new params, before anything is written
     if changed:
         fd, tmp = tempfile.mkstemp(prefix=".params.", suffix=".yaml", dir=path.parent)
         with os.fdopen(fd, "w") as handle:

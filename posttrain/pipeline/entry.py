@@ -13,10 +13,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from posttrain.config import load_params
-from posttrain.errors import PipelineError, resource_error
+from posttrain.config import parse_params, read_yaml
+from posttrain.errors import ParamsChangedError, PipelineError, resource_error
 from posttrain.layout import Layout, find_root
+from posttrain.lineage import add_environment
 from posttrain.pipeline import launch
 from posttrain.runtime import is_main_process
 from posttrain.stage import StageFunction
@@ -49,6 +51,46 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
+_ABSENT = object()
+
+
+def declared_values(raw: Any, root: Path, stage: str) -> dict[str, Any]:
+    """The values of the params keys dvc.yaml declares for `stage` (what DVC writes into dvc.lock)."""
+    values: dict[str, Any] = {}
+    for key in runs.stage_param_keys(root, stage):
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        values[key] = node
+    return values
+
+
+def check_params_unchanged(started_with: dict[str, Any], params_path: Path, root: Path, stage: str) -> None:
+    """Fail, naming the key, when params.yaml no longer holds the values the stage read at its start.
+
+    DVC records params into dvc.lock from the file as it is when the stage ends; an edit made while
+    the stage ran would give a lock describing a model that was not trained with it. Exiting 1
+    here keeps DVC from writing the lock.
+    """
+    try:
+        now = declared_values(read_yaml(params_path), root, stage)
+    except PipelineError as error:
+        raise ParamsChangedError(f"{params_path} changed while the stage ran and no longer loads: {error}") from None
+    changed = [key for key in started_with if now.get(key, _ABSENT) != started_with[key]]
+    if changed:
+
+        def shown(value: Any) -> str:
+            return "(absent)" if value is _ABSENT else repr(value)
+
+        details = "; ".join(
+            f"{key}: {shown(started_with[key])} -> {shown(now.get(key, _ABSENT))}" for key in changed[:5]
+        )
+        raise ParamsChangedError(
+            f"{params_path} changed while the stage ran ({details}); the outputs were made with the old "
+            f"values, so DVC must not record the new ones. Rerun the stage (dvc repro {stage})"
+        )
+
+
 def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) -> None:
     """The process entry of `python -m stages.<stage>`: it ends the process (exit status 0, 1 or 3)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the '{stage}' stage.")
@@ -63,7 +105,9 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         params_path = root / params_path
     started = time.perf_counter()
     try:
-        params = load_params(params_path)
+        raw = read_yaml(params_path)
+        params = parse_params(raw, source=str(params_path))
+        started_with = declared_values(raw, root, stage)
         if launch.should_relaunch(stage, params.compute):
             # compute.launcher: accelerate -> run this same module under `accelerate launch`.
             sys.exit(launch.relaunch(stage, params.compute, root, params_path, debug=args.debug))
@@ -74,10 +118,14 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             client.check_tracking_server(params, root)
         log.info("stage %s: starting", stage)
         result = run(params, Layout(root))
+        if is_main_process():
+            add_environment(Layout(root).metrics("eval" if stage == "evaluate" else stage))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
+        check_params_unchanged(started_with, params_path, root, stage)  # before tracking records it
         if track:
             runs.record_stage(stage, params, Layout(root), result, seconds=seconds)
+            check_params_unchanged(started_with, params_path, root, stage)
     except Exception as error:
         # Out of memory / disk outside the training loop (model build, saving, evaluation) too.
         known = error if isinstance(error, PipelineError) else resource_error(error, stage)

@@ -2,6 +2,7 @@
 
 - `eval_scores`: exact match per stage per domain with confidence-interval bars.
 - `forgetting`: the stage x domain forgetting matrix as a heat map.
+- `seeds_plot`: mean +- std over a seed sweep per stage per domain, each seed as a dot.
 - `stability_gap`: the training stages' continual-evaluation series laid end to end along the
   pipeline, so the dip right after each stage starts (the stability gap) and the recovery show.
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,25 @@ def plot_stability_gap(
     _save(fig, png)
     plt.close(fig)
     return [png, data]
+
+
+def seeds_plot(summary: Mapping[str, Any], path: Path) -> Path:
+    """Mean +- std bars per model x domain, each seed's value as a dot."""
+    plt = _pyplot()
+    rows = [(stage, domain, cell) for stage, cells in summary["models"].items() for domain, cell in cells.items()]
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(rows) + 1)))
+    for y, (_stage, _domain, cell) in enumerate(rows):
+        ax.barh(y, cell["mean"], xerr=cell["std"] or 0.0, color="#9ecae1", capsize=3)
+        points = [s["mean"] for s in cell["per_seed"].values()]
+        ax.plot(points, [y] * len(points), "o", color="#08519c", markersize=4)
+    ax.set_yticks(range(len(rows)), [f"{stage}/{domain}" for stage, domain, _ in rows])
+    ax.invert_yaxis()
+    ax.set(
+        xlim=(-0.02, 1.02),
+        xlabel="greedy exact match (bar: mean +- std over seeds; dots: seeds)",
+        title=f"{len(summary['seeds'])} seeds: {', '.join(map(str, summary['seeds']))}",
+    )
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path

@@ -48,6 +48,19 @@ def _artifact_location(uri: str) -> str | None:
     return (db.parent / "mlruns").resolve().as_uri()
 
 
+def check_store_writable(uri: str, source: str) -> None:
+    """A SQLite store (and its mlruns/ folder) that cannot be written would fail only after training."""
+    db = Path(urllib.parse.urlsplit(uri).path)
+    for path in (db, db.parent / "mlruns"):
+        target = path if path.exists() else path.parent
+        usable = target.is_dir() if target != db else target.is_file()
+        if not usable or not os.access(target, os.W_OK):
+            raise TrackingError(
+                f"MLflow store {redact(uri)} (from {source}): {target} is not writable; fix its permissions, "
+                "point tracking.tracking_uri elsewhere, or set tracking.enabled: false"
+            )
+
+
 def check_tracking_server(params: Params, root: Path | None = None, timeout: float = 3.0) -> str | None:
     """Fail fast, before any training, when a configured http(s) tracking server cannot be reached.
 
@@ -59,6 +72,8 @@ def check_tracking_server(params: Params, root: Path | None = None, timeout: flo
         return None
     uri, source = resolve_tracking_uri(params, root or find_root())
     parts = urllib.parse.urlsplit(uri)
+    if parts.scheme == "sqlite":
+        check_store_writable(uri, source)
     if parts.scheme not in ("http", "https"):
         return uri
     # Credentials stay out of the probe URL (urllib cannot parse them, and /health needs none).

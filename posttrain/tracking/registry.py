@@ -19,6 +19,9 @@ Promotion rule (documented in the README's promotion section, written here once)
    i.e. the two intervals' relevant half-widths combined in quadrature (independent samples; a
    bootstrap CI may be asymmetric, so each side uses its own half). With min_improvement 0 the
    candidate must be better beyond noise; a negative value is a non-inferiority margin.
+5. where `artifacts/metrics/seeds.json` exists (`posttrain seeds N`), the improvement d must also
+   exceed the seed standard deviation of the final stage on `compare_domain`: beyond training noise,
+   not only beyond one run's sampling noise.
 A refused candidate keeps its aliases; the reasons are tagged on the version and printed. A version
 that was rolled back is not promoted again without `force`.
 
@@ -39,6 +42,7 @@ from posttrain.errors import PromotionError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
+from posttrain.scoring import seeds
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
 
@@ -428,8 +432,13 @@ def check_gates(
     candidate: dict[str, Any] | None,
     champion: dict[str, Any] | None,
     champion_version: str | None = None,
+    seed_std: float | None = None,
 ) -> list[Gate]:
-    """The promotion rule of this module's docstring, as a list of named pass/fail checks."""
+    """The promotion rule of this module's docstring, as a list of named pass/fail checks.
+
+    `seed_std`: the seed standard deviation of the final stage on `compare_domain` from seeds.json
+    (`posttrain seeds N`); when given, the improvement must also exceed it (rule 5).
+    """
     rules = params.promotion
     if candidate is None:
         return [Gate("evaluated", False, "the candidate has no evaluation scores; run the evaluate stage first")]
@@ -474,7 +483,12 @@ def check_gates(
             )
             if candidate.get("prepared_manifest_hash") != champion.get("prepared_manifest_hash"):
                 detail += "; note: the two were evaluated on different prepared data"
-            gates.append(Gate(name, low > rules.min_improvement, detail))
+            passed = low > rules.min_improvement
+            if seed_std is not None:
+                # One run's bootstrap CI ignores training noise: a new seed alone moves a score this much.
+                passed = passed and c["mean"] - p["mean"] > seed_std
+                detail += f"; seed std {seed_std:.4f} from seeds.json (improvement must exceed it)"
+            gates.append(Gate(name, passed, detail))
     return gates
 
 
@@ -500,6 +514,52 @@ def _move_champion(client: MlflowClient, name: str, version: str, before: ModelV
     _set_history(client, name, [*history, version])
 
 
+def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry_locked(client.get_model_version, name, version)
+    except MlflowException:
+        known = [_ver(v) for v in _versions(client, name)]
+        raise PromotionError(f"--version {version}: '{name}' has no such version; it has versions {known}") from None
+
+
+def workspace_candidate(client: MlflowClient, params: Params, root: Path) -> ModelVersion:
+    """The registered version holding the final stage's model that is in the workspace now.
+
+    DVC's run cache can restore an older output without running the stage, so nothing re-points
+    the `candidate` alias; the workspace's lineage.json content hash says which model is really
+    there. The alias is moved to that version (or promotion refused when it was never registered).
+    """
+    stage = params.promotion.final_stage
+    name = registered_model_name(params, stage)
+    model_dir = Layout(root).model(stage)
+    lineage = read_lineage(model_dir)
+    if lineage is None:
+        raise PromotionError(
+            f"{model_dir}: no model with lineage.json in the workspace; run the '{stage}' stage (dvc repro {stage}) "
+            "or name a version with --version"
+        )
+    content = lineage.get("content_hash") or content_hash(file_hashes(model_dir))
+    alias = _alias(client, name, CANDIDATE)
+    found = find_version(client, name, content)
+    if found is None:
+        held = f"version {_ver(alias)} (content {str(alias.tags.get(TAG + 'content_hash'))[:12]})" if alias else "none"
+        raise PromotionError(
+            f"the workspace model {model_dir} (content {content[:12]}) is not a registered version of '{name}' "
+            f"('{CANDIDATE}' is {held}); register it with `dvc repro --force {stage}`, or name a version with --version"
+        )
+    if alias is None or _ver(alias) != _ver(found):
+        was = f"version {_ver(alias)}" if alias else "unset"
+        print(
+            f"{name}: '{CANDIDATE}' was {was}, but the workspace model {model_dir} (content {content[:12]}) is "
+            f"version {_ver(found)}; '{CANDIDATE}' now points at version {_ver(found)}"
+        )
+        _set_alias(client, name, CANDIDATE, _ver(found))
+    return found
+
+
 def promote(
     params: Params, root: Path, version: str | None = None, force: bool = False, reason: str | None = None
 ) -> PromotionResult:
@@ -513,11 +573,7 @@ def promote(
         raise PromotionError(
             f"registered model '{name}' does not exist; run the pipeline up to '{params.promotion.final_stage}' first"
         )
-    target = retry_locked(client.get_model_version, name, str(version)) if version else _alias(client, name, CANDIDATE)
-    if target is None:
-        raise PromotionError(
-            f"registered model '{name}' has no '{CANDIDATE}' alias; run the '{params.promotion.final_stage}' stage first"
-        )
+    target = _get_version(client, name, str(version)) if version else workspace_candidate(client, params, Path(root))
     champion = _alias(client, name, CHAMPION)
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
@@ -532,7 +588,9 @@ def promote(
         )
         print(result.summary())
         return result
-    gates = check_gates(params, _scores(target), _scores(champion), before)
+    summary = seeds.read_summary(Path(root))
+    seed_std = seeds.spread(summary, params.promotion.final_stage, params.promotion.compare_domain) if summary else None
+    gates = check_gates(params, _scores(target), _scores(champion), before, seed_std=seed_std)
     if target.tags.get(ROLLED_BACK_TAG) == "true":
         gates.append(
             Gate(

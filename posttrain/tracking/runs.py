@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from posttrain.config import Params, params_hash
-from posttrain.errors import TrackingError
+from posttrain.dvcfile import stage_entry
+from posttrain.errors import ParamsError, TrackingError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import git_state, library_versions, read_lineage
@@ -131,10 +132,9 @@ def stage_param_keys(root: Path, stage: str) -> list[str]:
     """The params keys a stage declares in dvc.yaml (what DVC reruns it for); the stage's own
     section when dvc.yaml does not name it. Read with yaml, not DVC: this runs in every stage."""
     try:
-        dvc = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        dvc = {}
-    declared = ((dvc.get("stages") or {}).get(stage.split("@")[0]) or {}).get("params")
+        declared = (stage_entry(root, stage.split("@")[0]) or {}).get("params")
+    except (OSError, yaml.YAMLError, ParamsError):
+        declared = None
     keys: list[str] = []
     for entry in declared or [stage.split("@")[0]]:
         # An entry is a key, or {params file: [keys]}.

@@ -1,8 +1,24 @@
-"""Checkpoints of a training stage: their key, the COMPLETE marker, resume, and reading their trainer state.
+"""Checkpoints of a training stage: their key, the COMPLETE marker, resume, cleaning, and reading their trainer state.
 
-`checkpoints/<stage>-<key>/checkpoint-<step>/`: the key hashes everything that determines the run;
-a checkpoint counts only once `CheckpointMarker` has written COMPLETE into it (HF checkpoints are
+`checkpoints/<stage>-<key>/checkpoint-<step>/`. The key hashes everything that determines the run's
+result (this module is the one place that derives it):
+
+    code      the contents of the stage's code deps as dvc.yaml lists them (every dep outside
+              artifacts/: files, and folders recursively without __pycache__/*.pyc), i.e. the
+              same files DVC hashes to decide the stage is stale
+    params    the values of the params keys dvc.yaml lists for the stage, read from params.yaml
+    inputs    the caller's: data manifest and parent model content hashes, world size, device,
+              precision, thread count, seed, the stage's typed section
+
+So a checkpoint whose code, params or inputs differ from this run's is never resumed. Each key folder
+holds `key.json` with those components, so the log can say why an existing folder was skipped.
+
+A checkpoint counts only once `CheckpointMarker` has written COMPLETE into it (HF checkpoints are
 not atomic); resume picks the newest complete one and removes half-written ones.
+
+Cleaning rule: at a stage's start the newest KEEP_KEYS key folders of that stage (by modification
+time, the current key always among them) are kept and older ones deleted; `posttrain clean` applies
+the same rule to every stage, `posttrain clean --all` deletes every checkpoint.
 """
 
 from __future__ import annotations
@@ -18,20 +34,119 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.config import TrainStageConfig, params_hash
+from posttrain.config import params_hash
+from posttrain.dvcfile import stage_entry, stage_params
+from posttrain.errors import ParamsError
+from posttrain.io import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+KEY_FILE = "key.json"
+KEEP_KEYS = 2  # key folders kept per stage: the current run's and the one before it
+_DATA_PREFIX = "artifacts/"  # deps under here are data/models, keyed by their content hashes instead
 
 
-def checkpoint_key(stage: str, section: TrainStageConfig, *, seed: int, inputs: dict[str, Any]) -> str:
-    """Hash of everything that determines a run: the stage's params, the seed and its inputs' content hashes.
+def code_deps(root: Path, stage: str) -> list[str]:
+    """The stage's deps in dvc.yaml that are code (not under artifacts/), as written there."""
+    entry = stage_entry(root, stage) or {}
+    return [str(d) for d in entry.get("deps") or [] if not str(d).startswith(_DATA_PREFIX)]
 
-    A checkpoint is only resumed by a run with the same key; changing a param or an input starts fresh.
-    """
-    return params_hash({"stage": stage, "section": section.model_dump(mode="json"), "seed": seed, "inputs": inputs})
+
+def code_hashes(root: Path, deps: list[str]) -> dict[str, str]:
+    """sha256 of every file of the code deps, by path relative to root (folders walked recursively)."""
+    hashes: dict[str, str] = {}
+    for dep in deps:
+        path = root / dep
+        if path.is_file():
+            hashes[dep] = sha256_file(path)
+        elif path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                if "__pycache__" in file.parts or file.suffix == ".pyc":
+                    continue
+                hashes[file.relative_to(root).as_posix()] = sha256_file(file)
+        else:
+            raise ParamsError(f"{root / 'dvc.yaml'}: a dep of stage, {dep!r}, does not exist under {root}")
+    return hashes
+
+
+def key_components(root: Path, stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """What the key hashes: code file hashes, dvc.yaml params values, and the caller's inputs."""
+    if stage_entry(root, stage) is None:
+        log.warning("%s: stage %r not in dvc.yaml; its checkpoint key covers params and inputs only", root, stage)
+    return {
+        "stage": stage,
+        "code": code_hashes(root, code_deps(root, stage)),
+        "params": stage_params(root, stage),
+        "inputs": inputs,
+    }
+
+
+def key_of(components: dict[str, Any]) -> str:
+    return params_hash(components)
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Readable reasons two key components differ, e.g. 'code posttrain/adapters.py changed'."""
+    reasons: list[str] = []
+    for part in ("code", "params", "inputs"):
+        a, b = old.get(part) or {}, new.get(part) or {}
+        for name in sorted(set(a) | set(b)):
+            if name not in a:
+                reasons.append(f"{part} {name} added")
+            elif name not in b:
+                reasons.append(f"{part} {name} removed")
+            elif a[name] != b[name]:
+                reasons.append(f"{part} {name} changed")
+    return reasons or ["key differs (made by an older key scheme)"]
+
+
+def stage_folders(checkpoints: Path, stage: str) -> list[Path]:
+    """Key folders of `stage` under checkpoints/, newest first (by modification time)."""
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.rsplit("-", 1)[0] == stage]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def prepare_folder(folder: Path, components: dict[str, Any], *, clean: bool, keep: int = KEEP_KEYS) -> None:
+    """Before training: log why other key folders of the stage are not resumed, record this key's
+    components in the folder, and (with `clean`, the main process) apply the cleaning rule."""
+    stage = components["stage"]
+    for other in stage_folders(folder.parent, stage):
+        if other == folder:
+            continue
+        try:
+            reasons = _differences(json.loads((other / KEY_FILE).read_text()), components)
+        except (OSError, json.JSONDecodeError):
+            reasons = [f"no readable {KEY_FILE} (made by an older key scheme)"]
+        log.info("%s: checkpoint folder %s skipped, made from other inputs: %s", stage, other, "; ".join(reasons))
+    if clean:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / KEY_FILE, components)  # also marks this key as the newest
+        clean_stage(folder.parent, stage, keep=keep)
+
+
+def clean_stage(checkpoints: Path, stage: str, keep: int = KEEP_KEYS) -> list[Path]:
+    """Delete all but the newest `keep` key folders of `stage`; returns the deleted folders."""
+    removed = stage_folders(checkpoints, stage)[keep:]
+    for folder in removed:
+        log.info("%s: removing old checkpoint folder %s (keeping the newest %d keys)", stage, folder, keep)
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def clean(checkpoints: Path, keep: int = KEEP_KEYS, everything: bool = False) -> list[Path]:
+    """`posttrain clean`: the cleaning rule for every stage, or (`everything`) remove all checkpoints."""
+    if not checkpoints.is_dir():
+        return []
+    if everything:
+        removed = sorted(p for p in checkpoints.iterdir())
+        shutil.rmtree(checkpoints)
+        return removed
+    stages = sorted({p.name.rsplit("-", 1)[0] for p in checkpoints.iterdir() if p.is_dir()})
+    return [path for stage in stages for path in clean_stage(checkpoints, stage, keep=keep)]
 
 
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:

@@ -49,6 +49,27 @@ def read_mixture(layout: Layout, stage: str, columns: Sequence[str]) -> datasets
     return datasets.Dataset.from_pandas(frame[list(columns)], preserve_index=False)
 
 
+def check_completion_room(
+    prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int, stage: str, where: str
+) -> None:
+    """With `on_too_long: truncate`, refuse a max_length that cuts every completion away.
+
+    TRL truncates prompt + completion to max_length from the right; when every prompt alone fills
+    it, no completion token is left to learn from and the trainer fails deep inside (or trains on
+    nothing). Checked on the token counts the stage's tokenizer gives.
+    """
+    if not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if all(n >= max_length for n in lengths):
+        shortest = min(lengths)
+        raise DataError(
+            f"{stage}.max_length: got {max_length} with on_too_long: truncate, which leaves no completion token in "
+            f"any of the {len(lengths)} examples of {where} (the shortest prompt has {shortest} tokens); "
+            f"expected at least {shortest + 2}"
+        )
+
+
 def check_lengths(
     texts: Sequence[str],
     ids: Sequence[str],
@@ -92,6 +113,8 @@ def load_prompt_completion_mixture(
     where = str(layout.mixture(stage) / "train.parquet")
     texts = [p + c for p, c in zip(data["prompt"], data["completion"], strict=False)]
     check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
+    if section.on_too_long == "truncate":
+        check_completion_room(data["prompt"], tokenizer, section.max_length, stage, where)
     return data.select_columns(["prompt", "completion"])
 
 

@@ -7,7 +7,8 @@ common happens in this package, once:
     trl_config.py    our stage section -> SFTConfig / DPOConfig / GRPOConfig; LR schedules
     data.py          training mixture (columns and lengths checked), first N validation items per domain
     callbacks.py     NaN guard, progress log, continual evaluation, SIGTERM preemption
-    checkpoints.py   checkpoint key, COMPLETE marker, resume, trainer state of a checkpoint
+    checkpoints.py   checkpoint key (code, params, inputs), COMPLETE marker, resume (a finished run
+                     trains 0 steps), cleaning, trainer state of a checkpoint
     outputs.py       model folder written atomically with lineage.json; metrics JSON; plots
 
 A stage's own measurements of the trained model (DPO's held-out margins, GRPO's rewards) are
@@ -37,7 +38,7 @@ from posttrain.runtime import Runtime, is_main_process, world_size
 from posttrain.stage import StageResult, flat_metrics
 from posttrain.training.adaptive_mixing import OnlineMixing
 from posttrain.training.callbacks import ContinualEvaluation, Preemption, all_finite, make_callbacks
-from posttrain.training.checkpoints import checkpoint_key, find_resume_checkpoint, tokens_at
+from posttrain.training.checkpoints import find_resume_checkpoint, key_components, key_of, prepare_folder, tokens_at
 from posttrain.training.data import load_validation_sets
 from posttrain.training.outputs import write_model_output
 from posttrain.training.trl_config import trl_config, with_schedule
@@ -88,6 +89,7 @@ class TrainingJob:
     config_fields: dict[str, Any] = field(default_factory=dict)  # stage-specific TRL config fields
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. reward_funcs, ref_model
     key_inputs: dict[str, Any] = field(default_factory=dict)  # anything else that determines the result
+    eval_domains: list[str] | None = None  # continual-evaluation domains (None: every data.domains entry)
     lineage_extra: dict[str, Any] = field(default_factory=dict)
     metrics_extra: dict[str, Any] = field(default_factory=dict)
     # The model's LoRA adapter, from posttrain.models.loading.load_for_training (None: full fine-tuning).
@@ -111,22 +113,27 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             f"({positions})"
         )
     parents = [parent_entry(p, layout.root) for p in job.parents]
-    key = checkpoint_key(
+    # The key covers code, params and inputs (training.checkpoints): another run's checkpoint is never resumed.
+    components = key_components(
+        layout.root,
         stage,
-        section,
-        seed=runtime.seed,
         inputs={
+            "section": section.model_dump(mode="json"),
+            "seed": runtime.seed,
             "parents": [p["content_hash"] for p in parents],
             "data_manifest": json_hash(job.data_manifest) if job.data_manifest else None,
+            "device": runtime.device,
             "precision": runtime.precision,
+            "threads": runtime.num_threads,
+            # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
+            "world_size": world_size(),
             # A continued adapter is only as good as its base: the base's hash decides the run too.
             **({"adapter_base": job.adapter.base["content_hash"]} if job.adapter else {}),
-            # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
-            **({"world_size": world_size()} if world_size() > 1 else {}),
             **job.key_inputs,
         },
     )
-    ckpt_dir = layout.checkpoints(stage, key)
+    ckpt_dir = layout.checkpoints(stage, key_of(components))
+    prepare_folder(ckpt_dir, components, clean=is_main_process())
     ckpt_shown = ckpt_dir.relative_to(layout.root).as_posix() if ckpt_dir.is_relative_to(layout.root) else str(ckpt_dir)
     # Only rank 0 deletes half-written checkpoints (the others skip them the same way).
     resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
@@ -136,7 +143,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     if online:
         config.max_steps = online.main_steps
-    domains = list(params.data.domains)
+    domains = job.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
         job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
     )
@@ -205,7 +212,8 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "tokens_per_second": round(tokens_run / training_seconds, 1),
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,
-        "train_loss_mean": output.training_loss,
+        # Mean over this run's steps (None when it resumed a finished run and trained none).
+        "train_loss_mean": output.training_loss if steps_run else None,
         "val_before": before,
         "val_after": after,
         "continual_eval": evaluation.series,

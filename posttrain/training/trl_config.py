@@ -21,6 +21,20 @@ from posttrain.training.schedules import build_scheduler
 log = logging.getLogger(__name__)
 
 
+def unknown_trainer_keys(config_cls: type, stage: str, trainer: dict[str, Any]) -> list[str]:
+    """One line per `<stage>.trainer` key that TRL's `config_cls` does not have (with close names)."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    lines = []
+    for key, value in trainer.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            lines.append(
+                f"{stage}.trainer.{key}: unknown setting for TRL's {config_cls.__name__} (value {value!r}){hint}"
+            )
+    return lines
+
+
 def trl_config(
     config_cls: type,
     stage: str,
@@ -37,13 +51,9 @@ def trl_config(
     """
     known = {f.name for f in dataclasses.fields(config_cls)}
     user = section.trainer.model_dump()
-    for key in user:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ParamsError(
-                f"{stage}.trainer.{key}: unknown setting for TRL's {config_cls.__name__} (value {user[key]!r}){hint}"
-            )
+    unknown = unknown_trainer_keys(config_cls, stage, user)  # also run by `posttrain run --set`
+    if unknown:
+        raise ParamsError(unknown[0])
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
         "report_to": "none",  # MLflow is recorded by posttrain.pipeline.entry after the stage, not by the Trainer
@@ -114,6 +124,14 @@ def with_schedule(trainer_cls: type) -> type:
                 )
                 self._created_lr_scheduler = True
             return self.lr_scheduler
+
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # The Trainer checks max_steps only after an optimizer step: resumed from the final
+            # checkpoint of a finished run, it would train step max_steps + 1 and change the model.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
     Scheduled.__name__ = Scheduled.__qualname__ = f"Scheduled{trainer_cls.__name__}"
     return Scheduled

@@ -15,6 +15,8 @@ def _params(**grpo):
     raw = tiny_raw(DPO_GRPO)
     # One domain with easy, middling and hard buckets (1-, 2- and 3-digit operands).
     raw["data"]["domains"] = {"add": {"kind": "addition", "digits": 1, "max_digits": 3, "n_items": 300}}
+    raw["model"]["tokenizer"]["domains"] = None  # every domain
+    raw["promotion"]["compare_domain"] = "add"
     for mixture in raw["mixtures"].values():
         mixture["weights"] = {"add": 1.0}
     raw["grpo"].update(grpo)

@@ -93,3 +93,17 @@ def test_write_json_atomic_round_trip(tmp_path):
     write_json_atomic(path, {"b": 1, "a": [1, 2]})
     assert json.loads(path.read_text()) == {"a": [1, 2], "b": 1}
     assert file_hashes(tmp_path) and not list(path.parent.glob(".*tmp*"))
+
+
+def test_environment_is_added_to_a_metrics_file(tmp_path):
+    from posttrain.lineage import add_environment, cpu_model
+
+    path = tmp_path / "stage.json"
+    add_environment(path)  # a stage that wrote no metrics: nothing to add to
+    assert not path.exists()
+    path.write_text(json.dumps({"steps": 3}))
+    add_environment(path)
+    data = json.loads(path.read_text())
+    assert data["steps"] == 3
+    assert data["environment"]["cpu"] == cpu_model() != ""
+    assert {"python", "torch", "transformers", "trl"} <= set(data["environment"]["libraries"])
