@@ -154,16 +154,26 @@ def _check_columns(columns: dict[str, str]) -> dict[str, str]:
     return columns
 
 
-class AdditionDomain(_DomainBase):
+class _ArithmeticDomain(_DomainBase):
+    digits: Annotated[int, Field(ge=1, le=12)] = 2
+    # Difficulty buckets: operands of digits..max_digits digits, equal shares per digit count
+    # (the GRPO curriculum's arms). null: `digits` only.
+    max_digits: Annotated[int, Field(ge=1, le=12)] | None = None
+    n_items: PositiveInt = 4000
+
+    @model_validator(mode="after")
+    def _digits_ordered(self) -> _ArithmeticDomain:
+        if self.max_digits is not None and self.max_digits < self.digits:
+            raise ValueError(f"max_digits ({self.max_digits}) is less than digits ({self.digits})")
+        return self
+
+
+class AdditionDomain(_ArithmeticDomain):
     kind: Literal["addition"]
-    digits: Annotated[int, Field(ge=1, le=12)] = 2
-    n_items: PositiveInt = 4000
 
 
-class SubtractionDomain(_DomainBase):
+class SubtractionDomain(_ArithmeticDomain):
     kind: Literal["subtraction"]
-    digits: Annotated[int, Field(ge=1, le=12)] = 2
-    n_items: PositiveInt = 4000
 
 
 class ReverseDomain(_DomainBase):
@@ -265,6 +275,22 @@ class ReplayConfig(Strict):
     fraction: OpenFraction = 0.25
 
 
+class AdaptiveMixingConfig(Strict):
+    """Online mixture weights during training (posttrain.training.adaptive_mixing; Aioli-style)."""
+
+    method: Literal["aioli"] = "aioli"
+    # Weight updates during the stage, evenly spaced over its steps (the first before step 1).
+    rounds: PositiveInt = 4
+    # Optimizer steps on one domain per probe (a probe per domain per round, on a copy of the model).
+    probe_steps: PositiveInt = 2
+    # Exponentiated-gradient step size on the proportions.
+    step_size: Annotated[float, Field(gt=0.0)] = 1.0
+    # Validation items per domain whose loss the probes measure (never test items).
+    eval_items: PositiveInt = 32
+    # Floor on every proportion, so that no domain is dropped for good.
+    min_proportion: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.02
+
+
 class MixtureConfig(Strict):
     weights: dict[str, Annotated[float, Field(ge=0.0)]]
     # Number of training items in the mixture (replay included).
@@ -277,6 +303,18 @@ class MixtureConfig(Strict):
     # Sampling seed (combined with the stage name). Lives here, not in data, so that the `mix`
     # stage depends only on the `mixtures` params that dvc.yaml declares for it.
     seed: int = 0
+    # null: the static weights above. Else the training stage re-estimates proportions online
+    # (formats text and prompt_completion only).
+    adaptive: AdaptiveMixingConfig | None = None
+
+    @model_validator(mode="after")
+    def _adaptive_needs_sft_format(self) -> MixtureConfig:
+        if self.adaptive is not None and self.format not in ("text", "prompt_completion"):
+            raise ValueError(
+                f"adaptive: set for format {self.format!r}; online mixing runs in the SFTTrainer stages, "
+                "expected format text or prompt_completion"
+            )
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -410,7 +448,33 @@ class RewardSpec(Strict):
     weight: float = 1.0
 
 
+class CurriculumConfig(Strict):
+    """A bandit curriculum over arms of the GRPO mixture (posttrain.training.curriculum; DUMP-style UCB)."""
+
+    method: Literal["ucb"] = "ucb"
+    # domain: one arm per mixture domain; difficulty: one per (domain, difficulty bucket).
+    arms: Literal["domain", "difficulty"] = "difficulty"
+    # Weight c of the bonus c * sqrt(ln(N + 1) / (n_arm + 1)).
+    exploration: Annotated[float, Field(ge=0.0)] = 0.5
+    # Recent prompt groups per arm whose mean |advantage| is the arm's score.
+    window: PositiveInt = 32
+    # Softmax temperature over the scores (smaller: greedier).
+    temperature: Annotated[float, Field(gt=0.0)] = 0.1
+
+
+class HybridConfig(Strict):
+    """Per prompt, GRPO when the rollouts' accuracy is above `threshold`, else SFT on the gold answer."""
+
+    threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    # Weight of the SFT term against the GRPO loss.
+    sft_weight: Annotated[float, Field(gt=0.0)] = 1.0
+
+
 class GRPOStageConfig(TrainStageConfig):
+    # null: TRL's shuffled order; else a curriculum picks each batch's prompts.
+    curriculum: CurriculumConfig | None = None
+    # null: GRPO only; else SFT on prompts whose rollouts fail (posttrain.training.hybrid).
+    hybrid: HybridConfig | None = None
     rewards: list[RewardSpec] = [RewardSpec(name="exact_match")]
     num_generations: Annotated[int, Field(ge=2)] = 8
     max_completion_length: PositiveInt = 8

@@ -6,9 +6,12 @@ combined with their weights) and pushes up the completions that beat their group
 whose completions all score the same gives no signal: that is why the default recipe trains on
 harder items (`add3`) with partial credit (`digit_match`). Measured before/after on held-out prompts
 (posttrain.training.measures): greedy and sampled reward, greedy exact match, zero-variance groups.
+Options (off by default): `grpo.curriculum` (a UCB bandit over domains or difficulty buckets picks the
+prompts) and `grpo.hybrid` (SFT on the gold answer for prompts whose rollouts fail).
 
     reads   artifacts/models/dpo/, artifacts/data/mixtures/grpo/, artifacts/data/prepared/*/val
-    writes  artifacts/models/grpo/ (+ lineage.json), artifacts/metrics/grpo.json, artifacts/plots/grpo_rewards.json
+    writes  artifacts/models/grpo/ (+ lineage.json), artifacts/metrics/grpo.json, artifacts/plots/grpo_rewards.json,
+            artifacts/plots/grpo_curriculum.{json,png} (with a curriculum)
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from posttrain.runtime import setup_runtime
 from posttrain.scoring import rewards
 from posttrain.stage import StageResult
 from posttrain.training import measures
+from posttrain.training.curriculum import UCBCurriculum, arm_of, curriculum_hook, curriculum_trainer
 from posttrain.training.data import check_lengths, first_validation_items, mixture_manifest, read_mixture
+from posttrain.training.hybrid import hybrid_hook, hybrid_trainer
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "grpo"
@@ -53,7 +58,21 @@ def run(params: Params, layout: Layout) -> StageResult:
     held_out = first_validation_items(layout, domains, section.eval_items)
     scores = measures.grpo_hook(model, tokenizer, section, held_out, params.seed, layout, STAGE)
 
-    # 4. GRPO through the shared trainer set-up.
+    # 4. Optional: a curriculum picks each batch's prompts (posttrain.training.curriculum); the hybrid
+    # rule trains prompts whose rollouts fail with SFT on the gold answer (posttrain.training.hybrid).
+    trainer_cls, trainer_kwargs, measure = GRPOTrainer, {"reward_funcs": reward_funcs}, [scores]
+    if section.curriculum is not None:
+        arms = section.curriculum.arms
+        curriculum = UCBCurriculum([arm_of(row, arms) for row in data], section.curriculum)
+        trainer_cls = curriculum_trainer(trainer_cls)
+        trainer_kwargs |= {"curriculum": curriculum, "arm_key": lambda row: arm_of(row, arms)}
+        measure.append(curriculum_hook(curriculum, data["id"], layout, STAGE))
+    if section.hybrid is not None:
+        trainer_cls = hybrid_trainer(trainer_cls)
+        trainer_kwargs["hybrid"] = section.hybrid
+        measure.append(hybrid_hook())
+
+    # 5. GRPO through the shared trainer set-up.
     config_fields = {"num_generations": section.num_generations, "max_completion_length": section.max_completion_length,
                      "temperature": section.temperature, "beta": section.beta, "reward_weights": reward_weights}  # fmt: skip
     job = TrainingJob(
@@ -65,12 +84,12 @@ def run(params: Params, layout: Layout) -> StageResult:
         data_manifest=mixture_manifest(layout, STAGE),
         parents=[parent],
         config_cls=GRPOConfig,
-        trainer_cls=GRPOTrainer,
+        trainer_cls=trainer_cls,
         config_fields=config_fields,
-        trainer_kwargs={"reward_funcs": reward_funcs},
+        trainer_kwargs=trainer_kwargs,
         adapter=loaded.adapter,
         metrics_extra={"grpo_domains": domains, "rewards": [s.model_dump() for s in section.rewards]},
-        measure=[scores],
+        measure=measure,
     )
     return run_training(job, params, layout, runtime)
 

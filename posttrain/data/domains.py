@@ -147,18 +147,53 @@ class ReverseGenerator(Generator):
         raise IndexError("index beyond the item space")
 
 
+class BucketedGenerator(Generator):
+    """Consecutive item spaces (one per difficulty bucket), each stratum getting an equal share."""
+
+    def __init__(self, parts: list[Generator]) -> None:
+        self.parts = parts
+        self.kind = parts[0].kind
+
+    def size(self) -> int:
+        return sum(part.size() for part in self.parts)
+
+    def strata(self) -> list[int]:
+        return [part.size() for part in self.parts]
+
+    def item(self, index: int) -> tuple[str, str]:
+        for part in self.parts:
+            if index < part.size():
+                return part.item(index)
+            index -= part.size()
+        raise IndexError("index beyond the item space")
+
+
 def make_generator(config: SyntheticDomain) -> Generator:
     """The generator for a synthetic domain config (AdditionDomain, SubtractionDomain, ReverseDomain)."""
-    if config.kind == "addition":
-        return AdditionGenerator(config.digits)
-    if config.kind == "subtraction":
-        return SubtractionGenerator(config.digits)
+    if config.kind in ("addition", "subtraction"):
+        cls = AdditionGenerator if config.kind == "addition" else SubtractionGenerator
+        if config.max_digits is None or config.max_digits == config.digits:
+            return cls(config.digits)  # one bucket: the item space (and so the items) of a plain domain
+        return BucketedGenerator([cls(d) for d in range(config.digits, config.max_digits + 1)])
     if config.kind == "reverse":
         return ReverseGenerator(config.min_length, config.max_length)
     raise ValueError(f"domain kind {config.kind!r} is not a synthetic generator")
 
 
 GENERATOR_KINDS = ("addition", "subtraction", "reverse")
+
+_ARITHMETIC = re.compile(r"(\d+)([+-])(\d+)=")
+_REVERSE = re.compile(r"rev:([a-z]+)=")
+
+
+def difficulty(prompt: str) -> str:
+    """The difficulty bucket of an item, read from its prompt: `d<digits>` of the longer operand for
+    arithmetic, `len<letters>` for reverse, `all` for anything else (one bucket)."""
+    if m := _ARITHMETIC.fullmatch(prompt):
+        return f"d{max(len(m.group(1)), len(m.group(3)))}"
+    if m := _REVERSE.fullmatch(prompt):
+        return f"len{len(m.group(1))}"
+    return "all"
 
 
 def _shares(sizes: list[int], n: int) -> list[int]:
@@ -225,9 +260,6 @@ def generate(name: str, config: SyntheticDomain, seed: int, verifier: str | None
 
 
 # --------------------------------------------------------------------------- wrong answers
-
-_ARITHMETIC = re.compile(r"(\d+)([+-])(\d+)=")
-_REVERSE = re.compile(r"rev:([a-z]+)=")
 
 
 def _digit_slips(answer: str) -> set[str]:

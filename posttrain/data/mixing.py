@@ -183,6 +183,8 @@ def build_mixture(
         "total": len(rows),
         "weights": dict(config.weights),
         "temperature": config.temperature,
+        # Online mixing re-draws the rows during training (the training stage records what it saw).
+        "adaptive": config.adaptive.model_dump() if config.adaptive else None,
         "target_proportions": {d: round(p, 6) for d, p in sorted(targets.items())},
         "counts": dict(sorted(counts.items())),
         "effective_proportions": {d: round(c / own_n, 6) if own_n else 0.0 for d, c in sorted(counts.items())},

@@ -54,7 +54,8 @@ log = logging.getLogger("posttrain.tracking.runs")
 
 PIPELINE_ENV = "POSTTRAIN_PIPELINE_RUN_ID"
 PIPELINE_KEY_TAG = TAG + "pipeline_key"
-SERIES_KEYS = ("log_history", "continual_eval")
+# Step series: logged as MLflow metric steps, not as scalars (trajectories of curriculum and online mixing too).
+SERIES_KEYS = ("log_history", "continual_eval", "curriculum_trajectory", "mixing_trajectory", "hybrid_trajectory")
 
 
 # --------------------------------------------------------------------------- flattening
@@ -118,8 +119,9 @@ def series_metrics(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
             for key, value in entry.items():
                 if key != "step" and is_number(value):
                     points.append((f"train/{key}", float(value), int(entry["step"])))
-    if metrics.get("continual_eval") is not None:
-        points.extend(_points(metrics["continual_eval"], "continual_eval"))
+    for key in SERIES_KEYS[1:]:
+        if metrics.get(key) is not None:
+            points.extend(_points(metrics[key], key))
     return [(metric_name(name), value, step) for name, value, step in points]
 
 

@@ -36,6 +36,7 @@ from posttrain.lineage import parent_entry
 from posttrain.models.build import count_parameters
 from posttrain.runtime import Runtime, is_main_process, world_size
 from posttrain.stage import StageResult, flat_metrics
+from posttrain.training.adaptive_mixing import OnlineMixing
 from posttrain.training.callbacks import ContinualEvaluation, Preemption, all_finite, make_callbacks
 from posttrain.training.checkpoints import (
     average_last_checkpoints,
@@ -144,18 +145,23 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     # Only rank 0 deletes half-written checkpoints (the others skip them the same way).
     resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
 
+    # Online mixing (`mixtures.<stage>.adaptive`): probes come out of the step budget, so fewer main steps.
+    online = OnlineMixing.for_stage(stage, params.mixtures.get(stage), layout, section.trainer.max_steps, runtime.seed)
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
+    if online:
+        config.max_steps = online.main_steps
     domains = job.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
         job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
     )
     preemption = Preemption()
-    trainer = with_schedule(job.trainer_cls or SFTTrainer)(
+    trainer_cls = job.trainer_cls or SFTTrainer
+    trainer = with_schedule(online.trainer_class(trainer_cls) if online else trainer_cls)(
         model=job.model,
         args=config,
         train_dataset=job.train_dataset,
         processing_class=job.tokenizer,
-        callbacks=make_callbacks(stage, evaluation, preemption),
+        callbacks=make_callbacks(stage, evaluation, preemption) + ([online] if online else []),
         schedule=section.schedule,
         **job.trainer_kwargs,
     )
@@ -250,7 +256,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         metrics=metrics,
         final_checkpoint=ckpt_dir / f"checkpoint-{state.global_step}",
     )
-    for hook in job.measure:
+    for hook in job.measure + ([online.measure] if online else []):
         metrics.update(hook(run))
     distributed = {"world_size": config.world_size, "type": str(trainer.accelerator.distributed_type.value)}
     return write_model_output(

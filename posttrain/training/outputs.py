@@ -102,3 +102,31 @@ def write_eval_plot(stage: str, series: list[dict[str, Any]], layout: Layout) ->
     plt.close(fig)
     os.replace(tmp, png_path)
     return [png_path, data_path]
+
+
+def write_proportions_plot(name: str, title: str, history: list[dict[str, Any]], layout: Layout) -> list[Path]:
+    """PNG of sampling proportions over steps (`history`: [{step, p: {arm: proportion}}]) and the rows as
+    JSON, as `<name>.png` / `<name>.json` under artifacts/plots (curriculum arms, online mixture weights)."""
+    if not history:
+        return []
+    # lazy: matplotlib costs ~1 s to import and only stages with a trajectory draw.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # lazy: matplotlib costs ~1 s to import; only plotting needs it
+    import matplotlib.pyplot as plt
+
+    data_path = layout.plots / f"{name}.json"
+    write_json_atomic(data_path, history)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm in sorted(history[0]["p"]):
+        ax.plot([r["step"] for r in history], [r["p"][arm] for r in history], label=arm)
+    ax.set(title=title, xlabel="step", ylabel="proportion", ylim=(-0.02, 1.02))
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    png_path = layout.plots / f"{name}.png"
+    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return [png_path, data_path]

@@ -273,8 +273,13 @@ def test_series_readers_accept_the_shapes_stages_write() -> None:
             "rows": [{"step": 10, "exact_match": {"sub": 0.7}}],
         },
         "nested": {"a": 1, "flag": True, "name": "x"},
+        # Trajectories of the GRPO curriculum and of online mixing: steps of MLflow series, not scalars.
+        "curriculum_trajectory": [{"step": 3, "p": {"add/d1": 0.25}}],
+        "mixing_trajectory": [{"step": 0, "p": {"add": 0.6}, "interaction": {"add": {"rev": 0.1}}}],
     }
     points = set(series_metrics(metrics))
+    assert {("curriculum_trajectory/p/add/d1", 0.25, 3), ("mixing_trajectory/p/add", 0.6, 0)} <= points
+    assert ("mixing_trajectory/interaction/add/rev", 0.1, 0) in points
     assert {("train/loss", 1.0, 5), ("train/eval_loss", 0.5, 5)} <= points
     assert {("continual_eval/add", 0.1, 10), ("continual_eval/add", 0.2, 20)} <= points
     assert {("continual_eval/by_step/exact_match", 0.3, 10), ("continual_eval/rows/exact_match/sub", 0.7, 10)} <= points

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections import Counter
 
 import pytest
 
 from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
-from posttrain.data.domains import generate, make_record, record_id, wrong_answer
+from posttrain.data.domains import difficulty, generate, make_record, record_id, wrong_answer
 from posttrain.data.verifiers import VERIFIERS
 
 
@@ -129,3 +130,26 @@ def test_wrong_answer_edge_cases() -> None:
         assert wrong != answer and wrong
     with pytest.raises(ValueError, match="no answer"):
         wrong_answer(make_record("doc", text="just text"), rng)
+
+
+@pytest.mark.parametrize("kind", ["addition", "subtraction"])
+def test_max_digits_gives_equal_difficulty_buckets(kind: str) -> None:
+    config = (AdditionDomain if kind == "addition" else SubtractionDomain)(
+        kind=kind, digits=2, max_digits=4, n_items=300
+    )
+    buckets = Counter(difficulty(r["prompt"]) for r in generate("x", config, seed=0))
+    assert buckets == {"d2": 100, "d3": 100, "d4": 100}
+    # Without max_digits (or equal to digits) the items are those of the plain domain.
+    plain = AdditionDomain(kind="addition", digits=2, n_items=50)
+    same = AdditionDomain(kind="addition", digits=2, max_digits=2, n_items=50)
+    assert generate("x", plain, seed=0) == generate("x", same, seed=0)
+
+
+def test_difficulty_buckets_of_prompts() -> None:
+    assert difficulty("7+123=") == "d3" and difficulty("45-12=") == "d2"
+    assert difficulty("rev:abcde=") == "len5" and difficulty("hello") == "all"
+
+
+def test_max_digits_below_digits_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_digits"):
+        AdditionDomain(kind="addition", digits=3, max_digits=2)
