@@ -106,7 +106,8 @@ class ModelConfig(Strict):
 # --------------------------------------------------------------------------- data
 
 
-RECORD_FIELDS_FROM_FILES = ("prompt", "answer", "text")
+# Record fields a source's `columns:` may map (TRL's standard formats, posttrain.data.formats).
+RECORD_FIELDS_FROM_FILES = ("prompt", "answer", "text", "completion", "messages", "chosen", "rejected")
 
 
 class _DomainBase(Strict):
@@ -125,31 +126,39 @@ class _DomainBase(Strict):
 
 
 def _check_columns(columns: dict[str, str]) -> dict[str, str]:
-    """A source maps record fields onto its columns: either `text`, or `prompt` and `answer`."""
+    """A source maps record fields onto its columns: the fields of one of TRL's standard formats."""
     unknown = sorted(set(columns) - set(RECORD_FIELDS_FROM_FILES))
     if unknown:
         raise ValueError(f"unknown record field(s) {unknown}; expected keys among {list(RECORD_FIELDS_FROM_FILES)}")
-    if "text" in columns and ({"prompt", "answer"} & set(columns)):
-        raise ValueError("maps both text and prompt/answer; expected either text (text-only) or prompt+answer")
+    if "text" in columns and (set(columns) - {"text"}):
+        raise ValueError(
+            f"maps text and {sorted(set(columns) - {'text'})}; expected either text (language modelling) "
+            "or the fields of another format"
+        )
     empty = sorted(field for field, column in columns.items() if not column.strip())
     if empty:
         raise ValueError(f"empty column name for field(s) {empty}; expected a column of the file")
     return columns
 
 
-class AdditionDomain(_DomainBase):
+class _SyntheticDomain(_DomainBase):
+    # Render each item as a conversation (user: prompt, assistant: answer) for chat models.
+    chat: bool = False
+
+
+class AdditionDomain(_SyntheticDomain):
     kind: Literal["addition"]
     digits: Annotated[int, Field(ge=1, le=12)] = 2
     n_items: PositiveInt = 4000
 
 
-class SubtractionDomain(_DomainBase):
+class SubtractionDomain(_SyntheticDomain):
     kind: Literal["subtraction"]
     digits: Annotated[int, Field(ge=1, le=12)] = 2
     n_items: PositiveInt = 4000
 
 
-class ReverseDomain(_DomainBase):
+class ReverseDomain(_SyntheticDomain):
     kind: Literal["reverse"]
     min_length: Annotated[int, Field(ge=1, le=32)] = 3
     max_length: Annotated[int, Field(ge=1, le=32)] = 6
@@ -250,7 +259,7 @@ class MixtureConfig(Strict):
     # Temperature sampling: weights are raised to 1/temperature and renormalised.
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     # Which record shape the stage trains on.
-    format: Literal["text", "prompt_completion", "preference", "prompt_answer"] = "text"
+    format: Literal["text", "prompt_completion", "preference", "prompt_answer", "conversational"] = "text"
     replay: ReplayConfig | None = None
     # Sampling seed (combined with the stage name). Lives here, not in data, so that the `mix`
     # stage depends only on the `mixtures` params that dvc.yaml declares for it.

@@ -77,7 +77,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     # Tied output embeddings may be absent from the state dict; anything else is a real mismatch.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        sys.exit(f"{gguf}: de-quantized weights do not fit the rebuilt model: missing {missing}, unexpected {unexpected}")
+        sys.exit(
+            f"{gguf}: de-quantized weights do not fit the rebuilt model: missing {missing}, unexpected {unexpected}"
+        )
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     if tokenizer.pad_token_id is not None:
@@ -119,7 +121,10 @@ def check(out: Path, n_items: int) -> None:
         sys.exit(f"{out}: expected a ChatML template and EOS <|im_end|>, got EOS {tokenizer.eos_token!r}")
 
     def reply(prompts: list[str], max_new_tokens: int) -> list[str]:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
         tokenizer.padding_side = "left"
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():

@@ -10,11 +10,13 @@ import pytest
 
 from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
 from posttrain.data.domains import VERIFIERS, generate, make_record, record_id, wrong_answer
+from posttrain.data.formats import CONVERSATION_COLUMNS
 
 
 def _check_schema(records: list[dict[str, str]], domain: str) -> None:
     for r in records:
-        assert list(r) == ["id", "domain", "prompt", "answer", "text", "verifier"]
+        assert list(r) == ["id", "domain", "prompt", "answer", "text", "verifier", *CONVERSATION_COLUMNS]
+        assert all(r[c] == "" for c in CONVERSATION_COLUMNS)  # plain items: conversation fields empty
         assert r["domain"] == domain and r["text"] == r["prompt"] + r["answer"] and r["verifier"] == "exact"
         assert r["id"] == record_id(domain, r["prompt"], r["answer"], r["text"]) and len(r["id"]) == 16
 
