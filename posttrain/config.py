@@ -101,6 +101,17 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
+    # Chat template for conversational data (posttrain.chat_template): 'base' (the model's own),
+    # 'chatml' (built-in, with generation markers for assistant-only loss) or a Jinja file path.
+    # None: no template; prompts are plain text.
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty; expected 'base', 'chatml' or a path to a Jinja file")
+        return value
 
 
 # --------------------------------------------------------------------------- data
