@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from posttrain import chat_template
-from posttrain.config import TokenizerConfig
-from posttrain.config import ParamsError
+from posttrain.config import ParamsError, TokenizerConfig
 from posttrain.errors import StageError
 from posttrain.modeling import train_tokenizer
 
