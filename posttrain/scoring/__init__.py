@@ -1,0 +1,1 @@
+"""Scoring with external harnesses (lm-evaluation-harness)."""
