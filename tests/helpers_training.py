@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 
 from posttrain.config import Params, parse_params
+from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,8 @@ TINY_TRAINER = {
 def _record(domain: str, prompt: str, answer: str) -> dict[str, str]:
     text = prompt + answer
     rid = hashlib.sha256(json.dumps([domain, prompt, answer, text]).encode()).hexdigest()[:16]
-    return {"id": rid, "domain": domain, "prompt": prompt, "answer": answer, "text": text, "verifier": "exact"}
+    record = {"id": rid, "domain": domain, "prompt": prompt, "answer": answer, "text": text, "verifier": "exact"}
+    return record | dict.fromkeys(CONVERSATION_COLUMNS, "")  # the prepare stage's full record schema
 
 
 def _items(domain: str, n: int, rng: random.Random) -> list[dict[str, str]]:

@@ -97,7 +97,12 @@ def write_task(spec: TaskSpec, folder: Path) -> str:
             "output_type": "loglikelihood_rolling",
             "doc_to_text": "",
             "doc_to_target": "{{text}}",
-            "metric_list": [{"metric": m} for m in METRICS["perplexity"]],
+            "metric_list": [
+                {"metric": m, "aggregation": aggregation, "higher_is_better": False}
+                for m, aggregation in zip(
+                    METRICS["perplexity"], ("weighted_perplexity", "weighted_perplexity", "bits_per_byte"), strict=True
+                )
+            ],
         }
     # JSON is valid YAML, and keeps Jinja braces and newlines quoted exactly.
     (folder / f"{name}.yaml").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
