@@ -116,6 +116,20 @@ def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def folder_fingerprint(model_dir: Path) -> str:
+    """The fingerprint of the tokenizer saved in a model folder."""
+    from transformers import AutoTokenizer
+
+    return fingerprint(AutoTokenizer.from_pretrained(model_dir))
+
+
+def check_folders(child_dir: Path, parent_dir: Path) -> str:
+    """Refuse `child_dir` unless its template fingerprint equals `parent_dir`'s; returns the fingerprint."""
+    child, parent = folder_fingerprint(child_dir), folder_fingerprint(parent_dir)
+    check_same_template(child, parent, child_name=str(child_dir), parent_name=str(parent_dir))
+    return child
+
+
 def check_same_template(child: str, parent: str, *, child_name: str, parent_name: str) -> None:
     """Refuse a model whose chat-template fingerprint differs from its parent's, naming both."""
     if child != parent:

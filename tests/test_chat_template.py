@@ -88,3 +88,53 @@ def test_fingerprint_changes_with_text_or_token_ids_and_mismatch_is_refused(tmp_
     chat_template.check_same_template(first, first, child_name="dpo", parent_name="sft")
     with pytest.raises(StageError, match=rf"dpo has fingerprint {changed[:16]}.*parent sft has {first[:16]}"):
         chat_template.check_same_template(changed, first, child_name="dpo", parent_name="sft")
+
+
+def test_trl_sft_on_a_conversational_mixture_trains_only_assistant_tokens(tmp_path: Path, tokenizer) -> None:
+    """A `conversational` mixture of a `chat: true` domain through TRL's SFTTrainer with
+    assistant_only_loss: the unmasked labels are exactly each answer and its <|im_end|>."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from posttrain.config import AdditionDomain, ArchitectureConfig, MixtureConfig
+    from posttrain.data.domains import generate
+    from posttrain.data.formats import decode_messages
+    from posttrain.data.mixing import build_mixture
+    from posttrain.modeling import build_scratch_model
+
+    items = {"add": generate("add", AdditionDomain(kind="addition", n_items=40, chat=True), seed=2)}
+    mixture = build_mixture("sft", MixtureConfig(weights={"add": 1.0}, total=8, format="conversational"), items)
+    dataset = datasets.Dataset.from_list([{"messages": decode_messages(r["messages"])} for r in mixture.rows])
+    arch = ArchitectureConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        assistant_only_loss=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        max_length=64,
+    )
+    trainer = SFTTrainer(
+        model=build_scratch_model(arch, tokenizer), args=config, train_dataset=dataset, processing_class=tokenizer
+    )
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for index in range(4):
+        batch = trainer.data_collator([trainer.train_dataset[index]])
+        labels = [t for t in batch["labels"][0].tolist() if t != -100]
+        answer = decode_messages(mixture.rows[index]["messages"])[-1]["content"]
+        assert labels == tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
+    assert trainer.train().global_step == 2
+
+
+def test_folders_with_different_templates_are_refused(tmp_path: Path, tokenizer) -> None:
+    tokenizer.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "dpo")
+    assert chat_template.check_folders(tmp_path / "dpo", tmp_path / "sft") == chat_template.fingerprint(tokenizer)
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    tokenizer.save_pretrained(tmp_path / "dpo")
+    with pytest.raises(StageError, match=r"chat template mismatch: .*dpo has fingerprint .* parent .*sft has"):
+        chat_template.check_folders(tmp_path / "dpo", tmp_path / "sft")
