@@ -11,7 +11,7 @@ import pytest
 from posttrain.config import AdditionDomain, FileDomain, MixtureConfig
 from posttrain.data.decontamination import decontaminate
 from posttrain.data.domains import generate, make_record, record_id
-from posttrain.data.formats import decode_messages
+from posttrain.data.formats import decode_messages, trl_row
 from posttrain.data.mixing import build_mixture
 from posttrain.data.sources import load_file
 from posttrain.data.splits import split_records
@@ -230,6 +230,16 @@ def test_mixtures_of_a_chat_domain() -> None:
         ]
     grpo = build_mixture("grpo", _mixture("prompt_answer", {"add": 1.0}), chat)
     assert all(decode_messages(r["prompt"])[0]["role"] == "user" and r["answer"] for r in grpo.rows)
+    # What a trainer hands TRL: message lists, gold answer and verifier as plain strings.
+    row = trl_row(grpo.rows[0], grpo.manifest["conversational"])
+    assert row["prompt"] == [U(grpo.rows[0]["prompt"][len('[{"content":"') :].split('"')[0])]
+    assert (row["answer"], row["verifier"]) == (grpo.rows[0]["answer"], "exact")
+    plain = build_mixture(
+        "grpo",
+        _mixture("prompt_answer", {"add": 1.0}),
+        {"add": generate("add", AdditionDomain(kind="addition", n_items=20), seed=1)},
+    )
+    assert not plain.manifest["conversational"] and trl_row(plain.rows[0], False) == plain.rows[0]
 
 
 def test_user_preference_pairs_are_used_as_given(tmp_path: Path) -> None:
@@ -254,3 +264,41 @@ def test_mixture_refuses_chat_and_plain_together() -> None:
         build_mixture("sft", _mixture("prompt_completion", {"chat": 1.0, "plain": 1.0}), train)
     with pytest.raises(DataError, match=r"format 'conversational' needs conversational items.*\['plain'\]"):
         build_mixture("sft", _mixture("conversational", {"plain": 1.0}), train)
+
+
+def test_parquet_nested_messages_with_unused_struct_keys(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # A struct column gives every message every key; unused ones are null (as `datasets` writes them).
+    conversation = [
+        {"role": "user", "content": "hi", "name": None},
+        {"role": "assistant", "content": "yo", "name": None},
+    ]
+    pq.write_table(pa.Table.from_pylist([{"conversation": conversation}]), tmp_path / "c.parquet")
+    domain = FileDomain(kind="file", path="c.parquet", columns={"messages": "conversation"})
+    (record,), report = load_file("d", domain, tmp_path, "exact")
+    assert report.mode == "conversational" and decode_messages(record["messages"]) == [U("hi"), A("yo")]
+    conversation[0]["name"] = "alice"
+    pq.write_table(pa.Table.from_pylist([{"conversation": conversation}]), tmp_path / "c.parquet")
+    with pytest.raises(
+        DataError,
+        match=r"c.parquet: row 1: field 'messages' \(column 'conversation'\) message 0 has unknown key\(s\) \['name'\]",
+    ):
+        load_file("d", domain, tmp_path, "exact")
+
+
+def test_hub_preference_pairs_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    from posttrain.config import HubDomain
+    from posttrain.data.sources import load_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    folder = tmp_path / "feedback"
+    folder.mkdir()
+    rows = [{"chosen": [U(f"q{i}"), A("good")], "rejected": [U(f"q{i}"), A("bad")]} for i in range(3)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, report = load_hub("pairs", HubDomain(kind="hub", name=str(folder)), "exact")
+    assert report.mode == "implicit_preference" and len(records) == 3
+    assert decode_messages(records[2]["messages"]) == [U("q2")] and decode_messages(records[2]["chosen"]) == [A("good")]

@@ -64,6 +64,17 @@ def decode_messages(value: str) -> list[Message]:
     return json.loads(value) if value else []
 
 
+def trl_row(row: dict[str, str], conversational: bool) -> dict[str, Any]:
+    """A mixture row as TRL wants it: in a conversational mixture (manifest `conversational`) the
+    message columns decoded from canonical JSON into lists of {role, content}; else unchanged."""
+    if not conversational:
+        return dict(row)
+    return {
+        k: decode_messages(v) if k in ("messages", "prompt", "completion", "chosen", "rejected") else v
+        for k, v in row.items()
+    }
+
+
 def is_conversational(record: dict[str, str]) -> bool:
     return bool(record.get("messages"))
 
@@ -124,7 +135,8 @@ def check_messages(value: Any, where: str, field: str, *, allow_empty: bool = Fa
         at = f"{label} message {i}"
         if not isinstance(message, dict):
             raise BadRow(f"{at} is {type(message).__name__}, expected an object with role and content")
-        extra = sorted(set(message) - {"role", "content"})
+        # Parquet/`datasets` structs give every message every key of the column (None when unused).
+        extra = sorted(k for k in set(message) - {"role", "content"} if message[k] is not None)
         if extra:
             raise BadRow(f"{at} has unknown key(s) {extra}; expected only role and content")
         role = message.get("role")
