@@ -11,13 +11,13 @@ Two task kinds, written from held-out records (the prepared `test` split):
 
 `run(model_dir, tasks, work_dir)` writes the task files under `work_dir`, runs
 `lm_eval.simple_evaluate` with its HF model wrapper on the model folder and returns, per task, each
-metric with its standard error. Hub access is switched off for the run.
+metric with its standard error. Nothing comes from the hub: every task reads a local JSONL file
+(`dataset_path: json`) and the model is a local folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +123,11 @@ def run(
 
     `chat` runs lm-eval with `apply_chat_template=True` (the model folder's own template).
     """
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the tasks are local files; nothing may come from the hub
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     names = {write_task(spec, work_dir): spec for spec in tasks}
+    # Only our folder is indexed: lm-eval's stock tasks (which download from the hub) are not even listed.
     manager = TaskManager(include_path=str(work_dir), include_defaults=False)
     results = lm_eval.simple_evaluate(
         model="hf",
