@@ -9,17 +9,17 @@ changes numbers: device and precision (fp32 on CPU, activation checkpointing off
 threads, seed and data_seed, the pipeline's defaults for keys params.yaml leaves out, max_length,
 the stage's own TRL fields (sft: completion-only loss; dpo: beta and a second copy of the input
 model as the frozen reference; grpo: num_generations, max_completion_length, temperature, beta,
-reward weights) and the recipe's learning-rate schedule (every shape of posttrain.schedules, with
+reward weights) and the recipe's learning-rate schedule (every shape of posttrain.training.schedules, with
 its (step + 1) / warmup warm-up). For the same seed and steps its final train loss must therefore
 equal the stage's.
 
 It has none of the pipeline's extras: no hash or length checks, no continual evaluation, no
 checkpoint keys or resume, no lineage, no MLflow; it imports neither posttrain.training nor
-posttrain.entry. The one pipeline import is GRPO's reward functions, taken from posttrain.rewards
+posttrain.pipeline.entry. The one pipeline import is GRPO's reward functions, taken from posttrain.scoring.rewards
 (a user would write their own `f(completions, answer, **columns) -> list[float]`; these are plain
 functions of that shape). Not supported: `model.base` other than scratch for pretrain (the stage
 then trains nothing), `<stage>.lora`, and `dpo.pairs: on_policy` (its pairs come from the pipeline's
-sampler, posttrain.preferences).
+sampler, posttrain.training.preferences).
 
 tokens_seen is TRL's `state.num_input_tokens_seen` with include_num_input_tokens_seen="non_padding",
 as the stage records it: for SFT (pretrain, cpt, sft) the non-padding tokens of each batch, for DPO
@@ -169,7 +169,7 @@ def section_settings(params: dict[str, Any], stage: str, max_steps: int | None) 
 
 
 def runtime_fields(compute: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Device and precision as the pipeline picks them (posttrain.training.Runtime.trainer_fields)."""
+    """Device and precision as the pipeline picks them (posttrain.runtime.Runtime.trainer_fields)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from trl import GRPOConfig as config_cls
         from trl import GRPOTrainer as trainer_cls
 
-        from posttrain.rewards import REWARDS  # plain reward functions; a user would write their own
+        from posttrain.scoring.rewards import REWARDS  # plain reward functions; a user would write their own
 
         dataset = mixture(root, stage, ["prompt", "answer"])
         specs = section["rewards"]
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):  # `python bench/bare_trl.py`: posttrain.rewards (grpo) from the repo root
+    if __package__ in (None, ""):  # `python bench/bare_trl.py`: posttrain.scoring.rewards (grpo) from the repo root
         import sys
 
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -34,7 +34,7 @@ EXPECTED_AFTER_GRPO = ["grpo", "merge", "evaluate"]
 
 
 def flow_cmd(*args: str) -> list[str]:
-    return [PYTHON, "-m", "posttrain.cli", "run", *args]
+    return [PYTHON, "-m", "posttrain.pipeline.cli", "run", *args]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

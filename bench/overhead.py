@@ -69,7 +69,7 @@ def run_dvc(root: Path) -> dict[str, Any]:
 
 def run_flow(root: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     reset_stage(root, "sft")
-    done = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "sft"], root, env=env)
+    done = timed([PYTHON, "-m", "posttrain.pipeline.cli", "run", "--stages", "sft"], root, env=env)
     if "sft: ran" not in done["stdout"]:
         raise RuntimeError(f"the flow did not run sft:\n{done['stdout'][-2000:]}\n{done['stderr'][-2000:]}")
     return stage_figures(root, done["seconds"])
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Prefect's first flow run on a fresh database is slower (migrations): one run first, so the
         # timed flow runs see the steady state. A no-change call would not start Prefect at all
         # (`posttrain run` answers from `dvc status`), hence --force on the cheap, deterministic prepare.
-        warm = timed([PYTHON, "-m", "posttrain.cli", "run", "--stages", "prepare", "--force"], root)
+        warm = timed([PYTHON, "-m", "posttrain.pipeline.cli", "run", "--stages", "prepare", "--force"], root)
         reps = []
         for i in range(args.repeats):
             rep = {

@@ -230,7 +230,7 @@ def section_startup(s: dict[str, Any]) -> list[str]:
         f"`python -c pass`: {s['python_startup']['median_seconds']:.2f} s. "
         + "CLI: "
         + ", ".join(f"`{k}` {v['median_seconds']:.2f} s" for k, v in s["cli"].items())
-        + f" (target ~1 s; heavy modules imported by `posttrain.cli`: {', '.join(s['heavy_modules_imported_by_cli']) or 'none'}; "
+        + f" (target ~1 s; heavy modules imported by `posttrain.pipeline.cli`: {', '.join(s['heavy_modules_imported_by_cli']) or 'none'}; "
         + f"`status` asks DVC for the stale stages, on the {'tiny' if 'tiny' in s['project'] else 'default'} recipe's run). "
         + "Importing a stage module loads what that stage needs (TRL's trainer for the trainer stages); the CLI "
         + "imports none of it.",

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log(f"  {name}: {libraries[name]['median_seconds']:.2f} s")
     # The console script when the project is installed with it, else the module (same code path).
     script = Path(PYTHON).parent / "posttrain"
-    cli_bin = [str(script)] if script.is_file() else [PYTHON, "-m", "posttrain.cli"]
+    cli_bin = [str(script)] if script.is_file() else [PYTHON, "-m", "posttrain.pipeline.cli"]
     cli = {}
     for name, cmd in {
         "posttrain --help": [*cli_bin, "--help"],
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cli[name] = {"median_seconds": round(median(runs), 3), "runs": runs, "target_seconds": 1.0}
         log(f"  {name}: {cli[name]['median_seconds']:.2f} s")
     heavy = [m for m in ("torch", "transformers", "trl", "mlflow", "prefect", "dvc")]
-    probe = f"import sys, posttrain.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    probe = f"import sys, posttrain.pipeline.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     leaked = timed([PYTHON, "-c", probe], REPO, env=project_env(REPO))["stdout"].strip()
     threads = int(timed([PYTHON, "-c", threads_code()], REPO, env=project_env(REPO))["stdout"].strip())
     result = {

@@ -11,7 +11,7 @@ so and stops. With new files it
    `cpt` mixture weights the first time;
 3. runs the pipeline (DVC reruns prepare, mix, cpt and everything below; stages whose inputs did
    not change are skipped by DVC);
-4. applies the promotion gate (`posttrain.registry.promote`).
+4. applies the promotion gate (`posttrain.tracking.registry.promote`).
 
 A run whose pipeline or gate failed leaves the ingest "pending"; the next run finishes it even
 without new files.
@@ -52,13 +52,13 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import execute_pipeline, failure_state
-from posttrain import dag
 from posttrain.config import ContinualConfig, load_params
 from posttrain.errors import DataError, PipelineError
-from posttrain.workspace import pipeline_lock
+from posttrain.pipeline import dag
+from posttrain.pipeline.workspace import pipeline_lock
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-DEFAULT_GATE = "posttrain.registry:promote"
+DEFAULT_GATE = "posttrain.tracking.registry:promote"
 DEFAULT_POOL = "posttrain-process"
 
 
@@ -128,6 +128,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     elif kind == "csv":
         rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
     else:
+        # lazy: pyarrow is heavy to import; only parquet reads/writes need it
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
@@ -138,6 +139,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
     """Append the files' rows to the domain's data, version it with DVC and register it in params.yaml."""
+    # lazy: pyarrow is heavy to import; only parquet reads/writes need it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -210,7 +212,7 @@ def ingest_task(root: str) -> Ingested:
 
 
 def load_gate(spec: str) -> Any:
-    """`module:function` -> the function (default: posttrain.registry.promote)."""
+    """`module:function` -> the function (default: posttrain.tracking.registry.promote)."""
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
@@ -265,7 +267,7 @@ def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dic
             outcome = gate_task(str(project), gate)
         except Exception as error:  # the gate's own message is what the user needs
             return Failed(message=f"promotion gate: {error}")
-        # posttrain.registry.promote returns a PromotionResult; a refusal is a decision, not a failure.
+        # posttrain.tracking.registry.promote returns a PromotionResult; a refusal is a decision, not a failure.
         decision = outcome.summary() if callable(getattr(outcome, "summary", None)) else outcome
         logger.info("continual: promotion gate: %s", decision)
     mark_done(project, cfg)
@@ -280,6 +282,7 @@ def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dic
 
 def ensure_process_pool(name: str) -> None:
     """Create a process work pool named `name` unless it exists (on the configured Prefect server)."""
+    # lazy: prefect is heavy to import; only flow/deployment calls need it
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,11 +29,11 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from posttrain import dag
 from posttrain.config import Params, load_params
-from posttrain.entry import EXIT_NOT_RETRYABLE
-from posttrain.errors import PipelineError, StageError
-from posttrain.workspace import pipeline_lock
+from posttrain.errors import EXIT_NOT_RETRYABLE, PipelineError, StageError
+from posttrain.io import redact
+from posttrain.pipeline import dag
+from posttrain.pipeline.workspace import pipeline_lock
 
 TAIL_LINES = 15
 OK = ("ran", "unchanged", "restored", "cached")  # outcomes that let downstream stages start
@@ -42,7 +44,7 @@ class StageFailed(StageError):
 
     def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
         self.stage, self.returncode, self.tail = stage, returncode, tail
-        # The stage's own `error: stage X: ...` lines (posttrain.entry) first; DVC's generic
+        # The stage's own `error: stage X: ...` lines (posttrain.pipeline.entry) first; DVC's generic
         # "failed to reproduce" line last, as context.
         own = [line for line in tail if line.startswith("error:")]
         rest = [line for line in tail if line not in own and not line.startswith("ERROR: failed to reproduce")]
@@ -79,12 +81,8 @@ def check_prefect_api(timeout: float = 3.0) -> str | None:
     None when no URL is set (Prefect then starts its own ephemeral server on 127.0.0.1). Prefect's
     client would otherwise retry each request with backoff and fail deep inside the flow.
     """
-    import urllib.error
-    import urllib.request
-
+    # lazy: prefect is heavy to import; only flow/deployment calls need it
     from prefect.settings import PREFECT_API_URL
-
-    from posttrain.lineage import redact
 
     url = PREFECT_API_URL.value()
     if not url:

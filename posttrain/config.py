@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.errors import PipelineError
+from posttrain.data.verifiers import VERIFIERS
+from posttrain.errors import ParamsError
+from posttrain.scoring.rewards import REWARDS
 
 STAGE_NAMES = ("prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate")
 MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
@@ -26,10 +28,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 OpenFraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-class ParamsError(PipelineError, ValueError):
-    """A params file that cannot be used. The message names the file, the key path and the value."""
 
 
 class Strict(BaseModel):
@@ -128,9 +126,6 @@ class _DomainBase(Strict):
     @field_validator("verifier")
     @classmethod
     def _known_verifier(cls, verifier: str | None) -> str | None:
-        # posttrain.data.domains is stdlib-only, so this keeps `import posttrain.config` cheap.
-        from posttrain.data.domains import VERIFIERS
-
         if verifier is not None and verifier not in VERIFIERS:
             raise ValueError(f"unknown verifier {verifier!r}; expected one of {sorted(VERIFIERS)}")
         return verifier
@@ -309,7 +304,7 @@ class TrainerArgs(BaseModel):
 
 
 class ScheduleConfig(Strict):
-    """Learning-rate schedule (see posttrain.schedules for the shapes)."""
+    """Learning-rate schedule (see posttrain.training.schedules for the shapes)."""
 
     name: Literal["cosine", "wsd", "constant_cooldown", "infinite", "constant", "linear"] = "cosine"
     warmup_fraction: Fraction = 0.05
@@ -333,7 +328,7 @@ class ScheduleConfig(Strict):
 
 
 class LoRAConfig(Strict):
-    """LoRA / QLoRA through PEFT (posttrain.adapters; docs/scale-out.md)."""
+    """LoRA / QLoRA through PEFT (posttrain.models.lora; docs/scale-out.md)."""
 
     r: PositiveInt = 16
     alpha: Annotated[float, Field(gt=0.0)] = 32.0
@@ -390,9 +385,6 @@ class GRPOStageConfig(TrainStageConfig):
     def _some_rewards(cls, rewards: list[RewardSpec]) -> list[RewardSpec]:
         if not rewards:
             raise ValueError("no reward functions; expected at least one")
-        # posttrain.rewards is pure Python (no torch), so this check stays cheap.
-        from posttrain.rewards import REWARDS
-
         unknown = [spec.name for spec in rewards if spec.name not in REWARDS]
         if unknown:
             raise ValueError(f"unknown reward function(s) {unknown}; expected names from {sorted(REWARDS)}")

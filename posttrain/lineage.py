@@ -1,4 +1,4 @@
-"""Lineage records and content hashes of model folders, and atomic output folders.
+"""Lineage records and content hashes of model folders.
 
 Every model folder a stage writes carries `lineage.json`: what made it (stage, params, seed, data
 manifest, git state, library versions) and the sha256 of each of its files. The next stage checks
@@ -7,35 +7,21 @@ those hashes when it loads the folder, so a corrupted or half-copied model is ca
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import platform
-import re
-import shutil
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import StageError
+from posttrain.io import json_hash, redact, sha256_file
 
 LINEAGE_FILE = "lineage.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "tokenizers")
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -50,10 +36,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def content_hash(hashes: dict[str, str]) -> str:
     """One hash over a folder's file hashes: equal folders have equal content hashes."""
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-
-
-def json_hash(path: Path) -> str | None:
-    return sha256_file(path) if path.is_file() else None
 
 
 def git_state(root: Path) -> dict[str, Any]:
@@ -80,21 +62,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-_SECRET_IN_URI = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@")
-_SECRET_KEYS = re.compile(r"(token|password|secret|api[_-]?key)", re.IGNORECASE)
-
-
-def redact(value: Any) -> Any:
-    """Remove secrets before anything is logged or recorded: passwords in URIs, *token*/*password* keys."""
-    if isinstance(value, str):
-        return _SECRET_IN_URI.sub(r"\g<scheme>\g<user>:***@", value)
-    if isinstance(value, dict):
-        return {key: ("***" if _SECRET_KEYS.search(str(key)) and item else redact(item)) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(item) for item in value]
-    return value
 
 
 def read_lineage(model_dir: Path) -> dict[str, Any] | None:
@@ -176,45 +143,3 @@ def write_lineage(
     }
     (model_dir / LINEAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
-
-
-@contextlib.contextmanager
-def atomic_output_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` in one rename.
-
-    A killed or failing stage leaves `final` as it was (or absent), never half-written, so neither
-    DVC nor the next stage can take a partial output for a finished one.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(final)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # The old folder is moved aside first, so `final` is always a complete old or new output.
-    old = temporary_sibling(final) if final.exists() else None
-    if old is not None:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temporary_sibling(path: Path) -> Path:
-    """A hidden, unique name beside `path` (unique per process and call: concurrent writers never collide)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
-    """Write JSON through a temporary file and a rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -112,7 +112,8 @@ def check(out: Path, n_items: int) -> None:
 
     sys.path.insert(0, str(ROOT))
     from posttrain.config import AdditionDomain
-    from posttrain.data.domains import generate, verify_exact
+    from posttrain.data.domains import generate
+    from posttrain.data.verifiers import exact_match
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -137,7 +138,7 @@ def check(out: Path, n_items: int) -> None:
     answers: list[str] = []
     for i in range(0, len(items), 25):
         answers += reply([r["prompt"] for r in items[i : i + 25]], 8)
-    correct = sum(verify_exact(a, r["answer"]) for a, r in zip(answers, items, strict=True))
+    correct = sum(exact_match(a, r["answer"]) for a, r in zip(answers, items, strict=True))
     print(
         json.dumps(
             {

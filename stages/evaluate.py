@@ -14,11 +14,17 @@ import time
 from typing import Any
 
 from posttrain.config import TRAINING_STAGES, Params
-from posttrain.entry import StageResult, stage_main
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError, StageError
-from posttrain.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
+from posttrain.io import write_json_atomic
 from posttrain.layout import Layout
-from posttrain.lineage import write_json_atomic
+from posttrain.models.build import check_same_tokenizer, tokenizer_signature
+from posttrain.models.loading import load_stage_model
+from posttrain.pipeline.entry import stage_main
+from posttrain.runtime import setup_runtime
+from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
+from posttrain.scoring.plots import plot_forgetting, plot_scores, plot_stability_gap
+from posttrain.stage import StageResult
 
 log = logging.getLogger("posttrain.evaluate")
 
@@ -27,6 +33,7 @@ TEST_COLUMNS = ("id", "domain", "prompt", "answer", "text", "verifier")
 
 def load_test_sets(layout: Layout, domains: list[str], max_items: int) -> dict[str, Any]:
     """First `max_items` rows of each domain's test split (the split order is fixed by `prepare`)."""
+    # lazy: pandas is heavy to import; only this path needs it
     import pandas as pd
 
     sets = {}
@@ -58,12 +65,8 @@ def continual_series(layout: Layout, stages: list[str]) -> dict[str, list[dict[s
 
 
 def run(params: Params, layout: Layout) -> StageResult:
+    # lazy: torch takes seconds to import; only model code paths need it
     import torch
-
-    from posttrain.data.domains import VERIFIERS
-    from posttrain.modeling import check_same_tokenizer, load_stage_model, tokenizer_signature
-    from posttrain.plots import plot_forgetting, plot_scores, plot_stability_gap
-    from posttrain.training import setup_runtime
 
     cfg = params.evaluate
     runtime = setup_runtime(params.compute, params.seed)

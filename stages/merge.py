@@ -1,7 +1,7 @@
 """Stage `merge`: merge the output models of `merge.models` into artifacts/models/merge.
 
 Method, weights, base, density, t and seed come from the `merge` section of params.yaml (see
-posttrain/merging.py for the methods). Merge only models of one fine-tuning line (models sharing a
+posttrain/models/merging.py for the methods). Merge only models of one fine-tuning line (models sharing a
 parent); the stage refuses models whose lineage records share no ancestor, or whose tensors,
 configs or tokenizers differ.
 """
@@ -12,10 +12,12 @@ import logging
 from pathlib import Path
 
 from posttrain.config import Params, params_hash
-from posttrain.entry import StageResult, stage_main
+from posttrain.io import atomic_output_dir, write_json_atomic
 from posttrain.layout import Layout
-from posttrain.lineage import atomic_output_dir, parent_entry, verify_model_folder, write_json_atomic, write_lineage
-from posttrain.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
+from posttrain.lineage import parent_entry, verify_model_folder, write_lineage
+from posttrain.models.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
+from posttrain.pipeline.entry import stage_main
+from posttrain.stage import StageResult
 
 log = logging.getLogger("posttrain.merge")
 

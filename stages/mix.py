@@ -13,12 +13,14 @@ import logging
 import time
 from typing import Any
 
+from posttrain import io
 from posttrain.config import Params
-from posttrain.data import domains, io, mixing
+from posttrain.data import domains, mixing
 from posttrain.data.domains import Record
-from posttrain.entry import StageResult, stage_main
 from posttrain.errors import DataError
 from posttrain.layout import Layout
+from posttrain.pipeline.entry import stage_main
+from posttrain.stage import StageResult
 
 log = logging.getLogger("posttrain.mix")
 
@@ -39,13 +41,13 @@ def load_train_splits(layout: Layout, needed: set[str]) -> tuple[dict[str, list[
             )
         path = layout.prepared_split(domain, "train")
         expected = entry["content_hashes"]["train"]
-        actual = io.file_sha256(path) if path.is_file() else "missing"
+        actual = io.sha256_file(path) if path.is_file() else "missing"
         if actual != expected:
             raise DataError(
                 f"{path}: content hash {actual} differs from prepare's manifest ({expected}); rerun prepare"
             )
         train[domain] = io.read_parquet(path, domains.RECORD_COLUMNS)
-    return train, io.file_sha256(manifest_path)
+    return train, io.sha256_file(manifest_path)
 
 
 def run(params: Params, layout: Layout) -> StageResult:
@@ -58,7 +60,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     built: dict[str, mixing.Mixture] = {}
     metrics: dict[str, Any] = {"stages": {}}
     out_root = layout.mixture(order[0]).parent
-    with io.atomic_dir(out_root) as tmp:
+    with io.atomic_output_dir(out_root) as tmp:
         for stage in order:
             stage_started = time.perf_counter()
             mixture = mixing.build_mixture(stage, mixtures[stage], train, built)

@@ -14,11 +14,13 @@ import logging
 import time
 from typing import Any
 
+from posttrain import io
 from posttrain.config import DataConfig, DomainConfig, Params
-from posttrain.data import decontamination, domains, io, sources, splits
+from posttrain.data import decontamination, domains, sources, splits
 from posttrain.data.domains import Record
-from posttrain.entry import StageResult, stage_main
 from posttrain.layout import Layout
+from posttrain.pipeline.entry import stage_main
+from posttrain.stage import StageResult
 
 log = logging.getLogger("posttrain.prepare")
 
@@ -87,7 +89,7 @@ def prepare(data: DataConfig, layout: Layout) -> dict[str, Any]:
         "domains": {},
         "decontamination": report,
     }
-    with io.atomic_dir(layout.prepared) as tmp:
+    with io.atomic_output_dir(layout.prepared) as tmp:
         for name, parts in by_domain.items():
             hashes = {
                 split: io.write_parquet(parts[split], tmp / name / f"{split}.parquet", domains.RECORD_COLUMNS)

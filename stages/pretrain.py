@@ -15,12 +15,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from posttrain import modeling, training
 from posttrain.config import Params
-from posttrain.entry import StageResult, stage_main
 from posttrain.errors import DataError
+from posttrain.io import json_hash
 from posttrain.layout import Layout
-from posttrain.lineage import json_hash, parent_entry
+from posttrain.lineage import parent_entry
+from posttrain.models import build
+from posttrain.pipeline.entry import stage_main
+from posttrain.runtime import Runtime, setup_runtime
+from posttrain.stage import StageResult
+from posttrain.training.callbacks import evaluate_domains
+from posttrain.training.data import load_text_mixture, load_validation_sets, mixture_manifest
+from posttrain.training.job import TrainingJob, run_training
+from posttrain.training.outputs import write_model_output
 
 log = logging.getLogger("posttrain.pretrain")
 STAGE = "pretrain"
@@ -28,6 +35,7 @@ STAGE = "pretrain"
 
 def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
     """The `text` of every domain's train split: what the scratch tokenizer is trained on."""
+    # lazy: pandas is heavy to import; only this path needs it
     import pandas as pd
 
     for domain in domains:
@@ -39,27 +47,27 @@ def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
 
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.pretrain
-    runtime = training.setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed)
     if params.model.base != "scratch":
         return use_given_base(params, layout, runtime)
 
     # 1. Tokenizer and model from scratch (seeded by setup_runtime, so the init is reproducible).
-    tokenizer = modeling.train_tokenizer(
+    tokenizer = build.train_tokenizer(
         prepared_texts(layout, list(params.data.domains)),
         params.model.tokenizer,
         max_length=params.model.architecture.max_position_embeddings,
     )
-    model = modeling.build_scratch_model(params.model.architecture, tokenizer)
-    log.info("scratch model: %d parameters, vocabulary %d", modeling.count_parameters(model), len(tokenizer))
+    model = build.build_scratch_model(params.model.architecture, tokenizer)
+    log.info("scratch model: %d parameters, vocabulary %d", build.count_parameters(model), len(tokenizer))
 
     # 2. Train on the pretrain mixture as plain language modelling.
-    job = training.TrainingJob(
+    job = TrainingJob(
         stage=STAGE,
         section=section,
         model=model,
         tokenizer=tokenizer,
-        train_dataset=training.load_text_mixture(layout, STAGE, tokenizer, section),
-        data_manifest=training.mixture_manifest(layout, STAGE),
+        train_dataset=load_text_mixture(layout, STAGE, tokenizer, section),
+        data_manifest=mixture_manifest(layout, STAGE),
         # The tokenizer is trained on the prepared data, so it and the architecture define the run too.
         key_inputs={
             "model": params.model.model_dump(mode="json"),
@@ -67,17 +75,17 @@ def run(params: Params, layout: Layout) -> StageResult:
         },
         lineage_extra={"base": "scratch", "model": params.model.model_dump(mode="json")},
     )
-    return training.run_training(job, params, layout, runtime)
+    return run_training(job, params, layout, runtime)
 
 
-def use_given_base(params: Params, layout: Layout, runtime: training.Runtime) -> StageResult:
+def use_given_base(params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """No training: re-save the configured base so every later stage reads one verified folder."""
-    loaded = modeling.load_base(params.model)
-    sets = training.load_validation_sets(layout, list(params.data.domains), params.pretrain.eval_items)
-    scores = training.evaluate_domains(loaded.model, loaded.tokenizer, sets)
+    loaded = build.load_base(params.model)
+    sets = load_validation_sets(layout, list(params.data.domains), params.pretrain.eval_items)
+    scores = evaluate_domains(loaded.model, loaded.tokenizer, sets)
     parents = [parent_entry(loaded.path, layout.root)] if loaded.path else []
     log.info("model.base is %r: no pretraining, the base is written out as the pretrain model", params.model.base)
-    return training.write_model_output(
+    return write_model_output(
         STAGE,
         loaded.model,
         loaded.tokenizer,
@@ -91,7 +99,7 @@ def use_given_base(params: Params, layout: Layout, runtime: training.Runtime) ->
             "trained": False,
             "base": params.model.base,
             "steps": 0,
-            "parameters": modeling.count_parameters(loaded.model),
+            "parameters": build.count_parameters(loaded.model),
             "val_before": scores,
             "val_after": scores,
         },

@@ -11,10 +11,14 @@ every completion, so the model learns to stop after the answer.
 
 from __future__ import annotations
 
-from posttrain import adapters, training
 from posttrain.config import Params
-from posttrain.entry import StageResult, stage_main
 from posttrain.layout import Layout
+from posttrain.models import loading
+from posttrain.pipeline.entry import stage_main
+from posttrain.runtime import setup_runtime
+from posttrain.stage import StageResult
+from posttrain.training.data import load_prompt_completion_mixture, mixture_manifest
+from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "sft"
 PARENT = "cpt"
@@ -22,26 +26,26 @@ PARENT = "cpt"
 
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.sft
-    runtime = training.setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed)
 
     # 1. The cpt model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
-    # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.adapters).
-    loaded = adapters.load_input_model(layout, STAGE, parent, params, runtime)
+    # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.models.lora).
+    loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
 
     # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only.
-    job = training.TrainingJob(
+    job = TrainingJob(
         stage=STAGE,
         section=section,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
-        train_dataset=training.load_prompt_completion_mixture(layout, STAGE, loaded.tokenizer, section),
-        data_manifest=training.mixture_manifest(layout, STAGE),
+        train_dataset=load_prompt_completion_mixture(layout, STAGE, loaded.tokenizer, section),
+        data_manifest=mixture_manifest(layout, STAGE),
         parents=[parent],
         adapter=loaded.adapter,
         config_fields={"completion_only_loss": True},
     )
-    return training.run_training(job, params, layout, runtime)
+    return run_training(job, params, layout, runtime)
 
 
 if __name__ == "__main__":

@@ -1,51 +1,35 @@
-"""Shared fixtures: a tiny valid params mapping and a throwaway copy of the project."""
+"""Markers by folder, and the shared fixtures built from `helpers.tiny` (configs/tiny.yaml).
+
+- `tests/unit/`: no trainer, no DVC/Prefect/MLflow process; fast.
+- `tests/integration/`: real trainers, DVC, Prefect or MLflow; marked `integration`, so
+  `pytest -m "not integration"` trains nothing. `python -m pytest` runs both.
+"""
 
 from __future__ import annotations
 
-import copy
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from helpers.projects import make_small_project
+from helpers.tiny import tiny_raw
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 
-def _tiny(raw: dict[str, Any]) -> dict[str, Any]:
-    """The repo's recipe shrunk to a few hundred items, with MLflow tracking off."""
-    raw = copy.deepcopy(raw)
-    for domain in raw["data"]["domains"].values():
-        if "n_items" in domain:
-            domain["n_items"] = 300
-    for mixture in raw["mixtures"].values():
-        mixture["total"] = 200
-    raw.setdefault("tracking", {})["enabled"] = False
-    return raw
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if (TESTS / "integration") in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
 def tiny_params() -> dict[str, Any]:
-    """The raw params mapping (as read from params.yaml), small enough for fast tests."""
-    return _tiny(yaml.safe_load((REPO / "params.yaml").read_text()))
+    """The raw tiny recipe (configs/tiny.yaml, tracking off), small enough for fast tests."""
+    return tiny_raw()
 
 
 @pytest.fixture
 def project_copy(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
     """A copy of the project (code, dvc.yaml, DVC config) with tiny params, in a fresh git repo."""
-    root = tmp_path / "project"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("posttrain", "stages"):
-        shutil.copytree(REPO / folder, root / folder, ignore=ignore)
-    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / ".dvc").mkdir()
-    shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
-    # What `dvc init` would add besides the config.
-    (root / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
-    shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    return root
+    return make_small_project(tmp_path, tiny_params)

@@ -1,7 +1,6 @@
-"""Synthetic verifiable domains, the record schema, verifiers and wrong answers for offline DPO.
+"""Synthetic verifiable domains, the record schema, and wrong answers for offline DPO.
 
-Stdlib only: `posttrain.config` imports VERIFIERS from here to validate `verifier:` names, and
-that import must stay cheap.
+The verifiers (`exact`, `numeric`) live in posttrain.data.verifiers.
 
 Every generator draws `n_items` distinct items from an enumerable item space: an item is an index
 into that space, so uniqueness is exact (no retry loops that may never end) and the result depends
@@ -18,12 +17,11 @@ import random
 import re
 import string
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from posttrain.data.formats import CONVERSATION_COLUMNS, chat_fields, render_plain
 
-if TYPE_CHECKING:  # config imports this module (verifier names); keep the runtime import one-way
+if TYPE_CHECKING:  # annotations only: config's domain classes
     from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
 
     SyntheticDomain = AdditionDomain | SubtractionDomain | ReverseDomain
@@ -97,56 +95,6 @@ def is_verifiable(record: Record) -> bool:
     """A prompt (plain, or conversational prompt turns) with a gold answer."""
     return bool(record["prompt"] or record.get("messages")) and bool(record["answer"])
 
-
-# --------------------------------------------------------------------------- verifiers
-
-
-def _cut(completion: str, answer: str) -> str:
-    # Generation may run on past the answer (no EOS learned yet): keep the first line, and of it as
-    # many whitespace tokens as the gold answer has (one for every synthetic domain).
-    first_line = completion.strip().split("\n", 1)[0]
-    n_tokens = max(1, len(answer.split()))
-    return " ".join(first_line.split()[:n_tokens])
-
-
-def verify_exact(completion: str, answer: str) -> bool:
-    """Completion (stripped, cut at the first newline / after the answer's token count) equals the answer."""
-    return _cut(completion, answer) == " ".join(answer.split())
-
-
-def verify_numeric(completion: str, answer: str) -> bool:
-    """Like `exact`, but compares integers, so `046` matches `46`."""
-    got = _cut(completion, answer)
-    try:
-        return int(got) == int(answer.strip())
-    except ValueError:
-        return False
-
-
-def verify_math(completion: str, answer: str) -> bool:
-    """math-verify's judgement: the completion's answer (LaTeX, `\\boxed{}`, or a plain expression)
-    is mathematically equal to the gold answer, so `0.5`, `1/2` and `\\frac{2}{4}` all match `1/2`.
-
-    The whole completion is parsed, unlike `exact`/`numeric`: free-form answers carry prose around
-    the value. math-verify's timeouts use SIGALRM, which exists only in the main thread; elsewhere
-    (e.g. a reward function called from a worker thread) they are off.
-    """
-    import threading
-
-    from math_verify import parse, verify  # heavy (sympy): imported on first use only
-
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse(answer, parsing_timeout=timeout)
-    if not gold:
-        raise ValueError(f"math verifier: gold answer {answer!r} is not a parsable math expression")
-    return bool(verify(gold, parse(completion, parsing_timeout=timeout), timeout_seconds=timeout))
-
-
-VERIFIERS: dict[str, Callable[[str, str], bool]] = {
-    "exact": verify_exact,
-    "numeric": verify_numeric,
-    "math": verify_math,
-}
 
 # --------------------------------------------------------------------------- generators
 

@@ -1,0 +1,319 @@
+"""`posttrain`: the command line of the pipeline.
+
+Heavy libraries (prefect, mlflow, dvc, torch) are imported inside the commands that need them, so
+`posttrain --help`, `validate` and `status` answer in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from posttrain.config import load_params
+from posttrain.errors import ParamsError, PipelineError
+from posttrain.layout import find_root
+from posttrain.pipeline import dag
+from posttrain.pipeline.workspace import pipeline_lock
+
+app = typer.Typer(
+    name="posttrain",
+    help="Reproducible multi-stage LLM post-training: DVC decides what is stale, Prefect runs it, MLflow records it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="Project folder (default: nearest folder with params.yaml and dvc.yaml).")
+]
+WaitOption = Annotated[
+    float, typer.Option("--wait", help="Seconds to wait for another pipeline run in this workspace to finish.")
+]
+StagesOption = Annotated[
+    list[str] | None,
+    typer.Option("--stages", "-s", help="Stage(s) to run, with their upstream stages (repeat or comma-separate)."),
+]
+
+
+def _root(root: Path | None) -> Path:
+    return (root or find_root()).resolve()
+
+
+def _fail(message: str) -> None:
+    # A stage's own message already starts with "error: stage X:" (posttrain.pipeline.entry).
+    typer.echo(message if message.startswith("error:") else f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    items = [item.strip() for value in values or [] for item in value.split(",") if item.strip()]
+    return items or None
+
+
+def _load(root: Path) -> Any:
+    return load_params(root / "params.yaml")
+
+
+def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, wait: float) -> bool:
+    """True when DVC finds every selected stage up to date.
+
+    Starting Prefect (its temporary server) costs 10-20 s; a no-change run should cost what
+    `dvc status` costs. Checked under the workspace lock so a run in progress is not misread.
+    """
+    try:
+        with pipeline_lock(project, wait_seconds=wait):
+            _, statuses = dag.pipeline_status(project)
+        graph = {name: status.upstream for name, status in statuses.items()}
+        return not any(statuses[name].stale for name in dag.select(graph, targets, downstream))
+    except PipelineError as error:
+        _fail(str(error))
+
+
+@app.command()
+def run(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a param, KEY=VALUE (YAML value); repeatable. Written into params.yaml."),
+    ] = None,
+    stages: StagesOption = None,
+    downstream: Annotated[bool, typer.Option("--downstream", help="Also run the stages below --stages.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun the selected stages even if DVC finds them up to date.")
+    ] = False,
+    no_prefect: Annotated[
+        bool, typer.Option("--no-prefect", help="Run plain `dvc repro` (no Prefect server, no retries).")
+    ] = False,
+    wait: WaitOption = 0.0,
+    root: RootOption = None,
+) -> None:
+    """Run the pipeline: every stale dvc.yaml stage as a Prefect task (independent stages in parallel).
+
+    Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
+    MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
+    """
+    project = _root(root)
+    targets = _split(stages)
+    try:
+        for change in dag.apply_overrides(project, overrides or []):
+            typer.echo(f"params.yaml: {change}")
+        _load(project)
+    except PipelineError as error:
+        _fail(str(error))
+    if no_prefect:
+        args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
+        try:
+            with pipeline_lock(project, wait_seconds=wait):
+                code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
+        except PipelineError as error:
+            _fail(str(error))
+        raise typer.Exit(code)
+    if not force and _nothing_to_run(project, targets, downstream, wait):
+        typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
+        return
+    # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
+    from flows.pipeline import check_prefect_api, pipeline_flow
+
+    try:
+        check_prefect_api()  # a configured server that is down fails here, before any stage
+    except PipelineError as error:
+        _fail(str(error))
+    state = pipeline_flow(
+        root=str(project),
+        overrides=overrides or [],
+        stages=targets,
+        downstream=downstream,
+        force=force,
+        wait=wait,
+        return_state=True,
+    )
+    if state.is_failed():
+        _fail(state.message or "the pipeline flow failed")
+    outcomes = state.result()
+    typer.echo("  ".join(f"{stage}: {outcome}" for stage, outcome in outcomes.items()))
+
+
+def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
+    items = [
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, str))
+    ]
+    return ", ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+@app.command()
+def status(
+    root: RootOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print stale stages and metrics as JSON.")] = False,
+) -> None:
+    """Which stages are stale and why (DVC's view), and the last metrics of each stage."""
+    project = _root(root)
+    try:
+        _, statuses = dag.pipeline_status(project)
+    except PipelineError as error:
+        _fail(str(error))
+    metrics = dag.last_metrics(project)
+    if as_json:
+        stale = {name: s.reasons for name, s in statuses.items() if s.stale}
+        typer.echo(json.dumps({"stale": stale, "metrics": metrics}, indent=2, default=str))
+        return
+    for name, state in statuses.items():
+        typer.echo(f"{name:<16} {'stale' if state.stale else 'up to date'}")
+        for reason in state.reasons:
+            typer.echo(f"    {reason}")
+    if metrics:
+        typer.echo("\nlast metrics (artifacts/metrics/):")
+        for name, values in metrics.items():
+            typer.echo(f"  {name:<14} {_scalars(values)}")
+
+
+@app.command()
+def validate(
+    params: Annotated[Path | None, typer.Argument(help="Params file (default: params.yaml of the project).")] = None,
+    root: RootOption = None,
+) -> None:
+    """Load and check a params file; print OK or every bad key with its value, and exit 1."""
+    path = params or _root(root) / "params.yaml"
+    try:
+        load_params(path)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"OK: {path}")
+
+
+def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
+    try:
+        # lazy: keeps `posttrain --help` fast; only the registry commands need it
+        from posttrain.tracking import registry
+    except ImportError as error:
+        _fail(f"posttrain.tracking.registry is not available ({error})")
+    try:
+        return getattr(registry, name)(*args, **kwargs)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+@app.command()
+def promote(
+    version: Annotated[
+        int | None, typer.Option("--version", help="Model version to promote (default: the candidate).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden (recorded).")] = None,
+    root: RootOption = None,
+) -> None:
+    """Apply the promotion gate to the candidate (or --version); champion if it passes, else exit 1."""
+    if force and not reason:
+        _fail("--force needs --reason TEXT (it is recorded with the promotion)")
+    project = _root(root)
+    result = _registry_call(
+        "promote",
+        _load_or_fail(project),
+        project,
+        version=None if version is None else str(version),
+        force=force,
+        reason=reason,
+    )
+    if not result.promoted:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(root: RootOption = None) -> None:
+    """Make the previous champion the champion again."""
+    project = _root(root)
+    _registry_call("rollback", _load_or_fail(project), project)
+
+
+@app.command()
+def registry(root: RootOption = None) -> None:
+    """Show the model registry: versions, aliases (champion, candidate), promotion status and scores."""
+    project = _root(root)
+    _registry_call("show", _load_or_fail(project), project)
+
+
+def _load_or_fail(project: Path) -> Any:
+    try:
+        return _load(project)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+@app.command()
+def deploy(
+    cron: Annotated[
+        str | None, typer.Option("--cron", help="Schedule (default: orchestration.continual.cron in params.yaml).")
+    ] = None,
+    pool: Annotated[str, typer.Option("--pool", help="Process work pool (created if missing).")] = "posttrain-process",
+    name: Annotated[str, typer.Option("--name", help="Deployment name.")] = "continual",
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve the schedule from this process (blocks) instead of a work pool.")
+    ] = False,
+    root: RootOption = None,
+) -> None:
+    """Create the scheduled deployment of the continual flow on the Prefect server in PREFECT_API_URL.
+
+    Start a server first (`prefect server start`, then `prefect config set
+    PREFECT_API_URL=http://127.0.0.1:4200/api`); after deploying, `prefect worker start --pool
+    posttrain-process` runs the scheduled runs. GPU clusters: see flows/continual.py.
+    """
+    project = _root(root)
+    params = _load_or_fail(project)
+    schedule = cron or params.orchestration.continual.cron
+    try:
+        # lazy: prefect is heavy to import; only flow/deployment calls need it
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=schedule)
+        except ValidationError:
+            raise ParamsError(f"cron {schedule!r} is not a valid cron expression; expected e.g. '0 2 * * *'") from None
+        # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
+        from flows.continual import deploy_continual
+
+        deployment = deploy_continual(project, schedule, pool=pool, name=name, serve=serve)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"deployment continual/{name} ({deployment}): cron {schedule!r} on work pool {pool!r}")
+    typer.echo(f"run its scheduled work with: prefect worker start --pool {pool}")
+
+
+@app.command()
+def continual(
+    stages: StagesOption = None,
+    no_gate: Annotated[bool, typer.Option("--no-gate", help="Do not apply the promotion gate.")] = False,
+    wait: WaitOption = 600.0,
+    root: RootOption = None,
+) -> None:
+    """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion gate."""
+    project = _root(root)
+    _load_or_fail(project)
+    # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
+    from flows.continual import DEFAULT_GATE, continual_flow
+    from flows.pipeline import check_prefect_api
+
+    try:
+        check_prefect_api()
+    except PipelineError as error:
+        _fail(str(error))
+
+    state = continual_flow(
+        root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, wait=wait, return_state=True
+    )
+    if state.is_failed():
+        _fail(state.message or "the continual flow failed")
+    typer.echo(json.dumps(state.result(), indent=2, default=str))
+
+
+def main() -> None:  # pragma: no cover - `python -m posttrain.pipeline.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Our stage section -> TRL's config class (SFTConfig, DPOConfig, GRPOConfig), in one place.
+
+`<stage>.trainer` keys pass straight through so TRL's own checks run; unknown keys are ParamsErrors
+naming the key and the closest known ones. `with_schedule` drives any Trainer's LR schedule from
+`posttrain.training.schedules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ScheduleConfig, TrainStageConfig
+from posttrain.errors import ParamsError
+from posttrain.runtime import Runtime
+from posttrain.training.schedules import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def trl_config(
+    config_cls: type,
+    stage: str,
+    section: TrainStageConfig,
+    runtime: Runtime,
+    output_dir: Path,
+    **stage_fields: Any,
+) -> Any:
+    """Build `config_cls` (SFTConfig, DPOConfig, GRPOConfig, ...) for `stage`.
+
+    Precedence, lowest first: our defaults (no reporting, step checkpoints, runtime device and
+    precision), the stage's own fields (`stage_fields`, e.g. beta for DPO), then every key of
+    `<stage>.trainer` in params.yaml, which is passed through as is so TRL's own checks run.
+    """
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    user = section.trainer.model_dump()
+    for key in user:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ParamsError(
+                f"{stage}.trainer.{key}: unknown setting for TRL's {config_cls.__name__} (value {user[key]!r}){hint}"
+            )
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "report_to": "none",  # MLflow is recorded by posttrain.pipeline.entry after the stage, not by the Trainer
+        "save_strategy": "steps",
+        "logging_strategy": "steps",
+        "logging_first_step": True,
+        # The default replaces NaN/inf losses in the logs by the running mean: it would hide a diverged run.
+        "logging_nan_inf_filter": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        **runtime.trainer_fields(),
+    }
+    if "max_length" in known:
+        kwargs["max_length"] = section.max_length
+    if section.gradient_checkpointing is not None:
+        kwargs["activation_checkpointing"] = section.gradient_checkpointing
+    if section.packing:
+        if "packing" not in known:
+            raise ParamsError(
+                f"{stage}.packing: got true, but TRL's {config_cls.__name__} has no packing; expected false"
+            )
+        kwargs["packing"] = True
+    kwargs.update(stage_fields)
+    kwargs.update(user)
+    if kwargs.get("use_vllm"):
+        kwargs["use_vllm"] = vllm_usable(stage, runtime)
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ParamsError(f"{stage}.trainer: TRL's {config_cls.__name__} rejected the settings: {error}") from None
+
+
+def vllm_usable(stage: str, runtime: Runtime) -> bool:
+    """`<stage>.trainer.use_vllm: true` holds only with CUDA and vLLM; otherwise TRL's own generation runs.
+
+    vLLM is an optional extra (`pip install -e .[vllm]`); a recipe written for a GPU cluster must
+    still run on a laptop, so its absence is a warning, not an error.
+    """
+    # lazy: trl takes ~8 s to import; only trainer paths need it
+    from trl.import_utils import is_vllm_available
+
+    missing = [why for why, absent in (("no CUDA device", runtime.device != "cuda"),
+                                       ("vllm not installed", not is_vllm_available())) if absent]  # fmt: skip
+    if missing:
+        log.warning("%s.trainer.use_vllm: %s; falling back to ordinary generation", stage, " and ".join(missing))
+        return False
+    return True
+
+
+def with_schedule(trainer_cls: type) -> type:
+    """A subclass of `trainer_cls` whose LR schedule comes from posttrain.training.schedules.
+
+    Overriding `create_scheduler` (instead of passing `optimizers=(None, scheduler)`) lets the
+    Trainer still build its optimizer with its own parameter groups, and still save and restore the
+    scheduler's position in checkpoints. Construct it with the extra keyword `schedule=`.
+    """
+
+    class Scheduled(trainer_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, schedule: ScheduleConfig, **kwargs: Any) -> None:
+            self.schedule_config = schedule
+            super().__init__(*args, **kwargs)
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            if self.lr_scheduler is None:
+                self.lr_scheduler = build_scheduler(
+                    optimizer or self.optimizer, self.schedule_config, num_training_steps
+                )
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
+    Scheduled.__name__ = Scheduled.__qualname__ = f"Scheduled{trainer_cls.__name__}"
+    return Scheduled
