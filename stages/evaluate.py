@@ -23,6 +23,7 @@ from posttrain.models.loading import load_stage_model
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
+from posttrain.scoring.generation import chat_record
 from posttrain.scoring.plots import plot_forgetting, plot_scores, plot_stability_gap
 from posttrain.stage import StageResult
 
@@ -65,7 +66,8 @@ def continual_series(layout: Layout, stages: list[str]) -> dict[str, list[dict[s
 
 
 def run(params: Params, layout: Layout) -> StageResult:
-    # lazy: torch takes seconds to import; only model code paths need it
+    # lazy: torch, pandas take seconds to import; only model code paths need them
+    import pandas as pd
     import torch
 
     cfg = params.evaluate
@@ -106,6 +108,8 @@ def run(params: Params, layout: Layout) -> StageResult:
         answerer = ModelAnswerer(model, loaded.tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         results[stage], per_item[stage] = {}, {}
         for domain, frame in tests.items():
+            # Conversational items are scored through the model's chat template (the one the pipeline checked).
+            frame = pd.DataFrame([chat_record(loaded.tokenizer, r) for r in frame.fillna("").to_dict("records")])
             entry, vectors = evaluate_domain(answerer, frame, VERIFIERS, settings)
             results[stage][domain], per_item[stage][domain] = entry, vectors
             em = entry["exact_match"]

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from posttrain.config import ParamsError
 from posttrain.errors import StageError
@@ -114,6 +114,25 @@ def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     special = {str(t): tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
     payload = json.dumps({"template": template, "special_tokens": special}, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# The lineage.json key (and parent-entry key, MLflow tag, model-card line) that carries a fingerprint.
+LINEAGE_KEY = "chat_template_fingerprint"
+
+
+def check_against_lineage(tokenizer: PreTrainedTokenizerBase, lineage: dict[str, Any] | None, where: str) -> str:
+    """The tokenizer's fingerprint, refused unless it equals the one its folder's lineage records and
+    the one recorded for every parent (a stage boundary: one template for the whole pipeline)."""
+    found = fingerprint(tokenizer)
+    if not lineage:
+        return found
+    recorded = lineage.get(LINEAGE_KEY)
+    if recorded is not None:
+        check_same_template(found, recorded, child_name=f"{where} (its tokenizer)", parent_name=f"{where}/lineage.json")
+    for parent in lineage.get("parents") or []:
+        if parent.get(LINEAGE_KEY) is not None:
+            check_same_template(found, parent[LINEAGE_KEY], child_name=where, parent_name=str(parent.get("path")))
+    return found
 
 
 def folder_fingerprint(model_dir: Path) -> str:

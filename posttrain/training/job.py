@@ -133,7 +133,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     domains = list(params.data.domains)
     evaluation = ContinualEvaluation(
-        job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
+        job.tokenizer, load_validation_sets(layout, domains, section.eval_items, job.tokenizer), section.eval_every
     )
     preemption = Preemption()
     trainer = with_schedule(job.trainer_cls or SFTTrainer)(
