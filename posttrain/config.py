@@ -458,6 +458,21 @@ class PassAtKConfig(Strict):
         return self
 
 
+class LmEvalTaskConfig(Strict):
+    # A project-defined lm-evaluation-harness task built from this domain's test split.
+    domain: str
+    kind: Literal["generate", "perplexity"]
+    max_gen_toks: PositiveInt = 16
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness on each evaluated model folder (posttrain.scoring.lm_eval_tasks)."""
+
+    tasks: list[LmEvalTaskConfig]
+    max_items: PositiveInt = 100  # test items per task
+    batch_size: PositiveInt = 16
+
+
 class EvaluateConfig(Strict):
     # Stages whose models are evaluated, in pipeline order (forgetting is computed along it).
     models: list[str] = list(MODEL_STAGES)
@@ -470,6 +485,8 @@ class EvaluateConfig(Strict):
     bootstrap_samples: PositiveInt = 1000
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
     seed: int = 0
+    # Off unless set: lm-eval scores (with stderr) go into eval.json under `lm_eval`.
+    lm_eval: LmEvalConfig | None = None
 
 
 # --------------------------------------------------------------------------- tracking and promotion

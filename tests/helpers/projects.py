@@ -24,7 +24,7 @@ from posttrain.config import Params, parse_params
 from posttrain.data.domains import RECORD_COLUMNS
 from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.layout import Layout
-from posttrain.models import build
+from posttrain.models import build, chat_template
 from posttrain.training.outputs import write_model_output
 
 # What the training-stage tests change in configs/tiny.yaml: a shorter context, the same trainer for
@@ -198,9 +198,11 @@ def build_trained_input_project(params: Params, root: Path, model_stage: str) ->
         for d in params.data.domains
         for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
     ]
-    tokenizer = build.train_tokenizer(texts, params.model.tokenizer)
+    special = chat_template.special_tokens_of(params.model.chat_template or "")
+    tokenizer = build.train_tokenizer(texts, params.model.tokenizer, extra_special=special)
     torch.manual_seed(0)
     model = build.build_scratch_model(params.model.architecture, tokenizer)
+    build.install_template(model, tokenizer, params.model, root)
     write_model_output(
         model_stage, model, tokenizer, params=params, layout=layout, section=params.stage_section(model_stage),
         parents=[], data_manifest=None, metrics={},
