@@ -33,8 +33,10 @@ def _assistant(a: str) -> list[dict[str, str]]:
 def _rows(kind: str) -> list[dict[str, Any]]:
     rows = []
     for i in range(40):
-        a, b = 10 + i, 21 + 2 * i
-        q, good, bad = f"{a}+{b}=", str(a + b), str(a + b + 10)
+        # Products, not sums: the tiny recipe's built-in domains hold sums, and decontamination
+        # would (rightly) refuse a user item equal to one of theirs.
+        a, b = 10 + i, 3 + i % 7
+        q, good, bad = f"{a}*{b}=", str(a * b), str(a * b + 10)
         rows.append(
             {
                 "text": {"text": f"{q}{good}"},
