@@ -118,3 +118,32 @@ def test_a_different_template_is_refused_at_the_stage_boundary(tmp_path: Path) -
     (layout.model("dpo") / "lineage.json").write_text(json.dumps(record))
     with pytest.raises(StageError, match=r"chat template mismatch: .*models/dpo has fingerprint .* parent .*sft"):
         load_stage_model(layout.model("dpo"))
+
+
+def test_evaluate_writes_lm_eval_scores_beside_its_own(tmp_path: Path) -> None:
+    from stages import evaluate
+
+    raw = tiny_raw(model={"chat_template": "chatml"})
+    raw["data"]["domains"]["add"]["chat"] = True
+    raw["mixtures"]["dpo"]["weights"] = {"add3": 1.0}
+    raw["mixtures"]["sft"]["weights"] = {"sub": 1.0}
+    raw["evaluate"] = {
+        **raw["evaluate"],
+        "models": ["sft"],
+        "domains": ["add", "rev"],
+        "max_items": 6,
+        "lm_eval": {"tasks": [{"domain": "add", "kind": "generate"}, {"domain": "rev", "kind": "perplexity"}],
+                    "max_items": 4, "batch_size": 4},
+    }  # fmt: skip
+    params = parse_params(raw)
+    layout = build_trained_input_project(params, tmp_path, "sft")
+
+    evaluate.run(params, layout)
+
+    report = json.loads(layout.metrics("eval").read_text())
+    assert report["models"]["sft"]["domains"]["add"]["exact_match"]["n"] == 6  # the pipeline's own, chat-rendered
+    scores = report["lm_eval"]["sft"]
+    assert scores["add_generate"]["n"] == 4 and 0.0 <= scores["add_generate"]["exact_match"] <= 1.0
+    assert scores["add_generate"]["exact_match_stderr"] is not None
+    assert scores["rev_perplexity"]["word_perplexity"] > 1.0
+    assert scores["rev_perplexity"]["word_perplexity_stderr"] is None  # lm-eval gives none for corpus perplexity

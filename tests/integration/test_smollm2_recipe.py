@@ -64,6 +64,6 @@ def test_recipe_runs_end_to_end_on_smollm2(tmp_path: Path, smollm2: Path) -> Non
     assert len(fingerprints) == 1 and fingerprints == {chat_template.folder_fingerprint(layout.model("merge"))}
     report = json.loads(layout.metrics("eval").read_text())
     for stage in ("pretrain", "sft", "dpo", "grpo", "merge"):
-        scores = report["models"][stage]
+        scores = report["models"][stage]["domains"]
         assert scores["add"]["exact_match"]["n"] == 8
         assert scores["chat"]["perplexity"]["mean"] > 1.0  # the general-chat forgetting probe
