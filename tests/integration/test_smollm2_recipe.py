@@ -34,6 +34,8 @@ def smollm2() -> Path:
     return MODEL
 
 
+# A few minutes on 2 free cores; the suite's 900 s default is too short on a shared machine.
+@pytest.mark.timeout(2400)
 def test_recipe_runs_end_to_end_on_smollm2(tmp_path: Path, smollm2: Path) -> None:
     from stages import cpt, dpo, evaluate, grpo, merge, mix, prepare, pretrain, sft
 
