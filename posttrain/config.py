@@ -121,12 +121,24 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
+    # Chat template for conversational data (posttrain.chat_template): 'base' (the model's own),
+    # 'chatml' (built-in, with generation markers for assistant-only loss) or a Jinja file path.
+    # None: no template; prompts are plain text.
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_named(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty; expected 'base', 'chatml' or a path to a Jinja file")
+        return value
 
 
 # --------------------------------------------------------------------------- data
 
 
-RECORD_FIELDS_FROM_FILES = ("prompt", "answer", "text")
+# Record fields a source's `columns:` may map (TRL's standard formats, posttrain.data.formats).
+RECORD_FIELDS_FROM_FILES = ("prompt", "answer", "text", "completion", "messages", "chosen", "rejected")
 
 
 class _DomainBase(Strict):
@@ -142,19 +154,27 @@ class _DomainBase(Strict):
 
 
 def _check_columns(columns: dict[str, str]) -> dict[str, str]:
-    """A source maps record fields onto its columns: either `text`, or `prompt` and `answer`."""
+    """A source maps record fields onto its columns: the fields of one of TRL's standard formats."""
     unknown = sorted(set(columns) - set(RECORD_FIELDS_FROM_FILES))
     if unknown:
         raise ValueError(f"unknown record field(s) {unknown}; expected keys among {list(RECORD_FIELDS_FROM_FILES)}")
-    if "text" in columns and ({"prompt", "answer"} & set(columns)):
-        raise ValueError("maps both text and prompt/answer; expected either text (text-only) or prompt+answer")
+    if "text" in columns and (set(columns) - {"text"}):
+        raise ValueError(
+            f"maps text and {sorted(set(columns) - {'text'})}; expected either text (language modelling) "
+            "or the fields of another format"
+        )
     empty = sorted(field for field, column in columns.items() if not column.strip())
     if empty:
         raise ValueError(f"empty column name for field(s) {empty}; expected a column of the file")
     return columns
 
 
-class _ArithmeticDomain(_DomainBase):
+class _SyntheticDomain(_DomainBase):
+    # Render each item as a conversation (user: prompt, assistant: answer) for chat models.
+    chat: bool = False
+
+
+class _ArithmeticDomain(_SyntheticDomain):
     digits: Annotated[int, Field(ge=1, le=12)] = 2
     # Difficulty buckets: operands of digits..max_digits digits, equal shares per digit count
     # (the GRPO curriculum's arms). null: `digits` only.
@@ -176,7 +196,7 @@ class SubtractionDomain(_ArithmeticDomain):
     kind: Literal["subtraction"]
 
 
-class ReverseDomain(_DomainBase):
+class ReverseDomain(_SyntheticDomain):
     kind: Literal["reverse"]
     min_length: Annotated[int, Field(ge=1, le=32)] = 3
     max_length: Annotated[int, Field(ge=1, le=32)] = 6
@@ -298,7 +318,7 @@ class MixtureConfig(Strict):
     # Temperature sampling: weights are raised to 1/temperature and renormalised.
     temperature: Annotated[float, Field(gt=0.0)] = 1.0
     # Which record shape the stage trains on.
-    format: Literal["text", "prompt_completion", "preference", "prompt_answer"] = "text"
+    format: Literal["text", "prompt_completion", "preference", "prompt_answer", "conversational"] = "text"
     replay: ReplayConfig | None = None
     # Sampling seed (combined with the stage name). Lives here, not in data, so that the `mix`
     # stage depends only on the `mixtures` params that dvc.yaml declares for it.
@@ -579,6 +599,21 @@ class PassAtKConfig(Strict):
         return self
 
 
+class LmEvalTaskConfig(Strict):
+    # A project-defined lm-evaluation-harness task built from this domain's test split.
+    domain: str
+    kind: Literal["generate", "perplexity"]
+    max_gen_toks: PositiveInt = 16
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness on each evaluated model folder (posttrain.scoring.lm_eval_tasks)."""
+
+    tasks: list[LmEvalTaskConfig]
+    max_items: PositiveInt = 100  # test items per task
+    batch_size: PositiveInt = 16
+
+
 class EvaluateConfig(Strict):
     # Stages whose models are evaluated, in pipeline order (forgetting is computed along it).
     models: list[str] = list(MODEL_STAGES)
@@ -591,6 +626,8 @@ class EvaluateConfig(Strict):
     bootstrap_samples: PositiveInt = 1000
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
     seed: Seed = 0
+    # Off unless set: lm-eval scores (with stderr) go into eval.json under `lm_eval`.
+    lm_eval: LmEvalConfig | None = None
 
 
 # --------------------------------------------------------------------------- tracking and promotion

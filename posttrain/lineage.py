@@ -129,6 +129,8 @@ def parent_entry(model_dir: Path, root: Path, weight: float | None = None) -> di
         "path": shown,
         "content_hash": lineage.get("content_hash") or content_hash(file_hashes(model_dir)),
         "weight": weight,
+        # Checked by every later stage (posttrain.models.chat_template.check_against_lineage).
+        "chat_template_fingerprint": lineage.get("chat_template_fingerprint"),
     }
 
 

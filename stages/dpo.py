@@ -20,7 +20,15 @@ from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.stage import StageResult
 from posttrain.training import measures, preferences
-from posttrain.training.data import check_lengths, first_validation_items, mixture_manifest, read_mixture
+from posttrain.training.data import (
+    chat_mixture_row,
+    chat_validation_items,
+    check_lengths,
+    first_validation_items,
+    is_conversational_mixture,
+    mixture_manifest,
+    read_mixture,
+)
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "dpo"
@@ -45,14 +53,17 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 2. Preference pairs: the mixture's offline pairs, or on-policy pairs from the sft model's samples.
     rows = read_mixture(layout, STAGE, preferences.PAIR_COLUMNS).to_list()
+    where = str(layout.mixture(STAGE) / "train.parquet")
+    if is_conversational_mixture(layout, STAGE):  # the user's (or generated) chat pairs, through the template
+        rows = [chat_mixture_row(tokenizer, row, where) for row in rows]
     rows, pair_metrics = preferences.training_pairs(section, model, tokenizer, rows, params.seed)
     texts = [r["prompt"] + r[side] for side in ("chosen", "rejected") for r in rows]
-    where = str(layout.mixture(STAGE) / "train.parquet")
     check_lengths(texts, [r["id"] for r in rows] * 2, tokenizer, section.max_length, section.on_too_long, where)
     train_dataset = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
     # 3. Held-out offline pairs (never trained on): the input model's margins now, the trained model's after.
-    held_out = preferences.offline_pairs(first_validation_items(layout, domains, section.eval_items), params.seed)
+    items = first_validation_items(layout, domains, section.eval_items)
+    held_out = preferences.offline_pairs(chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed)
     margins = measures.dpo_hook(model, tokenizer, held_out, section.beta, domains)
 
     # 4. DPO through the shared trainer set-up (checkpoints, resume, guards, atomic save, lineage).

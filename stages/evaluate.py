@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from pathlib import Path
 from typing import Any
 
-from posttrain.config import TRAINING_STAGES, Params
+from posttrain.config import TRAINING_STAGES, LmEvalConfig, Params
 from posttrain.data.verifiers import VERIFIERS
-from posttrain.errors import DataError, StageError
+from posttrain.errors import DataError, ParamsError, StageError
 from posttrain.io import write_json_atomic
 from posttrain.layout import Layout
 from posttrain.models.build import check_same_tokenizer, tokenizer_signature
 from posttrain.models.loading import load_stage_model
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.scoring import lm_eval_tasks
 from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
+from posttrain.scoring.generation import chat_record
+from posttrain.scoring.lm_eval_tasks import TaskSpec
 from posttrain.scoring.plots import plot_forgetting, plot_scores, plot_stability_gap
 from posttrain.stage import StageResult
 
@@ -64,8 +69,33 @@ def continual_series(layout: Layout, stages: list[str]) -> dict[str, list[dict[s
     return series
 
 
+def run_lm_eval(
+    cfg: LmEvalConfig, model_dir: Path, tests: dict[str, Any], layout: Layout, stage: str, params: Params
+) -> dict[str, dict[str, float | None]]:
+    """lm-evaluation-harness on one model folder: project tasks from the test splits, scores + stderr."""
+    specs = []
+    for task in cfg.tasks:
+        if task.domain not in tests:
+            raise ParamsError(
+                f"evaluate.lm_eval.tasks: domain {task.domain!r} is not evaluated; expected one of {sorted(tests)}"
+            )
+        records = tests[task.domain].fillna("").head(cfg.max_items).to_dict("records")
+        specs.append(TaskSpec(f"{task.domain}_{task.kind}", task.kind, records, task.max_gen_toks))
+    scores = lm_eval_tasks.run(
+        model_dir,
+        specs,
+        layout.artifacts / "lm_eval" / stage,
+        chat=params.model.chat_template is not None,
+        batch_size=cfg.batch_size,
+        seed=params.seed,
+    )
+    # lm-eval has no stderr for corpus-level perplexities (NaN): null in JSON.
+    return {t: {k: (None if math.isnan(v) else v) for k, v in m.items()} for t, m in scores.items()}
+
+
 def run(params: Params, layout: Layout) -> StageResult:
-    # lazy: torch takes seconds to import; only model code paths need it
+    # lazy: torch, pandas take seconds to import; only model code paths need them
+    import pandas as pd
     import torch
 
     cfg = params.evaluate
@@ -85,6 +115,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     per_item: dict[str, dict[str, Any]] = {}
     info: dict[str, dict[str, Any]] = {}
     reference: tuple[str, dict[str, Any]] | None = None  # (folder, tokenizer signature) of the first model
+    lm_eval_scores: dict[str, dict[str, Any]] = {}
     for stage in cfg.models:
         model_dir = layout.model(stage)
         if not model_dir.is_dir():
@@ -106,6 +137,8 @@ def run(params: Params, layout: Layout) -> StageResult:
         answerer = ModelAnswerer(model, loaded.tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         results[stage], per_item[stage] = {}, {}
         for domain, frame in tests.items():
+            # Conversational items are scored through the model's chat template (the one the pipeline checked).
+            frame = pd.DataFrame([chat_record(loaded.tokenizer, r) for r in frame.fillna("").to_dict("records")])
             entry, vectors = evaluate_domain(answerer, frame, VERIFIERS, settings)
             results[stage][domain], per_item[stage][domain] = entry, vectors
             em = entry["exact_match"]
@@ -117,6 +150,8 @@ def run(params: Params, layout: Layout) -> StageResult:
                 f"{entry['loss']['mean']:.3f}" if entry["loss"] and entry["loss"]["mean"] is not None else "n/a",
                 entry["seconds"]["total"],
             )
+        if cfg.lm_eval is not None:
+            lm_eval_scores[stage] = run_lm_eval(cfg.lm_eval, model_dir, tests, layout, stage, params)
         lineage = loaded.lineage or {}
         info[stage] = {
             "path": model_dir.relative_to(layout.root).as_posix(),
@@ -130,6 +165,8 @@ def run(params: Params, layout: Layout) -> StageResult:
     report = build_report(
         results, per_item, cfg.models, domains, settings, models_info=info, config=cfg.model_dump(mode="json")
     )
+    if cfg.lm_eval is not None:
+        report["lm_eval"] = lm_eval_scores
     write_json_atomic(layout.metrics("eval"), report)
     artifacts = [layout.metrics("eval")]
     artifacts += plot_scores(report, layout.plots)

@@ -22,10 +22,18 @@ from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring import rewards
+from posttrain.scoring.generation import chat_record
 from posttrain.stage import StageResult
 from posttrain.training import measures
 from posttrain.training.curriculum import UCBCurriculum, arm_of, curriculum_hook, curriculum_trainer
-from posttrain.training.data import check_lengths, first_validation_items, mixture_manifest, read_mixture
+from posttrain.training.data import (
+    chat_mixture_row,
+    check_lengths,
+    first_validation_items,
+    is_conversational_mixture,
+    mixture_manifest,
+    read_mixture,
+)
 from posttrain.training.hybrid import hybrid_hook, hybrid_trainer
 from posttrain.training.job import TrainingJob, run_training
 
@@ -35,6 +43,7 @@ COLUMNS = ("id", "domain", "prompt", "answer", "verifier")
 
 
 def run(params: Params, layout: Layout) -> StageResult:
+    import datasets  # lazy: heavy, and importing a stage module must stay cheap (DVC deps test, docs)
     from trl import GRPOConfig, GRPOTrainer  # lazy: trl alone costs ~8 s to import
 
     section = params.grpo
@@ -50,12 +59,14 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 2. Prompts with their gold `answer` (TRL hands every column but `prompt` to the reward functions).
     data = read_mixture(layout, STAGE, COLUMNS)
-    texts = [p + a for p, a in zip(data["prompt"], data["answer"], strict=True)]
     where = str(layout.mixture(STAGE) / "train.parquet")
+    if is_conversational_mixture(layout, STAGE):  # prompt turns through the chat template
+        data = datasets.Dataset.from_list([chat_mixture_row(tokenizer, row, where) for row in data.to_list()])
+    texts = [p + a for p, a in zip(data["prompt"], data["answer"], strict=True)]
     check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
 
     # 3. Rewards on held-out prompts: the input model's now, the trained model's after training.
-    held_out = first_validation_items(layout, domains, section.eval_items)
+    held_out = [chat_record(tokenizer, r) for r in first_validation_items(layout, domains, section.eval_items)]
     scores = measures.grpo_hook(model, tokenizer, section, held_out, params.seed, layout, STAGE)
 
     # 4. Optional: a curriculum picks each batch's prompts (posttrain.training.curriculum); the hybrid

@@ -15,6 +15,7 @@ from posttrain.config import Params, params_hash
 from posttrain.io import atomic_output_dir, write_json_atomic
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, verify_model_folder, write_lineage
+from posttrain.models import chat_template
 from posttrain.models.adamerging import adamerge
 from posttrain.models.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
 from posttrain.pipeline.entry import stage_main
@@ -79,6 +80,14 @@ def run(params: Params, layout: Layout) -> StageResult:
         check_same_line([*inputs, *([base_dir] if base_dir else [])], root)
         files_from = inputs[0]
 
+    # One chat template across the merged models (and the files_from folder whose tokenizer is copied).
+    template = chat_template.folder_fingerprint(files_from)
+    for folder in {*inputs, *([base_dir] if base_dir else [])} - {files_from}:
+        if (folder / "tokenizer_config.json").is_file():
+            chat_template.check_same_template(
+                chat_template.folder_fingerprint(folder), template, child_name=str(folder), parent_name=str(files_from)
+            )
+
     final = layout.model("merge")
     with atomic_output_dir(final) as tmp:
         if cfg.method == "adamerging":
@@ -107,7 +116,7 @@ def run(params: Params, layout: Layout) -> StageResult:
             params=cfg.model_dump(mode="json"),
             params_hash=params_hash(cfg),
             seed=cfg.seed,
-            extra={"merge": _lineage_record(stats)},
+            extra={"merge": _lineage_record(stats), chat_template.LINEAGE_KEY: template},
         )
     if cfg.method == "checkpoint_average":
         names = [f"{cfg.models[0]}/{folder.name}" for folder in inputs]

@@ -24,7 +24,7 @@ from posttrain.errors import DataError, ParamsError
 from posttrain.io import sha256_file
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
-from posttrain.models import build
+from posttrain.models import build, chat_template
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import Runtime, setup_runtime
 from posttrain.stage import StageResult
@@ -76,8 +76,10 @@ def run(params: Params, layout: Layout) -> StageResult:
         prepared_texts(layout, domains),
         params.model.tokenizer,
         max_length=params.model.architecture.max_position_embeddings,
+        extra_special=chat_template.special_tokens_of(params.model.chat_template or ""),
     )
     model = build.build_scratch_model(params.model.architecture, tokenizer)
+    build.install_template(model, tokenizer, params.model, layout.root)
     log.info("scratch model: %d parameters, vocabulary %d", build.count_parameters(model), len(tokenizer))
 
     # 2. Train on the pretrain mixture as plain language modelling.
@@ -101,8 +103,8 @@ def run(params: Params, layout: Layout) -> StageResult:
 
 def use_given_base(params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """No training: re-save the configured base so every later stage reads one verified folder."""
-    loaded = build.load_base(params.model)
-    sets = load_validation_sets(layout, params.pretrain_domains(), params.pretrain.eval_items)
+    loaded = build.load_base(params.model, layout.root)
+    sets = load_validation_sets(layout, params.pretrain_domains(), params.pretrain.eval_items, loaded.tokenizer)
     scores = evaluate_domains(loaded.model, loaded.tokenizer, sets)
     parents = [parent_entry(loaded.path, layout.root)] if loaded.path else []
     log.info("model.base is %r: no pretraining, the base is written out as the pretrain model", params.model.base)

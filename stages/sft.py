@@ -6,7 +6,9 @@ mixture (`mixtures.sft@<name>`), written to artifacts/models/sft@<name>/.
 
 TRL's SFTTrainer on a prompt-completion dataset: the loss covers only the completion tokens
 (`completion_only_loss=True`; the prompt's labels are -100) and TRL appends the tokenizer's EOS to
-every completion, so the model learns to stop after the answer.
+every completion, so the model learns to stop after the answer. On a conversational mixture TRL
+applies the pipeline's chat template and the loss covers the assistant turns and their end-of-turn
+token only (`assistant_only_loss=True`).
 
     reads   artifacts/models/cpt/, artifacts/data/mixtures/sft/, artifacts/data/prepared/*/val
     writes  artifacts/models/sft/ (+ lineage.json), artifacts/metrics/sft.json,
@@ -21,7 +23,7 @@ from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.stage import StageResult
-from posttrain.training.data import load_prompt_completion_mixture, mixture_manifest
+from posttrain.training.data import load_sft_mixture, mixture_manifest
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "sft"
@@ -37,17 +39,19 @@ def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
     # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.models.lora).
     loaded = loading.load_for_training(layout, stage, parent, params, runtime)
 
-    # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only.
+    # 2. Prompt/completion fine-tuning, loss on the completion (the answer + EOS) only; on
+    # conversations, TRL applies the chat template and the loss covers the assistant turns only.
+    train_dataset, loss_fields = load_sft_mixture(layout, stage, loaded.tokenizer, section)
     job = TrainingJob(
         stage=stage,
         section=section,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
-        train_dataset=load_prompt_completion_mixture(layout, stage, loaded.tokenizer, section),
+        train_dataset=train_dataset,
         data_manifest=mixture_manifest(layout, stage),
         parents=[parent],
         adapter=loaded.adapter,
-        config_fields={"completion_only_loss": True},
+        config_fields=loss_fields,
     )
     return run_training(job, params, layout, runtime)
 

@@ -19,6 +19,8 @@ import string
 import sys
 from typing import TYPE_CHECKING
 
+from posttrain.data.formats import CONVERSATION_COLUMNS, chat_fields, render_plain
+
 if TYPE_CHECKING:  # annotations only: config's domain classes
     from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
 
@@ -26,36 +28,72 @@ if TYPE_CHECKING:  # annotations only: config's domain classes
 
 log = logging.getLogger("posttrain.data")
 
-RECORD_COLUMNS = ("id", "domain", "prompt", "answer", "text", "verifier")
+RECORD_COLUMNS = ("id", "domain", "prompt", "answer", "text", "verifier", *CONVERSATION_COLUMNS)
 Record = dict[str, str]
 
 # --------------------------------------------------------------------------- records
 
 
-def record_id(domain: str, prompt: str, answer: str, text: str) -> str:
-    """sha256 of the item's content, first 16 hex chars (JSON-encoded so field borders are unambiguous)."""
-    content = json.dumps([domain, prompt, answer, text], ensure_ascii=False)
+def record_id(domain: str, prompt: str, answer: str, text: str, **conversation: str) -> str:
+    """sha256 of the item's content, first 16 hex chars (JSON-encoded so field borders are unambiguous).
+
+    Conversation fields (canonical JSON strings) join the hashed content only when set, so items
+    without them keep the ids, and so the splits, they had before those fields existed.
+    """
+    extra = [conversation.get(name, "") for name in CONVERSATION_COLUMNS]
+    fields = [domain, prompt, answer, text] + (extra if any(extra) else [])
+    content = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
 def make_record(
-    domain: str, *, prompt: str = "", answer: str = "", text: str | None = None, verifier: str = ""
+    domain: str,
+    *,
+    prompt: str = "",
+    answer: str = "",
+    text: str | None = None,
+    verifier: str = "",
+    messages: str = "",
+    completion: str = "",
+    chosen: str = "",
+    rejected: str = "",
 ) -> Record:
-    """A record in the schema of docs/design.md. Verifiable items get text = prompt + answer."""
+    """A record in the schema of docs/design.md. Verifiable items get text = prompt + answer.
+
+    `messages`, `completion`, `chosen`, `rejected` follow posttrain.data.formats (canonical JSON
+    for conversational items, plain strings for standard prompt-completion and preference items).
+    """
     if text is None:
         text = prompt + answer
+    conversation = {"messages": messages, "completion": completion, "chosen": chosen, "rejected": rejected}
     return {
-        "id": record_id(domain, prompt, answer, text),
+        "id": record_id(domain, prompt, answer, text, **conversation),
         "domain": domain,
         "prompt": prompt,
         "answer": answer,
         "text": text,
         "verifier": verifier,
+        **conversation,
     }
 
 
+def chat_record(record: Record) -> Record:
+    """The conversational rendering of a prompt/answer record (the `chat: true` option of a domain)."""
+    fields = chat_fields(record["prompt"], record["answer"])
+    text = render_plain([*json.loads(fields["messages"]), *json.loads(fields["completion"])])
+    return make_record(
+        record["domain"],
+        prompt=record["prompt"],
+        answer=record["answer"],
+        text=text,
+        verifier=record["verifier"],
+        **fields,
+    )
+
+
 def is_verifiable(record: Record) -> bool:
-    return bool(record["prompt"]) and bool(record["answer"])
+    """A prompt (plain, or conversational prompt turns) with a gold answer."""
+    return bool(record["prompt"] or record.get("messages")) and bool(record["answer"])
 
 
 # --------------------------------------------------------------------------- generators
@@ -255,7 +293,8 @@ def generate(name: str, config: SyntheticDomain, seed: int, verifier: str | None
     records = []
     for index in indices:
         prompt, answer = generator.item(index)
-        records.append(make_record(name, prompt=prompt, answer=answer, verifier=verifier))
+        record = make_record(name, prompt=prompt, answer=answer, verifier=verifier)
+        records.append(chat_record(record) if config.chat else record)
     return records
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from posttrain.config import TRAINING_STAGES, MixtureConfig
 from posttrain.data.domains import Record, is_verifiable, wrong_answer
+from posttrain.data.formats import canonical_json, full_conversation, is_conversational
 from posttrain.errors import DataError
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -26,6 +27,8 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("id", "domain", "prompt", "completion"),
     "preference": ("id", "domain", "prompt", "chosen", "rejected", "answer", "verifier"),
     "prompt_answer": ("id", "domain", "prompt", "answer", "verifier"),
+    # TRL's conversational SFT format: `messages` holds the canonical JSON of the whole conversation.
+    "conversational": ("id", "domain", "messages"),
 }
 
 
@@ -87,28 +90,77 @@ class Mixture:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+_NEEDS = {
+    "prompt_completion": "items with prompt and answer (or completion)",
+    "preference": "items with prompt and answer (or chosen/rejected pairs)",
+    "prompt_answer": "items with prompt and answer",
+    "conversational": "conversational items (messages; `chat: true` on a built-in domain)",
+}
+
+
+def _usable(fmt: str, record: Record) -> bool:
+    """Whether a record can be a row of format `fmt` (text works for every record)."""
+    has_prompt = bool(record["prompt"] or record["messages"])
+    if fmt == "prompt_completion":
+        return has_prompt and bool(record["answer"] or record["completion"])
+    if fmt == "preference":
+        return bool(record["chosen"]) or is_verifiable(record)
+    if fmt == "conversational":
+        return is_conversational(record)
+    return fmt == "text" or is_verifiable(record)
+
+
+def _check_rows(stage: str, fmt: str, records: list[Record]) -> bool:
+    """Refuse records that cannot make `fmt` rows; returns whether the rows are conversational."""
+    bad = Counter(r["domain"] for r in records if not _usable(fmt, r))
+    if bad:
+        raise DataError(
+            f"mixtures.{stage}: format '{fmt}' needs {_NEEDS[fmt]}, but domain(s) {sorted(bad)} hold items "
+            "without them; expected format 'text' or domains whose items fit the format"
+        )
+    if fmt == "text":
+        return False
+    kinds = {is_conversational(r) for r in records}
+    if len(kinds) > 1:
+        chat = sorted({r["domain"] for r in records if is_conversational(r)})
+        plain = sorted({r["domain"] for r in records if not is_conversational(r)})
+        raise DataError(
+            f"mixtures.{stage}: mixes conversational domain(s) {chat} with plain domain(s) {plain}; "
+            "expected one kind per mixture (set `chat: true` on the built-in domains)"
+        )
+    return kinds == {True}
+
+
 def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random) -> list[dict[str, str]]:
-    if fmt != "text":
-        bad = Counter(r["domain"] for r in records if not is_verifiable(r))
-        if bad:
-            raise DataError(
-                f"mixtures.{stage}: format '{fmt}' needs items with prompt and answer, but domain(s) "
-                f"{sorted(bad)} hold text-only items; expected format 'text' or verifiable domains only"
-            )
+    """Rows of `fmt`. Conversational records give canonical JSON message lists in the prompt and
+    answer columns (posttrain.data.formats.decode_messages turns them back into TRL's lists)."""
+    chat = _check_rows(stage, fmt, records)
+
+    def turn(text: str) -> str:
+        return canonical_json([{"content": text, "role": "assistant"}]) if chat else text
+
     rows = []
     for r in records:
+        prompt = r["messages"] if chat else r["prompt"]
         if fmt == "text":
             rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"]})
+        elif fmt == "conversational":
+            rows.append({"id": r["id"], "domain": r["domain"], "messages": canonical_json(full_conversation(r))})
         elif fmt == "prompt_completion":
-            rows.append({"id": r["id"], "domain": r["domain"], "prompt": r["prompt"], "completion": r["answer"]})
+            completion = r["completion"] or turn(r["answer"])
+            rows.append({"id": r["id"], "domain": r["domain"], "prompt": prompt, "completion": completion})
         elif fmt == "preference":
+            # The user's own pairs when the source has them; else a generated wrong answer.
+            chosen, rejected = (
+                (r["chosen"], r["rejected"]) if r["chosen"] else (turn(r["answer"]), turn(wrong_answer(r, rng)))
+            )
             rows.append(
                 {
                     "id": r["id"],
                     "domain": r["domain"],
-                    "prompt": r["prompt"],
-                    "chosen": r["answer"],
-                    "rejected": wrong_answer(r, rng),
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
                     "answer": r["answer"],
                     "verifier": r["verifier"],
                 }
@@ -118,7 +170,7 @@ def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random
                 {
                     "id": r["id"],
                     "domain": r["domain"],
-                    "prompt": r["prompt"],
+                    "prompt": prompt,
                     "answer": r["answer"],
                     "verifier": r["verifier"],
                 }
@@ -179,6 +231,10 @@ def build_mixture(
         "stage": stage,
         "format": config.format,
         "columns": list(FORMAT_COLUMNS[config.format]),
+        # Conversational rows hold canonical JSON message lists (posttrain.data.formats).
+        "conversational": config.format == "conversational" or any(is_conversational(r) for r in records)
+        if config.format != "text"
+        else False,
         "seed": config.seed,
         "total": len(rows),
         "weights": dict(config.weights),

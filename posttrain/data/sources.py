@@ -1,8 +1,9 @@
 """User data sources: local files (JSONL, CSV, Parquet) and `datasets` hub ids.
 
-A source yields either text-only records (`text`) or verifiable records (`prompt` + `answer`).
-`columns` maps record fields onto the source's columns; unmapped fields use their own name. When
-nothing is mapped the mode follows the columns present: prompt+answer if both exist, else text.
+A source gives one of TRL's standard formats (posttrain.data.formats): text, prompt+answer,
+prompt+completion, conversational messages, or preference pairs, standard or conversational.
+`columns` maps record fields onto the source's columns; unmapped fields use their own name. The
+format is the first of formats.SOURCE_MODES whose fields are all present.
 
 Every bad row is a DataError naming the file, the line or row and the field, unless the domain
 sets `skip_bad_rows: true`: then bad rows are dropped, counted and logged. Problems with the
@@ -23,6 +24,7 @@ from typing import Any
 
 from posttrain.config import FileDomain, HubDomain
 from posttrain.data.domains import Record, make_record
+from posttrain.data.formats import BadRow, BadSource, parse_row, resolve_mode
 from posttrain.errors import DataError
 
 log = logging.getLogger("posttrain.data")
@@ -59,46 +61,36 @@ class SourceReport:
         }
 
 
-class _BadRow(Exception):
-    """One row that cannot be used: skippable when skip_bad_rows is on."""
+_BadRow = BadRow
 
 
-def _resolve_mode(columns: dict[str, str], available: Iterable[str] | None, where: str) -> dict[str, str]:
-    """Record field -> source column for the source's mode (text-only or verifiable)."""
-    if "text" in columns:
-        return {"text": columns["text"]}
-    if "prompt" in columns or "answer" in columns:
-        return {"prompt": columns.get("prompt", "prompt"), "answer": columns.get("answer", "answer")}
-    present = set(available or ())
-    if {"prompt", "answer"} <= present:
-        return {"prompt": "prompt", "answer": "answer"}
-    if "text" in present:
-        return {"text": "text"}
-    raise DataError(
-        f"{where}: found neither 'prompt'+'answer' nor 'text' columns (columns: {sorted(present)}); "
-        "expected one of them, or set `columns:` to map record fields onto your columns"
-    )
+def _resolve_mode(columns: dict[str, str], available: Iterable[str] | None, where: str) -> tuple[str, dict[str, str]]:
+    """(format, record field -> source column); a source without a known format is a DataError."""
+    try:
+        return resolve_mode(columns, list(available or ()), where)
+    except BadSource as error:
+        raise DataError(str(error)) from None
 
 
-def _value(row: dict[str, Any], field_name: str, column: str, where: str) -> str:
+def _value(row: dict[str, Any], field_name: str, column: str, where: str) -> Any:
+    """The row's value for a field: missing and null are bad rows; types are checked by parse_row."""
     if column not in row:
         raise _BadRow(f"{where}: field '{field_name}' (column '{column}') is missing")
     value = row[column]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise _BadRow(f"{where}: field '{field_name}' (column '{column}') is empty (null)")
-    if not isinstance(value, str):
-        raise _BadRow(
-            f"{where}: field '{field_name}' (column '{column}') is {type(value).__name__} {value!r}, "
-            "expected a string (quote it in the file)"
-        )
-    if not value.strip():
-        raise _BadRow(f"{where}: field '{field_name}' (column '{column}') is an empty string")
-    return value
+    if isinstance(value, (str, list)):
+        return value
+    raise _BadRow(
+        f"{where}: field '{field_name}' (column '{column}') is {type(value).__name__} {value!r}, "
+        "expected a string (quote it in the file) or a list of messages"
+    )
 
 
 def _collect(
     domain: str,
     rows: Iterator[tuple[str, dict[str, Any] | _BadRow]],
+    mode: str,
     mapping: dict[str, str],
     verifier: str,
     skip_bad_rows: bool,
@@ -115,6 +107,7 @@ def _collect(
             if not isinstance(row, dict):
                 raise _BadRow(f"{where}: expected an object with fields, got {type(row).__name__}")
             values = {f: _value(row, f, c, where) for f, c in mapping.items()}
+            fields = parse_row(values, mode, where, mapping)
         except _BadRow as bad:
             if not skip_bad_rows:
                 raise DataError(str(bad)) from None
@@ -122,10 +115,8 @@ def _collect(
             if len(report.problems) < 5:
                 report.problems.append(str(bad))
             continue
-        if "text" in values:
-            record = make_record(domain, text=values["text"])
-        else:
-            record = make_record(domain, prompt=values["prompt"], answer=values["answer"], verifier=verifier)
+        # Only items with a gold answer are checked by a verifier.
+        record = make_record(domain, **fields, verifier=verifier if fields.get("answer") else "")
         if record["id"] in seen:
             report.duplicates += 1
             continue
@@ -230,12 +221,15 @@ def load_file(domain: str, config: FileDomain, root: Path, verifier: str) -> tup
                 f"(convert it with: jq -c '.[]' {path.name} > {path.stem}.jsonl)"
             )
         parsed = list(_jsonl_rows(path, data))
-        mapping = _resolve_mode(config.columns, _jsonl_keys(parsed), str(path))
+        _require_rows(path, parsed)
+        mode, mapping = _resolve_mode(config.columns, _jsonl_keys(parsed), str(path))
         rows: Iterator[tuple[str, Any]] = iter(parsed)
     elif fmt == "csv":
         reader = csv.DictReader(io.StringIO(_csv_text(path, path.read_bytes()), newline=""))
         header = reader.fieldnames or []
-        mapping = _resolve_mode(config.columns, header, str(path))
+        if not header:
+            raise DataError(f"{path}: the file is empty; expected a header line and rows")
+        mode, mapping = _resolve_mode(config.columns, header, str(path))
         _require_columns(path, mapping, header)
 
         def csv_rows() -> Iterator[tuple[str, Any]]:
@@ -252,13 +246,23 @@ def load_file(domain: str, config: FileDomain, root: Path, verifier: str) -> tup
             table = pq.read_table(path)
         except Exception as error:  # pyarrow raises several types for corrupt files
             raise DataError(f"{path}: not a readable parquet file ({error})") from None
-        mapping = _resolve_mode(config.columns, table.column_names, str(path))
+        if table.num_rows == 0:
+            raise DataError(f"{path}: the file has no rows (columns {table.column_names}); expected at least one item")
+        mode, mapping = _resolve_mode(config.columns, table.column_names, str(path))
         _require_columns(path, mapping, table.column_names)
         table = table.select(list(dict.fromkeys(mapping.values())))
         rows = ((f"{path}: row {i}", row) for i, row in enumerate(table.to_pylist(), start=1))
-    report.mode = "text" if "text" in mapping else "prompt_answer"
-    records = _collect(domain, rows, mapping, verifier, config.skip_bad_rows, report)
+    report.mode = mode
+    records = _collect(domain, rows, mode, mapping, verifier, config.skip_bad_rows, report)
     return records, report
+
+
+def _require_rows(path: Path, parsed: list[tuple[str, Any]]) -> None:
+    """An empty file, or one whose every line is unreadable, says so (not 'no known columns')."""
+    if not parsed:
+        raise DataError(f"{path}: the file is empty; expected one JSON object per line")
+    if all(isinstance(row, _BadRow) for _, row in parsed):
+        raise DataError(f"no readable line: {parsed[0][1]}")
 
 
 def _require_columns(path: Path | str, mapping: dict[str, str], available: list[str]) -> None:
@@ -292,9 +296,9 @@ def load_hub(domain: str, config: HubDomain, verifier: str) -> tuple[list[Record
         ) from None
     if config.max_items is not None and len(dataset) > config.max_items:
         dataset = dataset.select(range(config.max_items))
-    mapping = _resolve_mode(config.columns, dataset.column_names, label)
+    mode, mapping = _resolve_mode(config.columns, dataset.column_names, label)
     _require_columns(label, mapping, dataset.column_names)
     rows = ((f"{label}: row {i}", row) for i, row in enumerate(dataset, start=1))
-    report.mode = "text" if "text" in mapping else "prompt_answer"
-    records = _collect(domain, rows, mapping, verifier, config.skip_bad_rows, report)
+    report.mode = mode
+    records = _collect(domain, rows, mode, mapping, verifier, config.skip_bad_rows, report)
     return records, report

@@ -35,7 +35,27 @@ def verify_numeric(completion: str, answer: str) -> bool:
         return False
 
 
+def verify_math(completion: str, answer: str) -> bool:
+    """math-verify's judgement: the completion's answer (LaTeX, `\\boxed{}`, or a plain expression)
+    is mathematically equal to the gold answer, so `0.5`, `1/2` and `\\frac{2}{4}` all match `1/2`.
+
+    The whole completion is parsed, unlike `exact`/`numeric`: free-form answers carry prose around
+    the value. math-verify's timeouts use SIGALRM, which exists only in the main thread; elsewhere
+    (e.g. a reward function called from a worker thread) they are off.
+    """
+    import threading  # lazy: stdlib, only the math verifier needs it
+
+    from math_verify import parse, verify  # lazy: heavy optional library (sympy), first use only
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(answer, parsing_timeout=timeout)
+    if not gold:
+        raise ValueError(f"math verifier: gold answer {answer!r} is not a parsable math expression")
+    return bool(verify(gold, parse(completion, parsing_timeout=timeout), timeout_seconds=timeout))
+
+
 VERIFIERS: dict[str, Callable[[str, str], bool]] = {
     "exact": exact_match,
     "numeric": verify_numeric,
+    "math": verify_math,
 }

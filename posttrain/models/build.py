@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.config import ArchitectureConfig, ModelConfig, TokenizerConfig
 from posttrain.errors import StageError
 from posttrain.lineage import verify_model_folder
+from posttrain.models import chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,8 +52,12 @@ class LoadedModel:
 # --------------------------------------------------------------------------- from scratch
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_length: int = 512) -> PreTrainedTokenizerBase:
+def train_tokenizer(
+    texts: Iterable[str], cfg: TokenizerConfig, max_length: int = 512, extra_special: Iterable[str] = ()
+) -> PreTrainedTokenizerBase:
     """Train a BPE tokenizer on `texts`: every digit its own token, punctuation isolated.
+
+    `extra_special`: further special tokens trained in (a chat template's, `chat_template.special_tokens_of`).
 
     Isolating punctuation keeps merges from crossing `=` or `:`, so a prompt such as `12+34=`
     tokenizes to a prefix of `12+34=46`: the prompt/completion boundary is a token boundary.
@@ -73,7 +78,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, max_length: int 
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special],
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -123,8 +128,24 @@ def build_scratch_model(cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerB
 # --------------------------------------------------------------------------- pretrained bases
 
 
-def load_base(cfg: ModelConfig) -> LoadedModel:
-    """`from_pretrained` of `cfg.base` (hub id or local folder); safetensors only.
+def install_template(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, root: Path
+) -> str | None:
+    """Put `model.chat_template` on the tokenizer (resizing the embeddings for tokens it adds) and
+    keep the model's EOS/PAD in step; returns the template fingerprint (None: no template chosen)."""
+    if cfg.chat_template is None:
+        return None
+    added = chat_template.install(tokenizer, cfg.chat_template, root)
+    if added:
+        model.resize_token_embeddings(len(tokenizer))
+        log.info("chat template %r: %d special token(s) added, embeddings resized", cfg.chat_template, added)
+    _set_generation_ids(model, tokenizer)
+    return chat_template.fingerprint(tokenizer)
+
+
+def load_base(cfg: ModelConfig, root: Path | None = None) -> LoadedModel:
+    """`from_pretrained` of `cfg.base` (hub id or local folder); safetensors only. With
+    `model.chat_template` set, that template is installed (a Jinja path is relative to `root`).
 
     Tests and offline machines set HF_HUB_OFFLINE=1: a hub id that is not cached then fails here
     with a StageError instead of a download.
@@ -146,6 +167,7 @@ def load_base(cfg: ModelConfig) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     path = Path(cfg.base) if Path(cfg.base).is_dir() else None
     _set_generation_ids(model, tokenizer)
+    install_template(model, tokenizer, cfg, root or Path.cwd())
     check_tokenizer_fits(model, tokenizer, where=f"model.base {cfg.base!r}")
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, lineage=None)
 
@@ -175,6 +197,7 @@ def load_full_model(model_dir: Path, *, trust_remote_code: bool = False) -> Load
             "model.safetensors (pickle weights such as pytorch_model.bin are refused)"
         ) from None
     check_tokenizer_fits(model, tokenizer, where=str(model_dir))
+    chat_template.check_against_lineage(tokenizer, lineage, str(model_dir))
     return LoadedModel(model=model, tokenizer=tokenizer, path=model_dir, lineage=lineage)
 
 

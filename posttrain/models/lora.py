@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from posttrain.config import LoRAConfig
 from posttrain.errors import ParamsError, StageError
 from posttrain.lineage import content_hash, file_hashes, verify_model_folder
-from posttrain.models import build
+from posttrain.models import build, chat_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -182,6 +182,7 @@ def load_merged(adapter_dir: Path, *, trust_remote_code: bool = False) -> build.
     model = merged_model(base_dir, adapter_dir, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
     build.check_tokenizer_fits(model, tokenizer, where=str(adapter_dir))
+    chat_template.check_against_lineage(tokenizer, lineage, str(adapter_dir))
     return build.LoadedModel(model=model, tokenizer=tokenizer, path=adapter_dir, lineage=lineage)
 
 

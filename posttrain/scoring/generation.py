@@ -1,7 +1,8 @@
 """Batched text generation shared by evaluation and the training stages' continual evaluation.
 
-Prompts are plain text (no chat template, see docs/design.md); the model generates until it emits
-the tokenizer's EOS token or `max_new_tokens` run out. Prompts are left-padded so every row's next
+Prompts are text: plain items as they are, conversational items rendered by `chat_record` through
+the tokenizer's chat template with the generation prompt. The model generates until it emits
+the tokenizer's EOS token (a built-in template's end-of-turn token) or `max_new_tokens` run out. Prompts are left-padded so every row's next
 token sits in the last column, which is what makes batched greedy decoding equal one-by-one greedy
 decoding (position ids come from the attention mask inside `generate`).
 """
@@ -11,7 +12,36 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from posttrain.data.formats import Message, full_conversation, prompt_turns
+from posttrain.errors import StageError
+
 log = logging.getLogger(__name__)
+
+
+def _require_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise StageError(
+            "a conversational item needs a chat template, but the model's tokenizer has none; "
+            "expected model.chat_template to be set ('base', 'chatml' or a Jinja file)"
+        )
+
+
+def chat_prompt(tokenizer: Any, turns: list[Message]) -> str:
+    """Prompt turns through the tokenizer's chat template, ending with the assistant's generation prompt."""
+    _require_template(tokenizer)
+    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+
+def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """A prepared record as a chat model sees it: a conversational record (non-empty `messages`) gets
+    `prompt` = its prompt turns through the chat template with the generation prompt, and `text` =
+    the whole conversation through the template (what loss and perplexity score); a plain record is
+    returned unchanged."""
+    if not record.get("messages"):
+        return record
+    _require_template(tokenizer)
+    text = tokenizer.apply_chat_template(full_conversation(record), tokenize=False)
+    return {**record, "prompt": chat_prompt(tokenizer, prompt_turns(record)), "text": text}
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -166,6 +166,7 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
         "created_at": lineage.get("created_at"),
         "git_commit": git.get("commit"),
         "git_dirty": git.get("dirty"),
+        "chat_template_fingerprint": lineage.get("chat_template_fingerprint"),
         "parents": json.dumps(
             [{k: p.get(k) for k in ("stage", "content_hash", "weight")} for p in lineage.get("parents") or []]
         ),

@@ -42,6 +42,7 @@ def build_model_card(name: str, version: str | None, tags: dict[str, str]) -> st
         f"- Data manifest hash: {_short(tags.get(TAG + 'data_manifest_hash'), 16)}",
         f"- Params hash: {_short(tags.get(TAG + 'params_hash'), 16)}, seed {tags.get(TAG + 'seed', 'unknown')}",
         f"- Model content hash: {_short(tags.get(TAG + 'content_hash'), 16)}",
+        f"- Chat template fingerprint: {_short(tags.get(TAG + 'chat_template_fingerprint'), 16)}",
         f"- Code: git {_short(tags.get(TAG + 'git_commit'), 10)}"
         + (" with uncommitted changes" if dirty == "True" else "" if dirty == "False" else " (dirty state unknown)"),
         f"- Created: {tags.get(TAG + 'created_at', 'unknown')}",

@@ -7,6 +7,7 @@ GRPO's held-out prompts use are read by `first_validation_items`, once.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING, Literal
 from posttrain import io
 from posttrain.config import TrainStageConfig
 from posttrain.data.domains import RECORD_COLUMNS, Record
+from posttrain.data.formats import Message, decode_messages, trl_row
 from posttrain.errors import DataError
 from posttrain.layout import Layout
+from posttrain.models import chat_template
+from posttrain.scoring.generation import chat_prompt, chat_record
 
 if TYPE_CHECKING:
     import datasets
@@ -118,6 +122,65 @@ def load_prompt_completion_mixture(
     return data.select_columns(["prompt", "completion"])
 
 
+def is_conversational_mixture(layout: Layout, stage: str) -> bool:
+    """Whether the mix stage wrote `stage`'s mixture as conversations (manifest `conversational`)."""
+    path = mixture_manifest(layout, stage)
+    if not path.is_file():
+        raise DataError(f"{path}: mixture manifest not found; run the mix stage first (python -m stages.mix)")
+    return bool(json.loads(path.read_text()).get("conversational"))
+
+
+def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]], where: str) -> list[str]:
+    """Whole conversations rendered by the tokenizer's chat template (what training sees; for length checks)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: a conversational mixture needs a chat template, but the model's tokenizer has none; "
+            "expected model.chat_template to be set ('base', 'chatml' or a Jinja file)"
+        )
+    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+
+
+def load_sft_mixture(
+    layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig
+) -> tuple[datasets.Dataset, dict[str, bool]]:
+    """The SFT mixture as TRL wants it, and the loss mask that fits it (SFTConfig fields).
+
+    - `conversational` (`messages`): TRL applies the chat template; loss on assistant turns only
+      (`assistant_only_loss`, which needs generation markers in the template);
+    - conversational prompt-completion (message lists in `prompt`/`completion`): TRL applies the
+      template; loss on the completion turns only;
+    - plain prompt-completion: loss on the completion (+ EOS TRL appends) only.
+    """
+    import datasets  # lazy: datasets is heavy to import; only this path needs it
+
+    if not is_conversational_mixture(layout, stage):
+        return load_prompt_completion_mixture(layout, stage, tokenizer, section), {"completion_only_loss": True}
+    where = str(layout.mixture(stage) / "train.parquet")
+    if "messages" in io.read_parquet(layout.mixture(stage) / "train.parquet")[0]:
+        data = read_mixture(layout, stage, ["id", "messages"])
+        rows = [trl_row({"messages": m}, True) for m in data["messages"]]
+        conversations = [r["messages"] for r in rows]
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        if template and not chat_template.has_generation_markers(template):
+            raise DataError(
+                f"{where}: SFT on conversations puts loss on assistant turns only, which needs a chat template "
+                "with {% generation %} markers; the model's template has none; expected model.chat_template: chatml "
+                "or a Jinja file with generation markers"
+            )
+        fields = {"assistant_only_loss": True, "completion_only_loss": False}
+    else:
+        data = read_mixture(layout, stage, ["id", "prompt", "completion"])
+        rows = [
+            trl_row({"prompt": p, "completion": c}, True)
+            for p, c in zip(data["prompt"], data["completion"], strict=True)
+        ]
+        conversations = [r["prompt"] + r["completion"] for r in rows]
+        fields = {"completion_only_loss": True}
+    check_lengths(chat_texts(tokenizer, conversations, where), data["id"], tokenizer, section.max_length,
+                  section.on_too_long, where)  # fmt: skip
+    return datasets.Dataset.from_list(rows), fields
+
+
 def mixture_manifest(layout: Layout, stage: str) -> Path:
     return layout.mixture(stage) / "manifest.json"
 
@@ -146,8 +209,49 @@ def first_validation_items(
     return records
 
 
-def load_validation_sets(layout: Layout, domains: Sequence[str], eval_items: int) -> dict[str, ValidationSet]:
-    """Per-domain validation sets; a domain without a val split is skipped with a warning."""
+def _assistant_content(value: str, row_id: str | None, side: str, where: str) -> str:
+    turns = decode_messages(value)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: row {row_id!r} field {side!r} has {len(turns)} turn(s) ({[t['role'] for t in turns]}); "
+            "expected exactly one assistant turn"
+        )
+    return turns[0]["content"]
+
+
+def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], where: str) -> dict[str, str]:
+    """A conversational DPO/GRPO mixture row as the pipeline's string pairs: `prompt` = its prompt turns
+    through the chat template (generation prompt on), `chosen`/`rejected` = the content of their one
+    assistant turn (TRL appends EOS, the template's end-of-turn token). One string form lets the
+    pipeline's own measures (margins, held-out rewards) and TRL score exactly the same tokens."""
+    out = {**row, "prompt": chat_prompt(tokenizer, decode_messages(row["prompt"]))}
+    for side in ("chosen", "rejected"):
+        if row.get(side):
+            out[side] = _assistant_content(row[side], row.get("id"), side, where)
+    return out
+
+
+def chat_validation_items(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], where: str
+) -> list[dict[str, str]]:
+    """Validation records as the model sees them (`chat_record`); a conversational preference record's
+    `chosen`/`rejected` become their assistant turn's content, like `chat_mixture_row`."""
+    out = []
+    for record in records:
+        rendered = chat_record(tokenizer, record)
+        if record.get("messages"):
+            for side in ("chosen", "rejected"):
+                if record.get(side):
+                    rendered[side] = _assistant_content(record[side], record.get("id"), side, where)
+        out.append(rendered)
+    return out
+
+
+def load_validation_sets(
+    layout: Layout, domains: Sequence[str], eval_items: int, tokenizer: PreTrainedTokenizerBase
+) -> dict[str, ValidationSet]:
+    """Per-domain validation sets (conversational items through the chat template, `chat_record`);
+    a domain without a val split is skipped with a warning."""
     sets: dict[str, ValidationSet] = {}
     for domain in domains:
         path = layout.prepared_split(domain, "val")
@@ -155,8 +259,8 @@ def load_validation_sets(layout: Layout, domains: Sequence[str], eval_items: int
             log.warning("continual evaluation: %s not found, domain %s skipped", path, domain)
             continue
         rows = [
-            {k: row[k] or "" for k in ("text", "prompt", "answer")}
-            for row in first_validation_items(layout, [domain], eval_items, ("text", "prompt", "answer"))
+            {k: value or "" for k, value in chat_record(tokenizer, row).items()}
+            for row in first_validation_items(layout, [domain], eval_items)
         ]
         if not rows:
             continue

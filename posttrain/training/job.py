@@ -152,7 +152,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         config.max_steps = online.main_steps
     domains = job.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
-        job.tokenizer, load_validation_sets(layout, domains, section.eval_items), section.eval_every
+        job.tokenizer, load_validation_sets(layout, domains, section.eval_items, job.tokenizer), section.eval_every
     )
     preemption = Preemption()
     trainer_cls = job.trainer_cls or SFTTrainer
@@ -210,7 +210,10 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
 
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     steps_run = state.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
-    tokens_run = state.num_input_tokens_seen - tokens_at(resume)
+    # GRPO: TRL logs the tokens it processed (prompt + completion) as `num_tokens`, cumulative.
+    logged_tokens = max((int(e["num_tokens"]) for e in state.log_history if "num_tokens" in e), default=0)
+    tokens_seen = state.num_input_tokens_seen or logged_tokens
+    tokens_run = tokens_seen - (tokens_at(resume) if state.num_input_tokens_seen else 0)
     metrics: dict[str, Any] = {
         "stage": stage,
         "steps": state.global_step,
@@ -220,7 +223,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "eval_seconds": round(evaluation.seconds_in_training, 2),  # of which continual evaluation
         # Rates over training alone (`seconds` - `eval_seconds`), comparable with a bare TRL run.
         "steps_per_second": round(steps_run / training_seconds, 3),
-        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_seen": tokens_seen,
         "tokens_per_second": round(tokens_run / training_seconds, 1),
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": losses[-1] if losses else None,

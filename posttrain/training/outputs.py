@@ -11,6 +11,7 @@ from posttrain.config import Params, params_hash
 from posttrain.io import atomic_output_dir, write_json_atomic
 from posttrain.layout import Layout
 from posttrain.lineage import write_lineage
+from posttrain.models import chat_template
 from posttrain.models.loading import save_stage_model
 from posttrain.stage import StageResult, flat_metrics
 
@@ -44,6 +45,9 @@ def write_model_output(
     `artifacts`: further files the stage wrote (recorded with the run).
     """
     final = layout.model(stage)
+    # One chat template per pipeline: the output's must be its parents' (refused naming both).
+    template = chat_template.check_against_lineage(tokenizer, {"parents": parents}, f"the {stage} model")
+    lineage_extra = {**(lineage_extra or {}), chat_template.LINEAGE_KEY: template}
     with atomic_output_dir(final) as tmp:
         adapter_record = save_stage_model(model, tokenizer, tmp, adapter=adapter, final=final, state_dict=state_dict)
         if adapter_record is not None:

@@ -157,13 +157,14 @@ def training_pairs(
 
 
 def offline_pairs(records: Sequence[dict[str, str]], seed: int) -> list[dict[str, str]]:
-    """Offline pairs for held-out records (chosen = answer, rejected = the data layer's wrong answer)."""
+    """Offline pairs for held-out records: a user's own pair where the record has one, else chosen =
+    answer and rejected = the data layer's wrong answer."""
     rng = random.Random(seed)
     return [
         {
             **{c: r[c] for c in ("id", "domain", "prompt", "answer", "verifier")},
-            "chosen": r["answer"],
-            "rejected": wrong_answer(r, rng),
+            "chosen": r["chosen"] if r.get("chosen") else r["answer"],
+            "rejected": r["rejected"] if r.get("chosen") else wrong_answer(r, rng),
         }
         for r in records
     ]

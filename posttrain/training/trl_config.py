@@ -62,7 +62,9 @@ def trl_config(
         "logging_first_step": True,
         # The default replaces NaN/inf losses in the logs by the running mean: it would hide a diverged run.
         "logging_nan_inf_filter": False,
-        "include_num_input_tokens_seen": "non_padding",
+        # GRPO's Trainer batches are prompt rows before generation (no `input_ids`): transformers could
+        # count nothing and warned once per step; GRPO's tokens come from TRL's own `num_tokens` log.
+        "include_num_input_tokens_seen": "no" if config_cls.__name__ == "GRPOConfig" else "non_padding",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         **runtime.trainer_fields(),

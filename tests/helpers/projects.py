@@ -22,8 +22,9 @@ from helpers.tiny import REPO, tiny_raw
 from posttrain import io
 from posttrain.config import Params, parse_params
 from posttrain.data.domains import RECORD_COLUMNS
+from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.layout import Layout
-from posttrain.models import build
+from posttrain.models import build, chat_template
 from posttrain.training.outputs import write_model_output
 
 # What the training-stage tests change in configs/tiny.yaml: a shorter context, the same trainer for
@@ -47,7 +48,8 @@ TRAINING: dict[str, Any] = {
 def _record(domain: str, prompt: str, answer: str) -> dict[str, str]:
     text = prompt + answer
     rid = hashlib.sha256(json.dumps([domain, prompt, answer, text]).encode()).hexdigest()[:16]
-    return {"id": rid, "domain": domain, "prompt": prompt, "answer": answer, "text": text, "verifier": "exact"}
+    record = {"id": rid, "domain": domain, "prompt": prompt, "answer": answer, "text": text, "verifier": "exact"}
+    return record | dict.fromkeys(CONVERSATION_COLUMNS, "")  # the prepare stage's full record schema
 
 
 def _items(domain: str, n: int, rng: random.Random) -> list[dict[str, str]]:
@@ -204,9 +206,11 @@ def build_trained_input_project(params: Params, root: Path, model_stage: str) ->
         for d in params.data.domains
         for r in io.read_parquet(layout.prepared_split(d, "train"), RECORD_COLUMNS)
     ]
-    tokenizer = build.train_tokenizer(texts, params.model.tokenizer)
+    special = chat_template.special_tokens_of(params.model.chat_template or "")
+    tokenizer = build.train_tokenizer(texts, params.model.tokenizer, extra_special=special)
     torch.manual_seed(0)
     model = build.build_scratch_model(params.model.architecture, tokenizer)
+    build.install_template(model, tokenizer, params.model, root)
     write_model_output(
         model_stage, model, tokenizer, params=params, layout=layout, section=params.stage_section(model_stage),
         parents=[], data_manifest=None, metrics={},

@@ -11,12 +11,14 @@ import pytest
 
 from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
 from posttrain.data.domains import difficulty, generate, make_record, record_id, wrong_answer
+from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.data.verifiers import VERIFIERS
 
 
 def _check_schema(records: list[dict[str, str]], domain: str) -> None:
     for r in records:
-        assert list(r) == ["id", "domain", "prompt", "answer", "text", "verifier"]
+        assert list(r) == ["id", "domain", "prompt", "answer", "text", "verifier", *CONVERSATION_COLUMNS]
+        assert all(r[c] == "" for c in CONVERSATION_COLUMNS)  # plain items: conversation fields empty
         assert r["domain"] == domain and r["text"] == r["prompt"] + r["answer"] and r["verifier"] == "exact"
         assert r["id"] == record_id(domain, r["prompt"], r["answer"], r["text"]) and len(r["id"]) == 16
 
@@ -82,6 +84,28 @@ def test_exact_verifier() -> None:
     assert not exact("47", "46") and not exact("", "46") and not exact("4 6", "46") and not exact("460", "46")
     assert exact("New York\nfoo", "New York") and not exact("New Yorker", "New York")
     assert VERIFIERS["numeric"]("046", "46") and not VERIFIERS["numeric"]("abc", "46")
+
+
+def test_math_verifier_judges_equal_values() -> None:
+    math = VERIFIERS["math"]
+    assert math("The answer is 46.", "46") and math("046", "46") and math("$\\boxed{46}$", "46")
+    assert math("0.5", "1/2") and math("$\\frac{2}{4}$", "\\frac{1}{2}") and math("\\boxed{0.5}", "\\frac{1}{2}")
+    assert not math("45", "46") and not math("", "46") and not math("45 46 47", "46") and not math("0.49", "1/2")
+    with pytest.raises(ValueError, match=r"gold answer 'banana' is not a parsable math expression"):
+        math("46", "banana")
+
+
+def test_math_verifier_works_off_the_main_thread() -> None:
+    # SIGALRM timeouts exist only in the main thread; reward functions may run elsewhere.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(VERIFIERS["math"], "x = 1/2", "0.5").result()
+        assert not pool.submit(VERIFIERS["math"], "x = 1/3", "0.5").result()
+
+
+def test_math_is_a_known_verifier_name() -> None:
+    assert AdditionDomain(kind="addition", verifier="math").verifier == "math"
 
 
 @pytest.mark.parametrize(

@@ -44,13 +44,17 @@ def test_missing_and_added_files_are_detected(tmp_path):
 
 def test_parent_entry_uses_recorded_hash(tmp_path):
     model = _model_folder(tmp_path / "artifacts" / "models" / "cpt")
-    record = write_lineage(model, stage="cpt", root=tmp_path, parents=[], params={}, params_hash="x", seed=0)
+    record = write_lineage(
+        model, stage="cpt", root=tmp_path, parents=[], params={}, params_hash="x", seed=0,
+        extra={"chat_template_fingerprint": "ab" * 32},
+    )  # fmt: skip
     entry = parent_entry(model, tmp_path, weight=0.5)
     assert entry == {
         "stage": "cpt",
         "path": "artifacts/models/cpt",
         "content_hash": record["content_hash"],
         "weight": 0.5,
+        "chat_template_fingerprint": "ab" * 32,  # what every later stage checks its template against
     }
 
 
