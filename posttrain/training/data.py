@@ -231,6 +231,36 @@ def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], wh
     return out
 
 
+def load_mixture_rows(
+    layout: Layout, stage: str, columns: Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[dict[str, str]], str]:
+    """A DPO/GRPO mixture's rows as the pipeline's strings (conversations through the chat template,
+    `chat_mixture_row`), and the file they came from (for error messages)."""
+    rows = read_mixture(layout, stage, columns).to_list()
+    where = str(layout.mixture(stage) / "train.parquet")
+    if is_conversational_mixture(layout, stage):
+        rows = [chat_mixture_row(tokenizer, row, where) for row in rows]
+    return rows, where
+
+
+PROMPT_ANSWER_COLUMNS = ("id", "domain", "prompt", "answer", "verifier")
+
+
+def load_prompt_answer_rows(
+    layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig
+) -> list[dict[str, str]]:
+    """GRPO's prompts with their gold `answer` (chat prompts through the template), lengths checked."""
+    rows, where = load_mixture_rows(layout, stage, PROMPT_ANSWER_COLUMNS, tokenizer)
+    texts, ids = [r["prompt"] + r["answer"] for r in rows], [r["id"] for r in rows]
+    check_lengths(texts, ids, tokenizer, section.max_length, section.on_too_long, where)
+    return rows
+
+
+def mixture_domains(weights: dict[str, float]) -> list[str]:
+    """The domains a stage's mixture draws from (weight above 0), in the order params.yaml lists them."""
+    return [domain for domain, weight in weights.items() if weight > 0]
+
+
 def chat_validation_items(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], where: str
 ) -> list[dict[str, str]]:

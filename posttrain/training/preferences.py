@@ -23,6 +23,7 @@ from posttrain.data.domains import wrong_answer
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
 from posttrain.scoring.generation import answer_budget, generate
+from posttrain.training.data import check_lengths
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,15 @@ def training_pairs(
         pair_counts = counts.as_dict()
         log.info("dpo: %s (sampling took %.1f s)", pair_counts, sampling_seconds)
     return rows, {"pairs": section.pairs, "pair_counts": pair_counts, "sampling_seconds": round(sampling_seconds, 2)}
+
+
+def pair_dataset(rows: Sequence[dict[str, str]], tokenizer: Any, section: DPOStageConfig, where: str) -> Any:
+    """The DPO training set (`prompt`, `chosen`, `rejected`) after checking both sides' lengths."""
+    import datasets  # lazy: heavy, and the stage modules import this one at start-up
+
+    texts = [r["prompt"] + r[side] for side in ("chosen", "rejected") for r in rows]
+    check_lengths(texts, [r["id"] for r in rows] * 2, tokenizer, section.max_length, section.on_too_long, where)
+    return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
 
 def offline_pairs(records: Sequence[dict[str, str]], seed: int) -> list[dict[str, str]]:
