@@ -891,11 +891,11 @@ def _deep_merge(target: dict[str, Any], update: dict[str, Any]) -> dict[str, Any
 
 # Record shape each training stage reads from its mixture (stages/*.py).
 STAGE_FORMATS = {
-    "pretrain": "text",
-    "cpt": "text",
-    "sft": "prompt_completion",
-    "dpo": "preference",
-    "grpo": "prompt_answer",
+    "pretrain": ("text",),
+    "cpt": ("text",),
+    "sft": ("prompt_completion", "conversational"),
+    "dpo": ("preference",),
+    "grpo": ("prompt_answer",),
 }
 
 
@@ -903,10 +903,10 @@ def _stage_order_problems(params: Params) -> list[tuple[str, Any, str]]:
     """Replay from an earlier stage only, one format per stage, no model listed twice."""
     problems: list[tuple[str, Any, str]] = []
     for name, mixture in params.mixtures.items():
-        if name in STAGE_FORMATS and mixture.format != STAGE_FORMATS[name]:
-            problems.append(
-                (f"mixtures.{name}.format", mixture.format, f"'{STAGE_FORMATS[name]}' (what {name} trains on)")
-            )
+        stage = name.split("@")[0]  # a variant's mixture (`sft@arith`) has its stage's format
+        if stage in STAGE_FORMATS and mixture.format not in STAGE_FORMATS[stage]:
+            want = " or ".join(f"'{f}'" for f in STAGE_FORMATS[stage])
+            problems.append((f"mixtures.{name}.format", mixture.format, f"{want} (what {stage} trains on)"))
         if mixture.replay and name in TRAINING_STAGES and mixture.replay.from_stage in TRAINING_STAGES:
             earlier = list(TRAINING_STAGES[: TRAINING_STAGES.index(name)])
             if mixture.replay.from_stage not in earlier:

@@ -59,7 +59,8 @@ def check_declared_deps(layout: Layout, domains: list[str]) -> None:
     if missing:
         raise ParamsError(
             f"{layout.root / 'dvc.yaml'}: stage {STAGE} reads the prepared data of {missing} "
-            f"(model.tokenizer.domains) but does not list it in deps; add {[f'{prepared}/{d}' for d in missing]}"
+            f"(model.tokenizer.domains) but does not list it in deps; run `posttrain sync-deps` (or add "
+            f"{[f'{prepared}/{d}' for d in missing]})"
         )
 
 

@@ -9,6 +9,11 @@ reports it, and `posttrain sync-deps` / `posttrain run` add it. DVC then tracks 
 
 Hub datasets cannot be a file dependency: a hub id must pin `revision` (a local folder given as
 the dataset name is a dependency like a file).
+
+The same holds for `pretrain`: it reads the prepared data of the tokenizer's domains only
+(`model.tokenizer.domains`, so a new CPT domain never reruns it), one dep per domain,
+`artifacts/data/prepared/<domain>`; `sync_pretrain` makes that list match the recipe's domains
+(a recipe with other domains than the default one gets its own list, nothing missing or extra).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from posttrain.dvcfile import stage_entry
 from posttrain.errors import UndeclaredDataError
 
 STAGE = "prepare"
+PRETRAIN = "pretrain"
+PREPARED = "artifacts/data/prepared"
 
 
 def _dep_path(path: str, root: Path) -> str:
@@ -61,10 +68,10 @@ def unpinned_hub(data: DataConfig, root: Path) -> list[str]:
     return keys
 
 
-def declared_deps(root: Path) -> list[str] | None:
-    """`prepare`'s deps in dvc.yaml (paths as written); None when dvc.yaml has no `prepare` stage."""
+def declared_deps(root: Path, stage_name: str = STAGE) -> list[str] | None:
+    """A stage's deps in dvc.yaml (paths as written); None when dvc.yaml has no such stage."""
     try:
-        stage = stage_entry(root, STAGE)
+        stage = stage_entry(root, stage_name)
     except (OSError, yaml.YAMLError) as error:
         raise UndeclaredDataError(f"{root / 'dvc.yaml'}: cannot be read ({error})") from None
     if stage is None:
@@ -119,12 +126,43 @@ def sync(data: DataConfig, root: Path) -> list[str]:
     return add_deps(root, sorted(set(missing(data, root).values())))
 
 
+def pretrain_drift(domains: list[str], root: Path) -> tuple[list[str], list[str]]:
+    """(missing, extra): `artifacts/data/prepared/<domain>` deps of pretrain against `domains`."""
+    if not (root / "dvc.yaml").is_file():
+        return [], []
+    deps = declared_deps(root, PRETRAIN)
+    if deps is None or PREPARED in [d.rstrip("/") for d in deps]:
+        return [], []  # no pretrain stage, or it depends on all prepared data
+    want = [f"{PREPARED}/{domain}" for domain in domains]
+    have = [d.rstrip("/") for d in deps if d.rstrip("/").startswith(PREPARED + "/")]
+    return [d for d in want if d not in have], [d for d in have if d not in want]
+
+
+def pretrain_problems(domains: list[str], root: Path) -> list[str]:
+    missing_deps, extra = pretrain_drift(domains, root)
+    lines = [f"{d} is read by '{PRETRAIN}' (model.tokenizer.domains) but is not among its deps" for d in missing_deps]
+    lines += [f"{d} is a dep of '{PRETRAIN}' but no tokenizer domain of params.yaml is there" for d in extra]
+    return [f"{line}; run `posttrain sync-deps`" for line in lines]
+
+
+def sync_pretrain(domains: list[str], root: Path) -> tuple[list[str], list[str]]:
+    """Make pretrain's prepared-domain deps exactly `domains` in dvc.yaml; returns (added, removed)."""
+    missing_deps, extra = pretrain_drift(domains, root)
+    if missing_deps or extra:
+        _edit_deps(root, PRETRAIN, add=missing_deps, remove=extra)
+    return missing_deps, extra
+
+
 def add_deps(root: Path, paths: list[str]) -> list[str]:
     """Add `paths` (not yet covered) to `prepare`'s deps in dvc.yaml, comments and layout kept."""
     deps = declared_deps(root)
     absent = [path for path in paths if deps is not None and not _covered(path, deps)]
-    if not absent:
-        return []
+    if absent:
+        _edit_deps(root, STAGE, add=absent)
+    return absent
+
+
+def _edit_deps(root: Path, stage: str, add: list[str], remove: list[str] | None = None) -> None:
     # lazy: ruamel.yaml (DVC's own YAML library, keeps dvc.yaml's comments and layout) is needed only to edit
     from ruamel.yaml import YAML
 
@@ -132,9 +170,13 @@ def add_deps(root: Path, paths: list[str]) -> list[str]:
     editor.preserve_quotes = True
     path = root / "dvc.yaml"
     document: Any = editor.load(path.read_text())
-    document["stages"][STAGE].setdefault("deps", []).extend(absent)
+    deps = document["stages"][stage].setdefault("deps", [])
+    for dep in remove or []:
+        for i in reversed(range(len(deps))):
+            if str(deps[i]).rstrip("/") == dep:
+                del deps[i]
+    deps.extend(add)
     tmp = path.with_name(".dvc.yaml.tmp")
     with tmp.open("w") as handle:
         editor.dump(document, handle)
     tmp.replace(path)
-    return absent

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from posttrain.config import TRAINING_STAGES, load_params
+from posttrain.config import TRAINING_STAGES, Params, load_params
 from posttrain.data import userdeps
 from posttrain.errors import ParamsError, PipelineError
 from posttrain.layout import find_root
@@ -132,6 +132,7 @@ def run(
             check(params)
         for added in userdeps.sync(params.data, project):
             typer.echo(f"dvc.yaml: added {added} to the deps of prepare (a data file it reads)")
+        _sync_pretrain(params, project)
     except PipelineError as error:
         _fail(str(error))
     if no_prefect:
@@ -206,7 +207,8 @@ def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
 def _unseen_data(project: Path) -> list[str]:
     """Data DVC cannot see change (files missing from prepare's deps): "up to date" would not hold."""
     try:
-        return userdeps.problems(_load(project).data, project)
+        params = _load(project)
+        return userdeps.problems(params.data, project) + userdeps.pretrain_problems(params.pretrain_domains(), project)
     except PipelineError:
         return []  # `posttrain validate` reports an invalid params file
 
@@ -272,6 +274,19 @@ def sync_deps(root: RootOption = None) -> None:
         typer.echo(f"dvc.yaml: added {path} to the deps of prepare")
     if not added:
         typer.echo("dvc.yaml: every data file params.yaml reads is already a dependency of prepare")
+    try:
+        _sync_pretrain(_load(project), project)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+def _sync_pretrain(params: Params, project: Path) -> None:
+    """pretrain's prepared-domain deps follow the recipe's tokenizer domains (posttrain.data.userdeps)."""
+    added, removed = userdeps.sync_pretrain(params.pretrain_domains(), project)
+    for path in added:
+        typer.echo(f"dvc.yaml: added {path} to the deps of pretrain (a tokenizer domain)")
+    for path in removed:
+        typer.echo(f"dvc.yaml: removed {path} from the deps of pretrain (no tokenizer domain there)")
 
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:

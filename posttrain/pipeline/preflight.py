@@ -100,6 +100,8 @@ def problems(params: Params, root: Path, undeclared: bool = True) -> list[str]:
     """Everything `posttrain validate` refuses beyond the schema, one line each (`undeclared`: also
     report data files missing from dvc.yaml; `posttrain run` adds them instead)."""
     found = userdeps.problems(params.data, root, undeclared=undeclared)
+    if undeclared:  # `posttrain run` syncs pretrain's deps itself
+        found += userdeps.pretrain_problems(params.pretrain_domains(), root)
     for problem in (cron_problem(params.orchestration.continual.cron), vocab_problem(params)):
         if problem:
             found.append(problem)

@@ -137,7 +137,7 @@ class OnlineMixing(TrainerCallback):
 
     @classmethod
     def for_stage(
-        cls, stage: str, mixture: MixtureConfig | None, layout: Layout, max_steps: int, seed: int
+        cls, stage: str, mixture: MixtureConfig | None, layout: Layout, max_steps: int, seed: int, tokenizer: Any
     ) -> OnlineMixing | None:
         """The online mixing of `stage` when its mixture sets `adaptive`, else None. The rows' ids and domains
         come from the mixture file (the trainer's dataset holds only its text columns, in the same order);
@@ -146,7 +146,7 @@ class OnlineMixing(TrainerCallback):
             return None
         rows = read_mixture(layout, stage, ["id", "domain"])
         initial = read_json(mixture_manifest(layout, stage))["output_proportions"]
-        val = load_validation_sets(layout, sorted(initial), mixture.adaptive.eval_items)
+        val = load_validation_sets(layout, sorted(initial), mixture.adaptive.eval_items, tokenizer)
         return cls(
             stage,
             mixture.adaptive,

@@ -146,7 +146,9 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     resume = find_resume_checkpoint(ckpt_dir, remove_incomplete=is_main_process())
 
     # Online mixing (`mixtures.<stage>.adaptive`): probes come out of the step budget, so fewer main steps.
-    online = OnlineMixing.for_stage(stage, params.mixtures.get(stage), layout, section.trainer.max_steps, runtime.seed)
+    online = OnlineMixing.for_stage(
+        stage, params.mixtures.get(stage), layout, section.trainer.max_steps, runtime.seed, job.tokenizer
+    )
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     if online:
         config.max_steps = online.main_steps

@@ -73,6 +73,7 @@ def test_user_format_trains_through_its_stage(tmp_path: Path, kind: str, fmt: st
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(kind)))
     raw = tiny_raw(model={"chat_template": "chatml"}, **{s: STAGE for s in ("cpt", "sft", "dpo", "grpo")})
     raw["data"]["domains"]["user"] = {"kind": "file", "path": str(data)}
+    raw["data"]["split"]["val_fraction"] = 0.2  # a small file: keep every split non-empty (prepare refuses empty ones)
     # Plain built-in domains elsewhere; the tested stage's mixture is the user's file alone.
     raw["mixtures"]["dpo"]["weights"] = {"add": 1.0}
     raw["mixtures"][stage] = {"format": fmt, "weights": {"user": 1.0}, "total": 32, "temperature": 1.0}

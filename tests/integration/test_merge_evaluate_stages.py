@@ -13,6 +13,7 @@ import torch
 from helpers.tiny import char_tokenizer, save_tiny, tiny_model, train_to_memorize
 
 from posttrain.config import params_hash, parse_params
+from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.errors import StageError
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, verify_model_folder, write_lineage
@@ -37,6 +38,7 @@ def project(tmp_path_factory) -> Layout:
     for domain, pairs in ITEMS.items():
         rows = [
             {"id": f"{domain}{i}", "domain": domain, "prompt": p, "answer": a, "text": p + a, "verifier": "exact"}
+            | dict.fromkeys(CONVERSATION_COLUMNS, "")  # the full record schema: plain items
             for i, (p, a) in enumerate(pairs)
         ]
         path = layout.prepared_split(domain, "test")

@@ -93,8 +93,10 @@ def test_registry_has_a_version_per_model_stage_and_a_candidate(pipeline):
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlflow.db'}")
-    client = MlflowClient()
+    # Both URIs explicitly: an earlier in-process test may have left MLflow's global registry URI on its own store.
+    uri = f"sqlite:///{pipeline / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     names = {model.name for model in client.search_registered_models()}
     for stage in MODEL_STAGES:
         assert any(name.endswith(stage) for name in names), (stage, names)
