@@ -135,7 +135,8 @@ def test_promotion_follows_the_workspace_model_after_a_run_cache_restore(tmp_pat
     name = "posttrain-merge"
 
     def candidate() -> str:
-        return str(MlflowClient(raw["tracking"]["tracking_uri"]).get_registered_model(name).aliases["candidate"])
+        uri = raw["tracking"]["tracking_uri"]
+        return str(MlflowClient(uri, uri).get_registered_model(name).aliases["candidate"])
 
     _set_density(root, 0.6)
     done = dvc(root, "repro")

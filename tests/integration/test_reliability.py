@@ -163,7 +163,8 @@ def test_nan_stage_writes_and_registers_nothing_and_secrets_stay_out(tmp_path: P
     assert SECRET not in lineage_text and '"hub_token": "***"' in lineage_text
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{layout.root / 'mlflow.db'}")
+    uri = f"sqlite:///{layout.root / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)  # registry too: MLflow's global registry URI may point at another test's store
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert runs and all(SECRET not in json.dumps([r.data.params, r.data.tags]) for r in runs)
     versions = client.search_model_versions()
