@@ -7,11 +7,17 @@ does), read the stage's mixture parquet, build SFTConfig / DPOConfig / GRPOConfi
 `<stage>.trainer` keys of params.yaml, train, save. It reproduces the stage's set-up exactly where it
 changes numbers: device and precision (fp32 on CPU, activation checkpointing off there), torch
 threads, seed and data_seed, the pipeline's defaults for keys params.yaml leaves out, max_length,
-the stage's own TRL fields (sft: completion-only loss; dpo: beta and a second copy of the input
-model as the frozen reference; grpo: num_generations, max_completion_length, temperature, beta,
-reward weights) and the recipe's learning-rate schedule (every shape of posttrain.training.schedules, with
-its (step + 1) / warmup warm-up). For the same seed and steps its final train loss must therefore
-equal the stage's.
+the stage's own TRL fields (sft: completion-only loss, or on conversations assistant-only loss;
+dpo: beta and a second copy of the input model as the frozen reference; grpo: num_generations,
+max_completion_length, temperature, beta, reward weights) and the recipe's learning-rate schedule
+(every shape of posttrain.training.schedules, with its (step + 1) / warmup warm-up). For the same
+seed and steps its final train loss must therefore equal the stage's.
+
+Conversational mixtures (the SmolLM2 recipe, `configs/smollm2-135m.yaml`) as a TRL user feeds them:
+SFT rows as TRL's `messages` lists (TRL applies the input model's chat template; loss on assistant
+turns only), DPO and GRPO prompts through `tokenizer.apply_chat_template(..., add_generation_prompt=True)`
+and DPO's chosen/rejected as the text of their one assistant turn (TRL appends the EOS, the
+template's end-of-turn token).
 
 It has none of the pipeline's extras: no hash or length checks, no continual evaluation, no
 checkpoint keys or resume, no lineage, no MLflow; it imports neither posttrain.training nor
@@ -21,10 +27,12 @@ functions of that shape). Not supported: `model.base` other than scratch for pre
 then trains nothing), `<stage>.lora`, and `dpo.pairs: on_policy` (its pairs come from the pipeline's
 sampler, posttrain.training.preferences).
 
-tokens_seen is TRL's `state.num_input_tokens_seen` with include_num_input_tokens_seen="non_padding",
-as the stage records it: for SFT (pretrain, cpt, sft) the non-padding tokens of each batch, for DPO
-the non-padding tokens of the chosen and rejected sequences (each with its prompt), for GRPO TRL's
-own count of prompt tokens + sampled completion tokens.
+tokens_seen is counted as the stage counts it: for SFT (pretrain, cpt, sft) and DPO TRL's
+`state.num_input_tokens_seen` with include_num_input_tokens_seen="non_padding" (the non-padding
+tokens of each batch; for DPO of the chosen and rejected sequences, each with its prompt), for GRPO
+TRL's own `num_tokens` log (prompt tokens + sampled completion tokens; transformers' counter sees
+no `input_ids` in GRPO's batches). Peak memory: the process's ru_maxrss, and on CUDA
+torch.cuda.max_memory_allocated.
 
     python bench/bare_trl.py --stage {pretrain,cpt,sft,dpo,grpo} --root <finished project>
         [--params P] [--max-steps N] [--threads T] [--output-dir D] [--json out.json]
@@ -208,7 +216,8 @@ def trl_kwargs(
         "logging_strategy": "steps",
         "logging_first_step": True,
         "logging_nan_inf_filter": False,
-        "include_num_input_tokens_seen": "non_padding",
+        # As the stage: GRPO's batches are prompt rows (no input_ids); its tokens come from TRL's `num_tokens` log.
+        "include_num_input_tokens_seen": "no" if config_cls.__name__ == "GRPOConfig" else "non_padding",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         **runtime,
@@ -302,12 +311,57 @@ def load_folder(folder: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def mixture(root: Path, stage: str, columns: list[str]) -> Any:
-    import datasets
+def mixture_frame(root: Path, stage: str) -> tuple[Any, bool]:
+    """The stage's mixture parquet, and whether the mix stage wrote it as conversations (its manifest)."""
     import pandas as pd
 
-    frame = pd.read_parquet(root / "artifacts" / "data" / "mixtures" / stage / "train.parquet")
+    folder = root / "artifacts" / "data" / "mixtures" / stage
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return pd.read_parquet(folder / "train.parquet"), bool(manifest.get("conversational"))
+
+
+def mixture(root: Path, stage: str, columns: list[str]) -> Any:
+    import datasets
+
+    frame, _ = mixture_frame(root, stage)
     return datasets.Dataset.from_pandas(frame[columns], preserve_index=False)
+
+
+def sft_data(root: Path) -> tuple[Any, dict[str, Any]]:
+    """SFT rows and loss mask as TRL wants them: `messages` lists (assistant-only loss), conversational or
+    plain prompt/completion (completion-only loss). Stored message lists are JSON strings."""
+    import datasets
+
+    frame, chat = mixture_frame(root, "sft")
+    if not chat:
+        return mixture(root, "sft", ["prompt", "completion"]), {"completion_only_loss": True}
+    if "messages" in frame.columns:
+        rows = [{"messages": json.loads(m)} for m in frame["messages"]]
+        return datasets.Dataset.from_list(rows), {"assistant_only_loss": True, "completion_only_loss": False}
+    rows = [
+        {"prompt": json.loads(p), "completion": json.loads(c)}
+        for p, c in zip(frame["prompt"], frame["completion"], strict=True)
+    ]
+    return datasets.Dataset.from_list(rows), {"completion_only_loss": True}
+
+
+def prompt_rows(root: Path, stage: str, columns: list[str], tokenizer: Any) -> Any:
+    """DPO / GRPO rows; on a conversational mixture the prompt turns go through the chat template (generation
+    prompt on) and chosen/rejected become the text of their single assistant turn."""
+    import datasets
+
+    frame, chat = mixture_frame(root, stage)
+    rows = frame[columns].to_dict("records")
+    if chat:
+        for row in rows:
+            row["prompt"] = tokenizer.apply_chat_template(
+                json.loads(row["prompt"]), add_generation_prompt=True, tokenize=False
+            )
+            for side in ("chosen", "rejected"):
+                if side in row:
+                    (turn,) = json.loads(row[side])
+                    row[side] = turn["content"]
+    return datasets.Dataset.from_list(rows)
 
 
 # --------------------------------------------------------------------------- the run
@@ -358,14 +412,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from trl import SFTTrainer as trainer_cls
 
         if stage == "sft":
-            dataset, stage_fields = mixture(root, stage, ["prompt", "completion"]), {"completion_only_loss": True}
+            dataset, stage_fields = sft_data(root)
         else:
             dataset, stage_fields = mixture(root, stage, ["text"]), {}
     elif stage == "dpo":
         from trl import DPOConfig as config_cls
         from trl import DPOTrainer as trainer_cls
 
-        dataset = mixture(root, stage, ["prompt", "chosen", "rejected"])
+        dataset = prompt_rows(root, stage, ["prompt", "chosen", "rejected"], tokenizer)
         stage_fields = {"beta": section.get("beta", DPO_BETA_DEFAULT)}
         # The frozen reference: a second copy of the input model.
         trainer_kwargs["ref_model"] = load_folder(root / "artifacts" / "models" / PARENT[stage], trust)[0]
@@ -375,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         from posttrain.scoring.rewards import REWARDS  # plain reward functions; a user would write their own
 
-        dataset = mixture(root, stage, ["prompt", "answer"])
+        dataset = prompt_rows(root, stage, ["prompt", "answer"], tokenizer)
         specs = section["rewards"]
         trainer_kwargs["reward_funcs"] = [REWARDS[spec["name"]] for spec in specs]
         stage_fields = {
@@ -398,7 +452,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
     trainer.save_model(str(output_dir / "final"))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tokens = trainer.state.num_input_tokens_seen
+    logged_tokens = max((int(e["num_tokens"]) for e in trainer.state.log_history if "num_tokens" in e), default=0)
+    tokens = trainer.state.num_input_tokens_seen or logged_tokens
     steps = trainer.state.global_step
     result = {
         "stage": stage,
@@ -410,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / train_seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        "device": "cpu" if runtime["use_cpu"] else "cuda",
         "import_seconds": round(imported - PROCESS_STARTED, 3),
         "in_process_seconds": round(time.perf_counter() - PROCESS_STARTED, 3),
         "threads": torch.get_num_threads(),

@@ -68,8 +68,17 @@ def machine_info() -> dict[str, Any]:
         "load_average": list(os.getloadavg()),
         "platform": platform.platform(),
         "versions": versions,
-        "gpu": "none (CPU only)",
+        "gpu": gpu_name(),
     }
+
+
+def gpu_name() -> str:
+    """The CUDA device torch sees, or "none (CPU only)"."""
+    try:
+        import torch
+    except ImportError:
+        return "none (CPU only)"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
 
 
 def now() -> str:

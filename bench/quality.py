@@ -9,11 +9,20 @@ scores pretrain and cpt only (the descendants sft..grpo are not retrained for an
   - replay: cpt with the recipe's replay (25% of the pretrain mixture) vs without replay
     -> forgetting on the old domains (add, rev), gain on the new one (sub);
   - schedule: cosine re-warm vs WSD vs constant-with-cooldown, same steps, peak LR, warm-up and floor.
+
+Over seeds (`--seed-roots A,B,C`: finished runs of the recipe up to cpt, one per seed, e.g. clones with
+`seed:` set and `dvc repro cpt` done): in each root the recipe's own cpt is evaluated and the three
+variants run as above; per variant x domain the mean, std, min-max and each seed's value (with the
+forgetting's paired bootstrap CI), and per seed the target "replay forgets less than no replay"
+(mean forgetting over the old domains), go to artifacts/bench/quality_seeds.json.
+
+    python bench/quality.py --seed-roots /work/seeds/s1234,/work/seeds/s1235,/work/seeds/s1236
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +157,58 @@ def run_ablations(source: Path, only: str | None) -> dict[str, Any]:
     return runs
 
 
+def spread(values: dict[str, float]) -> dict[str, Any]:
+    numbers = list(values.values())
+    return {
+        "mean": round(statistics.fmean(numbers), 4),
+        "std": round(statistics.stdev(numbers), 4) if len(numbers) > 1 else None,
+        "min": min(numbers),
+        "max": max(numbers),
+        "per_seed": values,
+    }
+
+
+def seed_of(root: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load((root / "params.yaml").read_text())["seed"])
+
+
+def run_seed_ablations(roots: list[Path]) -> dict[str, Any]:
+    """The recipe's cpt and the three variants in each seed's root; spread over seeds; targets per seed."""
+    per_seed: dict[str, dict[str, Any]] = {}
+    for root in roots:
+        seed = str(seed_of(root))
+        log(f"seed {seed} ({root})")
+        runs = {"recipe": variant(root, f"s{seed}-recipe", {})}
+        runs.update({name: v for name, v in run_ablations(root, None).items()})
+        per_seed[seed] = runs
+    names = list(next(iter(per_seed.values())))
+    variants: dict[str, Any] = {}
+    for name in names:
+        rows = {seed: runs[name] for seed, runs in per_seed.items()}
+        domains = list(next(iter(rows.values()))["em_cpt"])
+        variants[name] = {
+            "em_cpt": {d: spread({s: r["em_cpt"][d] for s, r in rows.items()}) for d in domains},
+            "forgetting_old": {d: spread({s: r["forgetting_old"][d] for s, r in rows.items()}) for d in OLD_DOMAINS},
+            "forgetting_ci": {s: r["forgetting_ci"] for s, r in rows.items()},
+            "gain_new": spread({s: r["gain_new"] for s, r in rows.items()}),
+            "pretrain_em": {s: {d: v["mean"] for d, v in r["scores"]["pretrain"].items()} for s, r in rows.items()},
+            "cpt_train_seconds": {s: r["scores"]["cpt_train_seconds"] for s, r in rows.items()},
+            "params": next(iter(rows.values()))["params"],
+        }
+    targets = {}
+    for seed, runs in per_seed.items():
+        with_replay = statistics.fmean(runs["recipe"]["forgetting_old"].values())
+        without = statistics.fmean(runs["no_replay"]["forgetting_old"].values())
+        targets[seed] = {
+            "passed": with_replay < without,
+            "detail": f"mean forgetting on {'+'.join(OLD_DOMAINS)}: replay {with_replay:.3f} vs no replay {without:.3f}",
+        }
+    return {"seeds": list(per_seed), "roots": [str(r) for r in roots], "variants": variants,
+            "replay_forgets_less": targets, "schedules": SCHEDULES, "runs": per_seed}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-ablations", action="store_true")
@@ -156,7 +217,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="run the ablations only (from --source, e.g. while the e2e run is still going) into "
                              "ablations.json; a later run without it takes them from there")  # fmt: skip
     parser.add_argument("--source", type=Path, default=None, help="run to clone (default: the e2e run's)")
+    parser.add_argument("--seed-roots", default=None, help="comma-separated finished runs, one per seed")
     args = parser.parse_args(argv)
+    if args.seed_roots:
+        roots = [Path(r).resolve() for r in args.seed_roots.split(",") if r]
+        result = run_seed_ablations(roots)
+        write_result("quality_seeds", result)
+        return result
     source = args.source or full_root()
     import yaml
 

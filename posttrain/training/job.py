@@ -105,6 +105,15 @@ class TrainingJob:
     measure: list[MeasureHook] = field(default_factory=list)
 
 
+def peak_gpu_mb(runtime: Runtime) -> float | None:
+    """Peak GPU memory held by tensors in this process (torch's allocator), None off CUDA."""
+    if runtime.device != "cuda":
+        return None
+    import torch  # lazy: loaded already by the trainer; only CUDA runs ask
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """Train, resuming from the newest complete checkpoint; write model, lineage, metrics and plots."""
     stage, section = job.stage, job.section
@@ -238,6 +247,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_examples": len(job.train_dataset),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_gpu_mb": peak_gpu_mb(runtime),
         "device": runtime.device,
         "precision": runtime.precision,
         "threads": runtime.num_threads,
