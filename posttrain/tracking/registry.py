@@ -47,6 +47,7 @@ from posttrain.errors import PromotionError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
+from posttrain.models import chat_template
 from posttrain.scoring import seeds
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
@@ -229,6 +230,33 @@ def register_stage_model(
     if stage.split("@")[0] == params.promotion.final_stage:
         _set_alias(client, name, CANDIDATE, _ver(version))
     return retry_locked(client.get_model_version, name, _ver(version))
+
+
+def load_registered_model(model_uri: str) -> Any:
+    """A registered version for serving: `mlflow.transformers.load_model(model_uri)` (a text-generation
+    pipeline), refused unless its tokenizer's chat template has the fingerprint the version was registered
+    with (tag `posttrain.chat_template_fingerprint`, from lineage.json). A template swapped in the registry's
+    copy would make the model chat in a format it was never trained on. Uses MLflow's current tracking and
+    registry URIs (`mlflow.set_tracking_uri`, `MLFLOW_TRACKING_URI`)."""
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient()
+    name, version = get_model_name_and_version(client, model_uri)
+    recorded = retry_locked(client.get_model_version, name, version).tags.get(TAG + chat_template.LINEAGE_KEY)
+    generator = mlflow.transformers.load_model(model_uri)
+    if recorded in (None, "", "None"):
+        log.warning("%s: version %s has no chat-template fingerprint tag; template not checked", name, version)
+        return generator
+    chat_template.check_same_template(
+        chat_template.fingerprint(generator.tokenizer),
+        recorded,
+        child_name=f"{model_uri} (its tokenizer, version {version})",
+        parent_name=f"the registered version's tag {TAG}{chat_template.LINEAGE_KEY}",
+    )
+    return generator
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:

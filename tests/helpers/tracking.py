@@ -14,6 +14,7 @@ from helpers.tiny import REPO, tiny_raw
 from posttrain.config import ArchitectureConfig, Params, params_hash, parse_params
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, write_lineage
+from posttrain.models import chat_template
 from posttrain.models.build import build_scratch_model
 from posttrain.stage import StageResult
 
@@ -79,6 +80,7 @@ def make_model(layout: Layout, stage: str, seed: int, parents: tuple[str, ...] =
         params_hash=params_hash(section),
         seed=seed,
         data_manifest=layout.prepared / "manifest.json",
+        extra={chat_template.LINEAGE_KEY: chat_template.fingerprint(tokenizer)},
     )
     source = layout.root / "sources" / f"{stage}-{seed}"
     shutil.rmtree(source, ignore_errors=True)

@@ -184,6 +184,30 @@ def test_champion_loads_by_alias_and_generates_text(project: tuple[Layout, Param
     assert isinstance(predicted[0], str) and predicted[0]
 
 
+def test_serving_load_checks_the_chat_template_fingerprint(project: tuple[Layout, Params]) -> None:
+    import mlflow
+
+    from posttrain.errors import StageError
+    from posttrain.models.chat_template import LINEAGE_KEY, fingerprint
+    from posttrain.tracking import registry
+    from posttrain.tracking.client import TAG
+
+    layout, params = project
+    version = new_candidate(layout, params, seed=61, add=0.9, add3=0.5)
+    registry.promote(params, layout.root)
+    mlflow.set_tracking_uri(params.tracking.tracking_uri)
+    mlflow.set_registry_uri(params.tracking.tracking_uri)
+    client = client_for(params)
+    recorded = client.get_model_version(NAME, version).tags[TAG + LINEAGE_KEY]
+    generator = registry.load_registered_model(f"models:/{NAME}@champion")
+    assert fingerprint(generator.tokenizer) == recorded
+    assert generator("12+34=", max_new_tokens=2, do_sample=False)[0]["generated_text"].startswith("12+34=")
+    # A version whose recorded template is not the one its tokenizer carries is refused, naming both.
+    client.set_model_version_tag(NAME, version, TAG + LINEAGE_KEY, "f" * 64)
+    with pytest.raises(StageError, match=r"chat template mismatch: .*champion.*ffffffffffffffff"):
+        registry.load_registered_model(f"models:/{NAME}@champion")
+
+
 def test_gate_rule_on_scores_without_mlflow(tmp_path: Path) -> None:
     from posttrain.tracking.registry import check_gates
 
