@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from posttrain.config import load_params
 from posttrain.errors import SeedsError
 from posttrain.io import write_json_atomic
 from posttrain.pipeline.dag import dvc_command
 from posttrain.scoring.plots import seeds_plot
-from posttrain.scoring.seeds import EVAL_PATH, PLOT_PATH, SEEDS_PATH, aggregate
+from posttrain.scoring.seeds import EVAL_PATH, PLOT_PATH, SEEDS_PATH, aggregate, recipe_hash
 
 # --------------------------------------------------------------------------- the sweep (DVC experiments)
 
@@ -67,7 +68,12 @@ def run_sweep(root: Path, seeds: list[int], jobs: int = 1) -> tuple[dict[str, An
     failed = [seed for seed in seeds if seed not in results]
     if not results:
         raise SeedsError(f"no experiment of seeds {seeds} produced {EVAL_PATH}; see `dvc queue logs <name>`")
-    summary = {**aggregate(results), "experiments": {str(s): names[s] for s in results}, "failed_seeds": failed}
+    summary = {
+        **aggregate(results),
+        "recipe_hash": recipe_hash(load_params(root / "params.yaml")),
+        "experiments": {str(s): names[s] for s in results},
+        "failed_seeds": failed,
+    }
     write_json_atomic(root / SEEDS_PATH, summary)
     seeds_plot(summary, root / PLOT_PATH)
     return summary, failed

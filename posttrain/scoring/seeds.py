@@ -8,23 +8,31 @@ hands their eval.json documents (docs/eval-schema.md) to `aggregate`, a pure fun
                                    same way; the recipe's stage targets per seed
     artifacts/plots/seeds.png      mean +- std per model x domain, each seed's value as a dot
 
-The promotion gate (posttrain.tracking.registry) reads `spread` from seeds.json.
+The promotion gate (posttrain.tracking.registry) reads `spread` from seeds.json, only while the
+recipe is the one the sweep ran (`recipe_hash`: params.yaml without the seed and the keys that
+change no model or score); after a recipe edit the old spread says nothing and is ignored.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from posttrain.config import Params, params_hash
 from posttrain.errors import SeedsError
+
+log = logging.getLogger(__name__)
 
 EVAL_PATH = "artifacts/metrics/eval.json"
 SEEDS_PATH = "artifacts/metrics/seeds.json"
 PLOT_PATH = "artifacts/plots/seeds.png"
 SCHEMA_VERSION = 1
+# Keys that change neither a trained model nor a score: a sweep stays valid when only they change.
+NOT_RECIPE_KEYS = ("seed", "tracking", "promotion", "orchestration")
 
 
 # --------------------------------------------------------------------------- aggregation (pure)
@@ -137,3 +145,29 @@ def read_summary(root: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise SeedsError(f"{path}: not valid JSON ({error}); rerun `posttrain seeds N` or delete it") from None
+
+
+def recipe_hash(params: Params) -> str:
+    """Hash of the recipe a sweep ran: every params key except the seed and NOT_RECIPE_KEYS."""
+    data = params.model_dump(mode="json")
+    for key in NOT_RECIPE_KEYS:
+        data.pop(key, None)
+    return params_hash(data)
+
+
+def current_summary(root: Path, params: Params) -> dict[str, Any] | None:
+    """seeds.json when it was measured on this recipe; None (with a warning) when the recipe changed since."""
+    summary = read_summary(root)
+    if summary is None:
+        return None
+    recorded, now = summary.get("recipe_hash"), recipe_hash(params)
+    if recorded != now:
+        log.warning(
+            "%s: measured on recipe %s, params.yaml is now recipe %s; its seed spread is ignored "
+            "(rerun `posttrain seeds N`)",
+            SEEDS_PATH,
+            recorded or "(not recorded)",
+            now,
+        )
+        return None
+    return summary

@@ -625,7 +625,7 @@ def promote(
         )
         print(result.summary())
         return result
-    summary = seeds.read_summary(Path(root))
+    summary = seeds.current_summary(Path(root), params)
     seed_std = seeds.spread(summary, stage, params.promotion.compare_domain) if summary else None
     if spread is None and summary:
         spread = seeds.spreads(summary, stage)

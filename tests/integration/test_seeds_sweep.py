@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from posttrain.config import load_params
 from posttrain.pipeline.seeds import run_sweep
 from posttrain.scoring import seeds
 
@@ -52,7 +53,10 @@ def test_sweep_queues_one_dvc_experiment_per_seed_and_reads_each_back(tmp_path):
     assert failed == []
     assert summary["seeds"] == [10, 11]
     assert summary["models"]["sft"]["add"]["mean"] == pytest.approx(0.105)
-    assert json.loads((root / seeds.SEEDS_PATH).read_text())["experiments"].keys() == {"10", "11"}
+    written = json.loads((root / seeds.SEEDS_PATH).read_text())
+    assert written["experiments"].keys() == {"10", "11"}
+    # The recipe the sweep ran (seed aside): the gate ignores the spread once params.yaml changes.
+    assert written["recipe_hash"] == seeds.recipe_hash(load_params(root / "params.yaml"))
     assert (root / seeds.PLOT_PATH).is_file()
     listed = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=root, env=env, capture_output=True, text=True
