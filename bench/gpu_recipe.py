@@ -1,9 +1,9 @@
 """A recipe end to end without DVC, then each trainer stage against a bare TRL script, side by side.
 
 For a machine that has torch and the project's Python dependencies but not its orchestration tools
-(a lent GPU machine; see docs/gpu.md): every stage of dvc.yaml runs in DAG order as its own process,
-with the command dvc.yaml gives it (`python -m stages.<name>`), so the code and the numbers are the
-pipeline's; what DVC would add (caching, dvc.lock) is left out. Then, for each trainer stage, the
+(e.g. a lent GPU machine; docs/scale-out.md, "What was run where"): every stage of dvc.yaml runs in
+DAG order as its own process, with the command dvc.yaml gives it (`python -m stages.<name>`), so the
+code and the numbers are the pipeline's; what DVC would add (caching, dvc.lock) is left out. Then, for each trainer stage, the
 bare TRL script (bench/bare_trl.py: same model, data, settings and seed) and the stage itself
 (`python -m stages.<stage>` after removing its output and checkpoints) alternate, with the same
 step count, and the ratio of their tokens per second is the figure (target >= 0.95), with peak
