@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import Params, parse_params, read_yaml
-from posttrain.errors import ParamsChangedError, ParamsError, PipelineError, resource_error
+from posttrain.errors import ParamsChangedError, ParamsError, PipelineError, TrackingError, resource_error
 from posttrain.layout import Layout, find_root
 from posttrain.lineage import add_environment
 from posttrain.pipeline import launch
 from posttrain.runtime import is_main_process
-from posttrain.stage import StageFunction
+from posttrain.stage import StageFunction, StageResult
 from posttrain.tracking import client, runs
 
 log = logging.getLogger("posttrain")
@@ -105,6 +105,21 @@ def variant_stage(params: Params, stage: str, variant: str, run: Any) -> tuple[s
     return name, functools.partial(run, stage=name)
 
 
+def record(stage: str, params: Params, layout: Layout, result: StageResult, seconds: float) -> None:
+    """Record the finished stage in MLflow; a failure there is one TrackingError line, not a store's traceback."""
+    try:
+        runs.record_stage(stage, params, layout, result, seconds=seconds)
+    except PipelineError:
+        raise
+    except Exception as error:  # MLflow, SQLAlchemy, HTTP: whatever the configured store raises
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise TrackingError(
+            f"recording the run in MLflow failed after the stage finished ({type(error).__name__}: {first_line}); "
+            "its outputs are written. Fix tracking.tracking_uri (or set tracking.enabled: false) and rerun the "
+            "stage: a trainer stage resumes its final checkpoint and trains 0 steps (--debug shows the traceback)"
+        ) from error
+
+
 def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) -> None:
     """The process entry of `python -m stages.<stage>`: it ends the process (exit status 0, 1 or 3)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the '{stage}' stage.")
@@ -143,7 +158,7 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
         log.info("stage %s: finished in %.1f s", stage, seconds)
         check_params_unchanged(started_with, params_path, root, stage)  # before tracking records it
         if track:
-            runs.record_stage(stage, params, Layout(root), result, seconds=seconds)
+            record(stage, params, Layout(root), result, seconds)
             check_params_unchanged(started_with, params_path, root, stage)
     except Exception as error:
         # Out of memory / disk outside the training loop (model build, saving, evaluation) too.
