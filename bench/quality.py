@@ -17,6 +17,7 @@ forgetting's paired bootstrap CI), and per seed the target "replay forgets less 
 (mean forgetting over the old domains), go to artifacts/bench/quality_seeds.json.
 
     python bench/quality.py --seed-roots /work/seeds/s1234,/work/seeds/s1235,/work/seeds/s1236
+    python bench/quality.py --render-seeds      # the README table from artifacts/bench/quality_seeds.json
 """
 
 from __future__ import annotations
@@ -209,6 +210,47 @@ def run_seed_ablations(roots: list[Path]) -> dict[str, Any]:
             "replay_forgets_less": targets, "schedules": SCHEDULES, "runs": per_seed}  # fmt: skip
 
 
+VARIANT_NAMES = {"recipe": "recipe (WSD, replay 25%)", "no_replay": "WSD, no replay",
+                 "cosine": "cosine re-warm, replay", "constant_cooldown": "constant + cool-down, replay"}  # fmt: skip
+
+
+def render_seed_ablations(result: dict[str, Any]) -> str:
+    """Markdown: per variant, mean ± std [min, max] over seeds of EM and forgetting; the replay target per seed."""
+
+    def cell(entry: dict[str, Any]) -> str:
+        std = f" ± {entry['std']:.3f}" if entry.get("std") is not None else ""
+        return f"{entry['mean']:.3f}{std} [{entry['min']:.3f}, {entry['max']:.3f}]"
+
+    lines = [
+        "| cpt variant | EM add | EM rev | EM sub (new) | forgetting add | forgetting rev | gain sub |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in result["variants"].items():
+        em, fo = v["em_cpt"], v["forgetting_old"]
+        lines.append(
+            f"| {VARIANT_NAMES.get(name, name)} | {cell(em['add'])} | {cell(em['rev'])} | {cell(em[NEW_DOMAIN])} | "
+            f"{cell(fo['add'])} | {cell(fo['rev'])} | {cell(v['gain_new'])} |"
+        )
+    lines += ["", "Per seed (forgetting on add / rev with its paired 95% bootstrap CI; gain on sub):", ""]
+    seeds = result["seeds"]
+    lines += ["| cpt variant | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for name, v in result["variants"].items():
+        cells = []
+        for seed in seeds:
+            ci = v["forgetting_ci"][seed]
+            parts = [
+                f"{v['forgetting_old'][d]['per_seed'][seed]:.3f} [{ci[d]['ci_low']:.3f}, {ci[d]['ci_high']:.3f}]"
+                if ci.get(d) else f"{v['forgetting_old'][d]['per_seed'][seed]:.3f}"
+                for d in OLD_DOMAINS
+            ]  # fmt: skip
+            cells.append(" / ".join(parts) + f"; {v['gain_new']['per_seed'][seed]:.3f}")
+        lines.append(f"| {VARIANT_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
+    lines += ["", 'Target "replay forgets less than no replay" (mean forgetting over add and rev):', ""]
+    for seed, t in result["replay_forgets_less"].items():
+        lines.append(f"- seed {seed}: {'pass' if t['passed'] else 'FAIL'} ({t['detail']})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-ablations", action="store_true")
@@ -218,7 +260,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "ablations.json; a later run without it takes them from there")  # fmt: skip
     parser.add_argument("--source", type=Path, default=None, help="run to clone (default: the e2e run's)")
     parser.add_argument("--seed-roots", default=None, help="comma-separated finished runs, one per seed")
+    parser.add_argument("--render-seeds", action="store_true", help="print the multi-seed table and exit")
     args = parser.parse_args(argv)
+    if args.render_seeds:
+        result = read_json(RESULTS / "quality_seeds.json")
+        print(render_seed_ablations(result))
+        return result
     if args.seed_roots:
         roots = [Path(r).resolve() for r in args.seed_roots.split(",") if r]
         result = run_seed_ablations(roots)

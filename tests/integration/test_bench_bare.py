@@ -83,8 +83,57 @@ def test_throughput_steps_and_summary() -> None:
         with pytest.raises(SystemExit):
             throughput.parse_steps(bad)
     side = {"tokens_per_second": 100.0, "peak_rss_mb": 600.0, "final_train_loss": 1.5}
-    reps = [{"bare": side, "stage": {**side, "tokens_per_second": t, "peak_rss_mb": 630.0}} for t in (95.0, 85.0)]
+    reps = [{"bare": side, "stage": {**side, "tokens_per_second": t, "peak_rss_mb": 630.0}} for t in (97.0, 93.0)]
     summary = throughput.summarise(reps)
-    assert summary["tokens_per_second_ratio_median"] == 0.9 and summary["throughput_target_met"]
+    assert summary["tokens_per_second_ratio_median"] == 0.95 and summary["throughput_target_met"]
     assert summary["peak_rss_ratio_median"] == 1.05
     assert summary["identical_final_loss"] and summary["final_losses"] == [1.5]
+
+
+def test_conversational_mixtures_reach_trl_as_the_stage_gives_them(tmp_path) -> None:
+    """SFT `messages` as TRL's lists with assistant-only loss; DPO/GRPO prompts through the chat template and
+    chosen/rejected as their assistant turn's text (what posttrain.training.data gives the trainers)."""
+    import json
+
+    import pandas as pd
+    from helpers.tiny import char_tokenizer
+
+    from posttrain.data.formats import canonical_json
+    from posttrain.models import chat_template
+    from posttrain.training.data import chat_mixture_row
+
+    def write(stage: str, rows: list[dict]) -> None:
+        folder = tmp_path / "artifacts" / "data" / "mixtures" / stage
+        folder.mkdir(parents=True)
+        pd.DataFrame(rows).to_parquet(folder / "train.parquet")
+        (folder / "manifest.json").write_text(json.dumps({"conversational": True}))
+
+    user = [{"role": "user", "content": "12+34="}]
+    answer = [{"role": "assistant", "content": "46"}]
+    write("sft", [{"id": "a", "domain": "add", "messages": canonical_json(user + answer)}])
+    pair = {"id": "p", "prompt": canonical_json(user), "chosen": canonical_json(answer),
+            "rejected": canonical_json([{"role": "assistant", "content": "47"}])}  # fmt: skip
+    write("dpo", [pair])
+    data, fields = bare_trl.sft_data(tmp_path)
+    assert data[0]["messages"] == user + answer
+    assert fields == {"assistant_only_loss": True, "completion_only_loss": False}
+
+    tokenizer = char_tokenizer()
+    chat_template.install(tokenizer, "chatml", tmp_path)
+    bare = bare_trl.prompt_rows(tmp_path, "dpo", ["prompt", "chosen", "rejected"], tokenizer)[0]
+    staged = chat_mixture_row(tokenizer, pair, "dpo mixture")
+    assert {k: bare[k] for k in ("prompt", "chosen", "rejected")} == {
+        k: staged[k] for k in ("prompt", "chosen", "rejected")
+    }
+    assert bare["prompt"].endswith("<|im_start|>assistant\n") and bare["chosen"] == "46"
+
+
+def test_grpo_tokens_are_counted_as_the_stage_counts_them(tmp_path) -> None:
+    @dataclasses.dataclass
+    class GRPOConfig:
+        max_length: int = 1024
+
+    runtime = {"use_cpu": True, "bf16": False, "fp16": False, "seed": 1, "data_seed": 1}
+    kwargs = bare_trl.trl_kwargs(GRPOConfig, {"trainer": {}, "max_length": 32}, runtime, tmp_path, {})
+    # As posttrain.training.trl_config: GRPO's batches have no input_ids; TRL's num_tokens log counts them.
+    assert kwargs["include_num_input_tokens_seen"] == "no"
