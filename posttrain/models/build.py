@@ -249,6 +249,10 @@ def check_same_tokenizer(
         )
 
 
+# from_pretrained options that transformers keeps in a tokenizer's init kwargs and would save with it.
+LOAD_TIME_KWARGS = ("local_files_only", "cache_dir", "force_download", "token")
+
+
 def save_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -261,6 +265,10 @@ def save_model(
     """
     _set_generation_ids(model, tokenizer)
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    # Load-time options are not part of the tokenizer: transformers writes `local_files_only` (true under
+    # HF_HUB_OFFLINE=1) into tokenizer_config.json, so the same model would hash differently offline and online.
+    for key in LOAD_TIME_KWARGS:
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.save_pretrained(folder)
 
 

@@ -126,3 +126,20 @@ def test_corrupted_byte_is_detected_by_hash(tmp_path, tokenizer):
         load_stage_model(folder)
     message = str(error.value)
     assert "model.safetensors" in message and record["files"]["model.safetensors"] in message
+
+
+def test_saved_folder_does_not_depend_on_offline_mode(tmp_path, tokenizer):
+    """A model re-saved after loading offline (HF_HUB_OFFLINE=1: local_files_only) or online has the same files."""
+    from transformers import AutoTokenizer
+
+    model = build_scratch_model(TINY, tokenizer)
+    first = tmp_path / "first"
+    save_model(model, tokenizer, first)
+    configs = []
+    for offline in (True, False):
+        loaded = AutoTokenizer.from_pretrained(first, local_files_only=offline)
+        again = tmp_path / f"again-{offline}"
+        save_model(model, loaded, again)
+        configs.append((again / "tokenizer_config.json").read_text())
+    assert configs[0] == configs[1]
+    assert "local_files_only" not in json.loads(configs[0])
