@@ -285,6 +285,8 @@ def run_bare(root: Path, stage: str, steps: int, threads: int) -> dict[str, Any]
     out = SCRATCH / f"bare-{stage}.json"
     out.unlink(missing_ok=True)
     done = timed(bare_cmd(root, stage, steps, threads, out), root)
+    # A real model's checkpoints take GBs (weights + optimizer state): nothing here reads them again.
+    shutil.rmtree(SCRATCH / f"bare-{stage}-out", ignore_errors=True)
     return {"wall_seconds": done["seconds"], **read_json(out)}
 
 

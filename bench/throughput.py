@@ -27,6 +27,7 @@ The real-model recipe (configs/smollm2-135m.yaml), from a finished run of it in 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ def run_stage(root: Path, stage: str) -> dict[str, Any]:
     if f"Running stage '{stage}'" not in done["stdout"]:
         raise RuntimeError(f"dvc did not run {stage}:\n{done['stdout'][-2000:]}")
     m = read_json(root / "artifacts" / "metrics" / f"{stage}.json")
+    for folder in (root / "checkpoints").glob(f"{stage}-*"):  # GBs for a real model; never resumed here
+        shutil.rmtree(folder, ignore_errors=True)
     return {
         "wall_seconds": done["seconds"],
         "train_seconds": m["seconds"],  # trainer.train(), continual evaluation included
