@@ -94,19 +94,20 @@ def make_callbacks(
 class NonFiniteGuard(TrainerCallback):
     """Stop the stage when the loss or the weights become NaN/inf, before anything is saved.
 
-    The weights are checked at every step that logs, saves or ends training (a NaN loss turns them NaN
-    at its step, and they stay NaN), the loss at every log; raising here ends trainer.train(), so no
-    checkpoint and no model follow.
+    The weights are checked at every step that saves or ends training (a NaN loss turns them NaN at its
+    step, and they stay NaN), the loss at every log; raising here ends trainer.train(), so no checkpoint
+    and no model follow. Not at every log: a check walks every parameter, and with `logging_steps: 1`
+    on a 135M-parameter model it cost the stage ~7% of its tokens/s against a bare TRL run.
     """
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        # Only on steps that log, save or end training (the Trainer's flow callback, which runs first,
-        # has set those flags): a diverged run still stops before any checkpoint or model is written,
-        # without a device-to-host sync on every step.
-        due = control.should_log or control.should_save or control.should_training_stop
+        # Only on steps that save or end training (the Trainer's flow callback, which runs first, has set
+        # those flags): a diverged run still stops before any checkpoint or model is written, without a
+        # pass over the weights (and a device-to-host sync) on every step; the loss is checked at each log.
+        due = control.should_save or control.should_training_stop
         if model is not None and (due or state.global_step >= state.max_steps) and not all_finite(model):
             raise StageError(
                 f"stage {self.stage}: weights became NaN/inf at step {state.global_step} (training diverged); "
