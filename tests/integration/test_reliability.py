@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import sqlite3
@@ -175,7 +176,8 @@ def test_nan_stage_writes_and_registers_nothing_and_secrets_stay_out(tmp_path: P
     proc = _stage(layout.root, env=env)
     out = _finish(proc)
     assert proc.returncode == 1, out[-3000:]
-    assert "error: stage pretrain:" in out and "NaN/inf" in out and "no model written" in out
+    assert "error: stage pretrain:" in out and "no model written" in out
+    assert re.search(r"NaN/inf|is (nan|inf) at step", out), out[-3000:]  # the weights' check or the loss's
     assert file_hashes(layout.model("pretrain")) == good  # previous model untouched
     assert not list(layout.model("pretrain").parent.glob(".pretrain.*"))
     assert len(client.search_model_versions()) == 1  # nothing registered
