@@ -19,12 +19,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import load_params
 from posttrain.errors import SeedsError
 from posttrain.io import write_json_atomic
 from posttrain.pipeline.dag import dvc_command
 from posttrain.scoring.plots import seeds_plot
-from posttrain.scoring.seeds import EVAL_PATH, PLOT_PATH, SEEDS_PATH, aggregate, recipe_hash
+from posttrain.scoring.seeds import EVAL_PATH, PLOT_PATH, SEEDS_PATH, aggregate, workspace_recipe_hash
 
 # --------------------------------------------------------------------------- the sweep (DVC experiments)
 
@@ -70,7 +69,7 @@ def run_sweep(root: Path, seeds: list[int], jobs: int = 1) -> tuple[dict[str, An
         raise SeedsError(f"no experiment of seeds {seeds} produced {EVAL_PATH}; see `dvc queue logs <name>`")
     summary = {
         **aggregate(results),
-        "recipe_hash": recipe_hash(load_params(root / "params.yaml")),
+        "recipe_hash": workspace_recipe_hash(root),
         "experiments": {str(s): names[s] for s in results},
         "failed_seeds": failed,
     }

@@ -9,8 +9,8 @@ hands their eval.json documents (docs/eval-schema.md) to `aggregate`, a pure fun
     artifacts/plots/seeds.png      mean +- std per model x domain, each seed's value as a dot
 
 The promotion gate (posttrain.tracking.registry) reads `spread` from seeds.json, only while the
-recipe is the one the sweep ran (`recipe_hash`: params.yaml without the seed and the keys that
-change no model or score); after a recipe edit the old spread says nothing and is ignored.
+recipe is the one the sweep ran (`recipe_hash`: params.yaml as written, without the seed and the
+keys that change no model or score); after a recipe edit the old spread says nothing and is ignored.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import Params, params_hash
+from posttrain.config import params_hash, read_yaml
 from posttrain.errors import SeedsError
 
 log = logging.getLogger(__name__)
@@ -147,20 +147,23 @@ def read_summary(root: Path) -> dict[str, Any] | None:
         raise SeedsError(f"{path}: not valid JSON ({error}); rerun `posttrain seeds N` or delete it") from None
 
 
-def recipe_hash(params: Params) -> str:
-    """Hash of the recipe a sweep ran: every params key except the seed and NOT_RECIPE_KEYS."""
-    data = params.model_dump(mode="json")
-    for key in NOT_RECIPE_KEYS:
-        data.pop(key, None)
-    return params_hash(data)
+def recipe_hash(raw: Mapping[str, Any]) -> str:
+    """Hash of the recipe a sweep ran: params.yaml as parsed (every key it writes, defaults left out),
+    except the seed and NOT_RECIPE_KEYS."""
+    return params_hash({key: value for key, value in raw.items() if key not in NOT_RECIPE_KEYS})
 
 
-def current_summary(root: Path, params: Params) -> dict[str, Any] | None:
-    """seeds.json when it was measured on this recipe; None (with a warning) when the recipe changed since."""
+def workspace_recipe_hash(root: Path) -> str:
+    return recipe_hash(read_yaml(root / "params.yaml"))
+
+
+def current_summary(root: Path) -> dict[str, Any] | None:
+    """seeds.json when it was measured on the workspace's recipe; None (with a warning) when params.yaml
+    changed since."""
     summary = read_summary(root)
     if summary is None:
         return None
-    recorded, now = summary.get("recipe_hash"), recipe_hash(params)
+    recorded, now = summary.get("recipe_hash"), workspace_recipe_hash(root)
     if recorded != now:
         log.warning(
             "%s: measured on recipe %s, params.yaml is now recipe %s; its seed spread is ignored "

@@ -47,7 +47,6 @@ from posttrain.errors import PromotionError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
-from posttrain.models import chat_template
 from posttrain.scoring import seeds
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
@@ -242,6 +241,9 @@ def load_registered_model(model_uri: str) -> Any:
     import mlflow
     from mlflow import MlflowClient
     from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    # lazy: keeps posttrain.models out of what every stage loads through the tracking package (DVC deps)
+    from posttrain.models import chat_template
 
     client = MlflowClient()
     name, version = get_model_name_and_version(client, model_uri)
@@ -625,7 +627,7 @@ def promote(
         )
         print(result.summary())
         return result
-    summary = seeds.current_summary(Path(root), params)
+    summary = seeds.current_summary(Path(root))
     seed_std = seeds.spread(summary, stage, params.promotion.compare_domain) if summary else None
     if spread is None and summary:
         spread = seeds.spreads(summary, stage)

@@ -10,7 +10,6 @@ import sys
 import pytest
 import yaml
 
-from posttrain.config import load_params
 from posttrain.pipeline.seeds import run_sweep
 from posttrain.scoring import seeds
 
@@ -56,7 +55,7 @@ def test_sweep_queues_one_dvc_experiment_per_seed_and_reads_each_back(tmp_path):
     written = json.loads((root / seeds.SEEDS_PATH).read_text())
     assert written["experiments"].keys() == {"10", "11"}
     # The recipe the sweep ran (seed aside): the gate ignores the spread once params.yaml changes.
-    assert written["recipe_hash"] == seeds.recipe_hash(load_params(root / "params.yaml"))
+    assert written["recipe_hash"] == seeds.recipe_hash({"seed": 10}) == seeds.workspace_recipe_hash(root)
     assert (root / seeds.PLOT_PATH).is_file()
     listed = subprocess.run(
         [sys.executable, "-m", "dvc", "exp", "list", "--name-only"], cwd=root, env=env, capture_output=True, text=True

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from helpers.tiny import tiny_raw
 from helpers.tracking import make_params, score
 
-from posttrain.config import parse_params
 from posttrain.errors import SeedsError
 from posttrain.scoring import seeds
 from posttrain.scoring.plots import seeds_plot
@@ -111,23 +111,29 @@ def test_gate_requires_improvement_beyond_seed_std(tmp_path):
 def test_a_sweep_counts_only_for_the_recipe_it_ran(tmp_path) -> None:
     import json
 
-    params = make_params(tmp_path)
+    import yaml
+
+    raw = tiny_raw()
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
     path = tmp_path / seeds.SEEDS_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {**seeds.aggregate({1: _eval({"sft": {"add": 0.9}}), 2: _eval({"sft": {"add": 0.8}})}),
-               "recipe_hash": seeds.recipe_hash(params)}  # fmt: skip
+               "recipe_hash": seeds.workspace_recipe_hash(tmp_path)}  # fmt: skip
     path.write_text(json.dumps(summary))
-    assert seeds.current_summary(tmp_path, params)["seeds"] == [1, 2]
+    assert seeds.current_summary(tmp_path)["seeds"] == [1, 2]
     # Another seed, other tracking or promotion settings: the same recipe.
-    same = params.model_copy(update={"seed": params.seed + 7})
-    assert seeds.recipe_hash(same) == seeds.recipe_hash(params)
-    assert seeds.current_summary(tmp_path, same) is not None
+    same = {**raw, "seed": raw["seed"] + 7, "tracking": {**raw["tracking"], "experiment": "other"}}
+    assert seeds.recipe_hash(same) == seeds.recipe_hash(raw)
+    params_file.write_text(yaml.safe_dump(same))
+    assert seeds.current_summary(tmp_path) is not None
     # A training setting changed: the old spread is not this recipe's.
-    raw = params.model_dump(mode="json")
-    raw["sft"]["trainer"]["learning_rate"] *= 2
-    edited = parse_params(raw)
-    assert seeds.recipe_hash(edited) != seeds.recipe_hash(params)
-    assert seeds.current_summary(tmp_path, edited) is None
+    edited = yaml.safe_load(yaml.safe_dump(raw))
+    edited["sft"]["trainer"]["learning_rate"] *= 2
+    assert seeds.recipe_hash(edited) != seeds.recipe_hash(raw)
+    params_file.write_text(yaml.safe_dump(edited))
+    assert seeds.current_summary(tmp_path) is None
     # A seeds.json from before recipe hashes were recorded is not trusted either.
+    params_file.write_text(yaml.safe_dump(raw))
     path.write_text(json.dumps({k: v for k, v in summary.items() if k != "recipe_hash"}))
-    assert seeds.current_summary(tmp_path, params) is None
+    assert seeds.current_summary(tmp_path) is None
