@@ -32,23 +32,10 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PYTHON, REPO, STAGE_ORDER, log, machine_info, now, project_env
-from bench.throughput import TARGET_RATIO, parse_steps
+from bench.throughput import TARGET_RATIO, parse_steps, summarise
+from posttrain.config import set_override
 
 TRAINER_STAGES = ("sft", "dpo", "grpo")
-
-
-def parse_value(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    node = params
-    for key in path:
-        node = node.setdefault(key, {})
-    node[last] = value
 
 
 def write_params(root: Path, params: dict[str, Any]) -> None:
@@ -180,17 +167,11 @@ def run_throughput(root: Path, params: dict[str, Any], steps: dict[str, int], re
                 f"{stage}: tokens/s bare {bare['tokens_per_second']} stage {staged['tokens_per_second']}; "
                 f"loss {bare['final_train_loss']} / {staged['final_train_loss']}"
             )
-        ratios = [ratio(r["stage"]["tokens_per_second"], r["bare"]["tokens_per_second"]) for r in reps]
-        middle = sorted(ratios)[len(ratios) // 2]
         result["throughput"]["stages"][stage] = {
             "max_steps": steps[stage],
             "repeats": reps,
-            "tokens_per_second_ratios": ratios,
-            "tokens_per_second_ratio_median": middle,
-            "throughput_target_met": middle is not None and middle >= TARGET_RATIO,
-            "peak_rss_ratios": [ratio(r["stage"]["peak_rss_mb"], r["bare"]["peak_rss_mb"]) for r in reps],
+            **summarise(reps),  # the same ratios, median and target as bench/throughput.py
             "peak_gpu_ratios": [ratio(r["stage"]["peak_gpu_mb"], r["bare"]["peak_gpu_mb"]) for r in reps],
-            "identical_final_loss": len({r[s]["final_train_loss"] for r in reps for s in ("bare", "stage")}) == 1,
         }
         save()
     write_params(root, params)
@@ -216,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load(args.params.read_text())
     for item in args.set:
-        key, _, value = item.partition("=")
-        set_dotted(params, key.strip(), parse_value(value))
+        set_override(params, item)
     write_params(root, params)
     threads = args.threads or params["compute"].get("num_threads") or 1
     result: dict[str, Any] = {"started": now(), "machine": machine_info(), "params": str(args.params),
