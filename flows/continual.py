@@ -1,11 +1,14 @@
 """Continual pretraining flow: new data files arrive, the pipeline catches up, the gate decides.
 
-Each run looks in `orchestration.continual.incoming_dir` for JSONL/CSV/Parquet files it has not
+Each run looks in `orchestration.continual.incoming_dir` for data files it has not
 ingested yet (by content hash, recorded in `<store_dir>/<domain>.ingested.json`). With none it says
 so and stops. With new files it
 
-1. appends their rows to the domain's data and versions it with DVC: one Parquet file named by
+1. appends their rows to the domain's data and versions it with DVC: one JSON Lines file named by
    its content hash in `<store_dir>/<domain>/` (`dvc add` of that folder, so `dvc push` ships it);
+   the suffixes are the data layer's own (posttrain.data.sources.FILE_SUFFIXES: .jsonl, .json,
+   .ndjson, .csv, .parquet, .pq), and a row keeps its structure (a conversation's list of messages
+   stays a list; numbers become strings, as the record schema has them);
 2. registers it in params.yaml as file domain `data.domains.<domain>` (the path carries the
    content hash, so the `data` params DVC tracks change and `prepare` reruns) and adds it to the
    `cpt` mixture weights the first time;
@@ -40,6 +43,7 @@ import hashlib
 import importlib
 import io
 import json
+import logging
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -53,12 +57,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.pipeline import execute_pipeline, failure_state
 from posttrain.config import ContinualConfig, load_params
-from posttrain.data import userdeps
+from posttrain.data.sources import FILE_SUFFIXES
 from posttrain.errors import DataError, PipelineError
+from posttrain.io import write_json_atomic, write_text_atomic
 from posttrain.pipeline import dag
 from posttrain.pipeline.workspace import pipeline_lock
+from posttrain.spec import sync_dvc_yaml
 
-SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+log = logging.getLogger("posttrain.continual")
+
 DEFAULT_GATE = "posttrain.tracking.registry:promote"
 DEFAULT_POOL = "posttrain-process"
 
@@ -94,11 +101,7 @@ def read_state(root: Path, cfg: ContinualConfig) -> dict[str, Any]:
 
 
 def _write_state(root: Path, cfg: ContinualConfig, state: dict[str, Any]) -> None:
-    path = _state_path(root, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json_atomic(_state_path(root, cfg), state)
 
 
 def new_files(root: Path, cfg: ContinualConfig) -> list[Path]:
@@ -107,13 +110,20 @@ def new_files(root: Path, cfg: ContinualConfig) -> list[Path]:
     if not incoming.is_dir():
         return []
     known = {entry["sha256"] for entry in read_state(root, cfg)["files"].values()}
-    found = [p for p in incoming.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES]
+    found = [p for p in incoming.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES]
+    ignored = sorted(
+        p.name for p in incoming.iterdir() if p.is_file() and p not in found and not p.name.startswith(".")
+    )
+    if ignored:
+        log.warning("continual: %s: ignoring %s (not a data file; expected a suffix among %s)",
+                    incoming, ", ".join(ignored), sorted(FILE_SUFFIXES))  # fmt: skip
     return sorted((p for p in found if _sha256(p) not in known), key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of one incoming file; values become strings (the record schema is all strings), nulls stay null."""
-    kind = SUFFIXES[path.suffix.lower()]
+    """Rows of one incoming file. Strings, lists and mappings (a conversation) stay as they are, nulls stay
+    null; numbers and booleans become strings (the record schema's fields are text or messages)."""
+    kind = FILE_SUFFIXES[path.suffix.lower()]
     if kind == "jsonl":
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -135,34 +145,39 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         rows = pq.read_table(path).to_pylist()
     if not rows:
         raise DataError(f"{path}: no rows; expected at least one")
-    return [{k: (v if v is None or isinstance(v, str) else str(v)) for k, v in row.items()} for row in rows]
+    return [
+        {k: (v if v is None or isinstance(v, (str, list, dict)) else str(v)) for k, v in row.items()} for row in rows
+    ]
+
+
+def _read_store(path: Path) -> list[dict[str, Any]]:
+    """The rows of an earlier version of the domain's data (JSON Lines; Parquet from before JSON Lines)."""
+    if path.suffix == ".parquet":
+        # lazy: pyarrow is heavy to import; only parquet reads need it
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
-    """Append the files' rows to the domain's data, version it with DVC and register it in params.yaml."""
-    # lazy: pyarrow is heavy to import; only parquet reads/writes need it
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Append the files' rows to the domain's data, version it with DVC and register it in params.yaml.
 
+    The caller holds the workspace lock: params.yaml and dvc.yaml are written here.
+    """
     folder = root / cfg.store_dir / cfg.domain
-    previous = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    rows = [row for old in previous for row in pq.read_table(old).to_pylist()]
+    previous = sorted([*folder.glob("*.jsonl"), *folder.glob("*.parquet")]) if folder.is_dir() else []
+    rows = [row for old in previous for row in _read_store(old)]
     for path in files:
         rows.extend(_read_rows(path))
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = pa.Table.from_pylist(rows, schema=pa.schema([(c, pa.string()) for c in columns]))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    data = sink.getvalue().to_pybytes()
-    version = hashlib.sha256(data).hexdigest()[:12]
+    data = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
+    version = hashlib.sha256(data.encode()).hexdigest()[:12]
 
     # One file per version, named by content: the params path changes with the data, so DVC sees
-    # `prepare` as stale through the `data` params; the folder is also added to prepare's deps below.
+    # `prepare` as stale through the `data` params and the file is a dep of prepare (posttrain.spec).
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{version}.parquet"
-    tmp = folder / f".{version}.parquet.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(target)
+    target = folder / f"{version}.jsonl"
+    write_text_atomic(target, data)
     for old in previous:
         if old != target:
             old.unlink()  # the old version stays in DVC's cache and in git history of the .dvc file
@@ -173,15 +188,15 @@ def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
         raise PipelineError(f"dvc add {folder.relative_to(root)} failed: {done.stderr.strip() or done.stdout.strip()}")
 
     relative = target.relative_to(root).as_posix()
-    domain = {"kind": "file", "path": relative, "format": "parquet"}
+    domain = {"kind": "file", "path": relative, "format": "jsonl"}
     if cfg.columns:
         domain["columns"] = dict(cfg.columns)
     overrides = [f"data.domains.{cfg.domain}={json.dumps(domain)}"]
     if cfg.domain not in load_params(root / "params.yaml").mixtures["cpt"].weights:
         overrides.append(f"mixtures.cpt.weights.{cfg.domain}={cfg.weight}")
     dag.apply_overrides(root, overrides)
-    # The store folder (every version of it) is what `prepare` reads: DVC must see its content.
-    userdeps.add_deps(root, [folder.relative_to(root).as_posix()])
+    # The versioned file is a dep of `prepare` (posttrain.spec): dvc.yaml is written from the new params.
+    sync_dvc_yaml(load_params(root / "params.yaml"), root)
 
     state = read_state(root, cfg)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

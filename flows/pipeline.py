@@ -34,6 +34,7 @@ from posttrain.errors import EXIT_NOT_RETRYABLE, PipelineError, StageError
 from posttrain.io import redact
 from posttrain.pipeline import dag
 from posttrain.pipeline.workspace import pipeline_lock
+from posttrain.spec import foreach_group, sync_dvc_yaml
 
 TAIL_LINES = 15
 OK = ("ran", "unchanged", "restored", "cached")  # outcomes that let downstream stages start
@@ -169,7 +170,7 @@ class PipelineResult:
 def _retries(params: Params, stage: str) -> int:
     table = params.orchestration.retries
     # `mix@sft` can be set on its own or through its base name `mix`.
-    return table.get(stage, table.get(stage.split("@")[0], params.orchestration.default_retries))
+    return table.get(stage, table.get(foreach_group(stage), params.orchestration.default_retries))
 
 
 def execute_pipeline(
@@ -260,8 +261,8 @@ def pipeline_flow(
 ) -> dict[str, str] | State:
     """Run dvc.yaml's stages (all, or `stages` with their upstream; `downstream`: and below).
 
-    `overrides` (`key=value`) are written into params.yaml first, validated, so DVC's lock,
-    MLflow's params and this run agree. One run per workspace: another run's lock is waited on
+    `overrides` (`key=value`) are written into params.yaml first, validated, and dvc.yaml is written
+    from it (posttrain.spec), all under the workspace lock, so DVC's lock, MLflow's params and this run agree. One run per workspace: another run's lock is waited on
     for `wait` seconds. Returns stage -> outcome; a failed stage fails the flow with that stage's
     own error message (user errors fail it with their message, without a traceback).
     """
@@ -272,6 +273,8 @@ def pipeline_flow(
             changed = dag.apply_overrides(project, overrides or [])
             if changed:
                 logger.info("params.yaml: set %s", ", ".join(changed))
+            for line in sync_dvc_yaml(load_params(project / "params.yaml"), project):
+                logger.info("dvc.yaml: %s (from params.yaml)", line)
             result = execute_pipeline(project, stages, downstream=downstream, force=force, echo=logger.info)
     except PipelineError as error:
         return Failed(message=str(error))

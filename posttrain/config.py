@@ -20,14 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import ParamsError
 from posttrain.scoring.rewards import REWARDS
+from posttrain.spec import (  # the stage names and the chain's defaults live with the stage spec
+    DEFAULT_PARENTS,
+    MODEL_STAGES,
+    STAGE_NAMES,
+    TRAINING_STAGES,
+    VARIANT_NAME,
+    VARIANT_STAGES,
+    foreach_group,
+    split_name,
+    variant_name,
+    variants_stage,
+)
 
-STAGE_NAMES = ("prepare", "mix", "pretrain", "cpt", "sft", "dpo", "grpo", "merge", "evaluate")
-MODEL_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
-TRAINING_STAGES = ("pretrain", "cpt", "sft", "dpo", "grpo")
-# Training stages that may declare variants (`variants.<stage>.<name>`): dvc.yaml runs each as
-# its own stage `<stage>_variants@<name>` through `foreach`; its model stage name is `<stage>@<name>`.
-VARIANT_STAGES = ("sft",)
-VARIANT_NAME = re.compile(r"[a-z0-9_]+")
+# Merge methods that take task vectors against `merge.base` (posttrain.models.merging).
+MERGE_NEEDS_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging")
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -419,6 +426,10 @@ class LoRAConfig(Strict):
 
 
 class TrainStageConfig(Strict):
+    # The model stage this one trains on; null: the default chain (pretrain > cpt > sft > dpo > grpo,
+    # each on the one before). `sft.parent: pretrain` skips cpt, `grpo.parent: sft` skips dpo: a stage
+    # runs only when something the recipe evaluates or merges needs it (Params.chain).
+    parent: str | None = None
     trainer: TrainerArgs = TrainerArgs()
     schedule: ScheduleConfig = ScheduleConfig()
     max_length: PositiveInt = 64
@@ -579,7 +590,7 @@ class MergeConfig(Strict):
             raise ValueError("merge.weights are all zero; expected at least one weight > 0")
         if self.method == "slerp" and len(self.models) != 2:
             raise ValueError(f"slerp merges exactly two models; got {len(self.models)}")
-        if self.method in ("task_arithmetic", "ties", "dare_linear", "dare_ties", "adamerging") and not self.base:
+        if self.method in MERGE_NEEDS_BASE and not self.base:
             raise ValueError(f"merge method '{self.method}' needs merge.base (the common ancestor stage)")
         return self
 
@@ -638,7 +649,8 @@ class TrackingConfig(Strict):
     # None: a SQLite store in the project (mlflow.db) unless MLFLOW_TRACKING_URI is set.
     tracking_uri: str | None = None
     experiment: str = "posttrain"
-    # Registered model name is "<registered_model_prefix>-<stage>".
+    # The recipe's one registered model: every stage's model is a version of it (tagged with its stage),
+    # and `models:/<registered_model_prefix>@champion` is the model a team serves.
     registered_model_prefix: str = "posttrain"
 
     @field_validator("experiment", "registered_model_prefix")
@@ -673,18 +685,34 @@ class CandidateRule(Strict):
 
 
 class PromotionConfig(Strict):
-    # The stage whose model is the pipeline's final model (gets the `candidate` alias).
+    # The candidate when `candidate` is unset: this stage's model.
     final_stage: str = "merge"
     # How the candidate is chosen; None: the final stage's model.
     candidate: CandidateRule | None = None
     # Domains on which the candidate may not be worse than any evaluated model of its own lineage
     # (beyond the confidence intervals and the seed spread); empty: every domain both were scored on.
     lineage_domains: list[str] = []
+    # The smallest regression the lineage gate must catch, as exact match (0.05 = 5 points): a candidate
+    # may be worse than an ancestor by less than this. Where the comparison's uncertainty band is wider,
+    # the data cannot tell and the gate says "inconclusive" (with the items or seeds that would do).
+    max_regression: Fraction = 0.05
+    # Per-domain overrides of max_regression, e.g. {add: 0.02}.
+    max_regression_per_domain: dict[str, Fraction] = {}
+    # An inconclusive verdict (the data cannot detect max_regression) refuses by default.
+    on_inconclusive: Literal["refuse", "promote"] = "refuse"
+    # The candidate must beat the first evaluated model of its lineage (the base) on at least one domain
+    # beyond noise: a chain that learned nothing is never promoted.
+    require_learning: bool = True
     min_exact_match: dict[str, Fraction] = {}
     max_forgetting: dict[str, Fraction] = {}
     # Candidate must beat the champion on this domain by at least `min_improvement`, judged with CIs.
     compare_domain: str | None = None
     min_improvement: float = 0.0
+    # Scores from different generation engines (eval.json `engine`) are not compared unless this is set.
+    allow_engine_mismatch: bool = False
+
+    def regression_margin(self, domain: str) -> float:
+        return self.max_regression_per_domain.get(domain, self.max_regression)
 
 
 def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: list[str]) -> list[tuple[str, Any, str]]:
@@ -693,6 +721,9 @@ def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: l
     for i, domain in enumerate(promotion.lineage_domains):
         if domain not in domains:
             problems.append((f"promotion.lineage_domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+    for domain in promotion.max_regression_per_domain:
+        if domain not in domains:
+            problems.append((f"promotion.max_regression_per_domain.{domain}", domain, f"a domain in {sorted(domains)}"))
     rule = promotion.candidate
     if rule is None:
         return problems
@@ -700,7 +731,7 @@ def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: l
     named += [(f"promotion.candidate.best_of[{i}]", stage) for i, stage in enumerate(rule.best_of or [])]
     for key, stage in named:
         if stage not in models:
-            problems.append((key, stage, f"one of {models}"))
+            problems.append((key, stage, f"one of evaluate.models {models}"))
     if rule.metric != "mean" and rule.metric not in domains:
         problems.append(("promotion.candidate.metric", rule.metric, f"'mean' or a domain in {sorted(domains)}"))
     return problems
@@ -775,11 +806,16 @@ class Params(Strict):
                 if not VARIANT_NAME.fullmatch(name):
                     problems.append(f"variants.{stage}.{name}: expected a name of [a-z0-9_]")
                     continue
+                if "parent" in overrides:
+                    problems.append(
+                        f"variants.{stage}.{name}.parent: a variant trains on its stage's parent "
+                        f"({stage}.parent); expected no `parent` here"
+                    )
                 seed = overrides.get("seed", 0)
                 if not isinstance(seed, int) or isinstance(seed, bool):
                     problems.append(f"variants.{stage}.{name}.seed: got {seed!r}, expected an integer")
                 try:
-                    self.stage_section(f"{stage}@{name}")
+                    self.stage_section(variant_name(stage, name))
                 except ValidationError as error:
                     for item in error.errors():
                         key = f"variants.{stage}.{name}.{_format_location(item['loc'])}".rstrip(".")
@@ -790,15 +826,17 @@ class Params(Strict):
 
     def variant_names(self) -> set[str]:
         """Every declared variant as its model stage name, `<stage>@<name>`."""
-        return {f"{stage}@{name}" for stage, named in self.variants.items() for name in named}
+        return {variant_name(stage, name) for stage, named in self.variants.items() for name in named}
 
     @model_validator(mode="after")
     def _cross_references(self) -> Params:
         """Names used in one section must exist in another; errors carry the full key path."""
         domains = set(self.data.domains)
         problems: list[tuple[str, Any, str]] = []
+        problems += _chain_problems(self)
+        chain = self.chain() if not problems else []
         for stage in TRAINING_STAGES:
-            if stage not in self.mixtures:
+            if stage in chain and stage not in self.mixtures:
                 problems.append((f"mixtures.{stage}", None, f"a mixture for training stage '{stage}'"))
         variants = self.variant_names()
         trained = [*TRAINING_STAGES, *sorted(variants)]
@@ -852,10 +890,11 @@ class Params(Strict):
         compare = self.promotion.compare_domain
         if compare is not None and compare not in domains:
             problems.append(("promotion.compare_domain", compare, f"a domain in {sorted(domains)}"))
-        problems += _candidate_problems(self.promotion, domains, models)
-        dvc_stages = [*STAGE_NAMES, *(f"{stage}_variants" for stage in VARIANT_STAGES)]
+        # The candidate is judged on its evaluation: it must be among the evaluated models.
+        problems += _candidate_problems(self.promotion, domains, list(self.evaluate.models))
+        dvc_stages = [*STAGE_NAMES, *(variants_stage(stage) for stage in VARIANT_STAGES)]
         for stage in self.orchestration.retries:
-            if stage.split("@")[0] not in dvc_stages:
+            if foreach_group(stage) not in dvc_stages:
                 problems.append((f"orchestration.retries.{stage}", stage, f"a stage in {dvc_stages}"))
         if problems:
             raise ValueError("; ".join(f"{path}: got {value!r}, expected {want}" for path, value, want in problems))
@@ -864,7 +903,7 @@ class Params(Strict):
     def stage_section(self, stage: str) -> BaseModel:
         """The section of `stage`; for a variant `<stage>@<name>`, the stage's section with the
         variant's overrides deep-merged onto it (validated by the section's own class)."""
-        base, _, name = stage.partition("@")
+        base, name = split_name(stage)
         section = getattr(self, base)
         if not name:
             return section
@@ -873,8 +912,41 @@ class Params(Strict):
 
     def stage_seed(self, stage: str) -> int:
         """The seed a stage runs with: a variant's own `seed`, else the recipe's `seed`."""
-        base, _, name = stage.partition("@")
+        base, name = split_name(stage)
         return int(self.variants[base][name].get("seed", self.seed)) if name else self.seed
+
+    def parent_of(self, stage: str) -> str | None:
+        """The model stage `stage` trains on (a variant: its stage's); None for pretrain (it starts the chain)."""
+        kind, _ = split_name(stage)
+        if kind not in TRAINING_STAGES:
+            return None
+        declared = getattr(self, kind).parent
+        return declared if declared is not None else DEFAULT_PARENTS[kind]
+
+    def merge_inputs(self) -> list[str]:
+        """The model stages the merge reads: `merge.models`, and `merge.base` where the method needs it."""
+        base = [self.merge.base] if self.merge.base and self.merge.method in MERGE_NEEDS_BASE else []
+        return [*self.merge.models, *base]
+
+    def chain(self) -> list[str]:
+        """The model stages this recipe runs, in run order: every stage `evaluate.models` lists, each declared
+        variant, and whatever those need (their parents, the merge's inputs), transitively."""
+        needed: set[str] = set()
+        todo = [*self.evaluate.models, *sorted(self.variant_names())]
+        while todo:
+            stage = todo.pop()
+            if stage in needed:
+                continue
+            needed.add(stage)
+            parent = self.parent_of(stage)
+            todo += [parent] if parent else []
+            todo += self.merge_inputs() if stage == "merge" else []
+        variants = sorted(self.variant_names())
+        order = [
+            name for kind in TRAINING_STAGES for name in (kind, *(v for v in variants if split_name(v)[0] == kind))
+        ]
+        order.append("merge")
+        return [stage for stage in order if stage in needed]
 
     def pretrain_domains(self) -> list[str]:
         """The domains pretrain reads: model.tokenizer.domains, or every domain when that is null."""
@@ -899,11 +971,31 @@ STAGE_FORMATS = {
 }
 
 
+def _chain_problems(params: Params) -> list[tuple[str, Any, str]]:
+    """Each training stage's parent is an earlier training stage (pretrain starts the chain: none)."""
+    problems: list[tuple[str, Any, str]] = []
+    for i, stage in enumerate(TRAINING_STAGES):
+        parent = getattr(params, stage).parent
+        if parent is None:
+            continue
+        earlier = list(TRAINING_STAGES[:i])
+        if parent not in earlier:
+            want = (
+                f"one of {earlier} (an earlier training stage) or null"
+                if earlier
+                else "null (pretrain starts the chain)"
+            )
+            problems.append((f"{stage}.parent", parent, want))
+    if not params.evaluate.models:
+        problems.append(("evaluate.models", [], "at least one model stage (the chain runs what evaluate needs)"))
+    return problems
+
+
 def _stage_order_problems(params: Params) -> list[tuple[str, Any, str]]:
     """Replay from an earlier stage only, one format per stage, no model listed twice."""
     problems: list[tuple[str, Any, str]] = []
     for name, mixture in params.mixtures.items():
-        stage = name.split("@")[0]  # a variant's mixture (`sft@arith`) has its stage's format
+        stage = split_name(name)[0]  # a variant's mixture (`sft@arith`) has its stage's format
         if stage in STAGE_FORMATS and mixture.format not in STAGE_FORMATS[stage]:
             want = " or ".join(f"'{f}'" for f in STAGE_FORMATS[stage])
             problems.append((f"mixtures.{name}.format", mixture.format, f"{want} (what {stage} trains on)"))

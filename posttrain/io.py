@@ -102,16 +102,24 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
-    """Write JSON through a temporary file and a rename (readers never see half a file)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text through a uniquely named temporary file and a rename (readers never see half a file, and
+    two writers never share a temporary file); an existing file keeps its permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=str) + "\n")
+        tmp.write_text(text, encoding="utf-8")
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o777)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON through a temporary file and a rename (readers never see half a file)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, default=str) + "\n")
 
 
 def write_parquet(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[str]) -> str:

@@ -16,33 +16,33 @@ from posttrain.layout import Layout
 from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training.data import load_text_mixture, mixture_manifest
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "cpt"
-PARENT = "pretrain"
 
 
 def run(params: Params, layout: Layout) -> StageResult:
+    spec = stage_spec(params, layout.root, STAGE)
     section = params.cpt
     runtime = setup_runtime(params.compute, params.seed)
 
     # 1. The pretrain model, its files checked against their lineage hashes.
-    parent = layout.model(PARENT)
+    parent = layout.model(spec.parents[0])
     # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.models.lora).
     loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
 
     # 2. Causal-LM training on the cpt mixture (new domain + replay), schedule from params.yaml.
     mixture = params.mixtures[STAGE]
     job = TrainingJob(
-        stage=STAGE,
+        spec=spec,
         section=section,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         train_dataset=load_text_mixture(layout, STAGE, loaded.tokenizer, section),
         data_manifest=mixture_manifest(layout, STAGE),
-        parents=[parent],
         adapter=loaded.adapter,
         metrics_extra={
             "target_domains": sorted(d for d, w in mixture.weights.items() if w > 0),

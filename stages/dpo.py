@@ -16,15 +16,16 @@ from posttrain.layout import Layout
 from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training import data, measures, preferences
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "dpo"
-PARENT = "sft"
 
 
 def run(params: Params, layout: Layout) -> StageResult:
+    spec = stage_spec(params, layout.root, STAGE)
     from trl import DPOConfig, DPOTrainer  # lazy: trl alone costs ~8 s to import
 
     section = params.dpo
@@ -33,7 +34,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 1. The sft model as the policy (`dpo.lora`: a LoRA adapter on it) and the frozen reference: a second
     #    copy, or with an adapter the adapter-free base (TRL switches the adapter off when ref_model is None).
-    parent = layout.model(PARENT)
+    parent = layout.model(spec.parents[0])
     loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
     trust = params.model.trust_remote_code
     reference = None if loaded.adapter else loading.load_stage_model(parent, trust_remote_code=trust).model
@@ -53,13 +54,12 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 4. DPO through the shared trainer set-up (checkpoints, resume, guards, atomic save, lineage).
     job = TrainingJob(
-        stage=STAGE,
+        spec=spec,
         section=section,
         model=model,
         tokenizer=tokenizer,
         train_dataset=train_dataset,
         data_manifest=data.mixture_manifest(layout, STAGE),
-        parents=[parent],
         config_cls=DPOConfig,
         trainer_cls=DPOTrainer,
         config_fields={"beta": section.beta},

@@ -18,7 +18,7 @@ from typing import Any
 from posttrain.config import TRAINING_STAGES, LmEvalConfig, Params
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError, ParamsError, StageError
-from posttrain.io import write_json_atomic
+from posttrain.io import json_hash
 from posttrain.layout import Layout
 from posttrain.models.build import check_same_tokenizer, tokenizer_signature
 from posttrain.models.loading import load_stage_model
@@ -29,6 +29,7 @@ from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_repo
 from posttrain.scoring.generation import chat_record
 from posttrain.scoring.lm_eval_tasks import TaskSpec
 from posttrain.scoring.plots import plot_forgetting, plot_scores, plot_stability_gap
+from posttrain.scoring.report import lineage_of, write_report
 from posttrain.stage import StageResult
 
 log = logging.getLogger("posttrain.evaluate")
@@ -156,6 +157,8 @@ def run(params: Params, layout: Layout) -> StageResult:
         info[stage] = {
             "path": model_dir.relative_to(layout.root).as_posix(),
             "content_hash": lineage.get("content_hash"),
+            # Every model it descends from (lineage.json files): the promotion rules compare it with them.
+            "lineage": lineage_of(layout, model_dir),
             "load_seconds": round(
                 time.perf_counter() - started - sum(r["seconds"]["total"] for r in results[stage].values()), 4
             ),
@@ -163,11 +166,18 @@ def run(params: Params, layout: Layout) -> StageResult:
         del loaded, model, answerer
 
     report = build_report(
-        results, per_item, cfg.models, domains, settings, models_info=info, config=cfg.model_dump(mode="json")
+        results,
+        per_item,
+        cfg.models,
+        domains,
+        settings,
+        models_info=info,
+        config=cfg.model_dump(mode="json"),
+        prepared_manifest_hash=json_hash(layout.prepared / "manifest.json"),
     )
     if cfg.lm_eval is not None:
         report["lm_eval"] = lm_eval_scores
-    write_json_atomic(layout.metrics("eval"), report)
+    write_report(layout.metrics("eval"), report)
     artifacts = [layout.metrics("eval")]
     artifacts += plot_scores(report, layout.plots)
     artifacts += plot_forgetting(report, layout.plots)

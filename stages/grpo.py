@@ -19,16 +19,17 @@ from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring import rewards
 from posttrain.scoring.generation import chat_record
+from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training import data, measures
 from posttrain.training.grpo_options import with_options
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "grpo"
-PARENT = "dpo"
 
 
 def run(params: Params, layout: Layout) -> StageResult:
+    spec = stage_spec(params, layout.root, STAGE)
     import datasets  # lazy: heavy, and importing a stage module must stay cheap (DVC deps test, docs)
     from trl import GRPOConfig, GRPOTrainer  # lazy: trl alone costs ~8 s to import
 
@@ -39,7 +40,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     reward_funcs, reward_weights = rewards.build_rewards(section.rewards)
 
     # 1. The dpo model, hash-checked; with `grpo.lora` a LoRA adapter on it, or the one dpo passed on.
-    parent = layout.model(PARENT)
+    parent = layout.model(spec.parents[0])
     loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
     model, tokenizer = loaded.model, loaded.tokenizer
 
@@ -57,13 +58,12 @@ def run(params: Params, layout: Layout) -> StageResult:
     config_fields = {"num_generations": section.num_generations, "max_completion_length": section.max_completion_length,
                      "temperature": section.temperature, "beta": section.beta, "reward_weights": reward_weights}  # fmt: skip
     job = TrainingJob(
-        stage=STAGE,
+        spec=spec,
         section=section,
         model=model,
         tokenizer=tokenizer,
         train_dataset=datasets.Dataset.from_list(rows),
         data_manifest=data.mixture_manifest(layout, STAGE),
-        parents=[parent],
         config_cls=GRPOConfig,
         trainer_cls=trainer_cls,
         config_fields=config_fields,

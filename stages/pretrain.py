@@ -6,9 +6,9 @@ model.base: scratch   train a BPE tokenizer on the train splits of model.tokeniz
 model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
                       training): the next stages start from it, lineage.json says so
 
-reads   artifacts/data/prepared/<d>/{train,val}.parquet for d in model.tokenizer.domains (each
-        must be a dep in dvc.yaml: a domain added later must not rerun pretrain, so the deps name
-        these domains, not all prepared data), artifacts/data/mixtures/pretrain/
+reads   artifacts/data/prepared/<d>/{train,val}.parquet for d in model.tokenizer.domains (its deps
+        name these domains, not all prepared data: a domain added later must not rerun pretrain),
+        artifacts/data/mixtures/pretrain/
 writes  artifacts/models/pretrain/ (+ lineage.json), artifacts/metrics/pretrain.json,
         artifacts/plots/pretrain_continual_eval.{png,json}
 """
@@ -19,14 +19,14 @@ import logging
 from collections.abc import Iterator
 
 from posttrain.config import Params
-from posttrain.dvcfile import stage_deps
-from posttrain.errors import DataError, ParamsError
+from posttrain.errors import DataError
 from posttrain.io import sha256_file
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
 from posttrain.models import build, chat_template
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import Runtime, setup_runtime
+from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training.callbacks import evaluate_domains
 from posttrain.training.data import load_text_mixture, load_validation_sets, mixture_manifest
@@ -49,26 +49,10 @@ def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
         yield from pd.read_parquet(path, columns=["text"])["text"].tolist()
 
 
-def check_declared_deps(layout: Layout, domains: list[str]) -> None:
-    """Each domain pretrain reads is a dep of the stage in dvc.yaml (else DVC would not rerun it)."""
-    deps = stage_deps(layout.root, STAGE)
-    if deps is None:  # not run from a DVC project (e.g. a test calling the stage directly)
-        return
-    prepared = layout.prepared.relative_to(layout.root).as_posix()
-    missing = [d for d in domains if prepared not in deps and f"{prepared}/{d}" not in deps]
-    if missing:
-        raise ParamsError(
-            f"{layout.root / 'dvc.yaml'}: stage {STAGE} reads the prepared data of {missing} "
-            f"(model.tokenizer.domains) but does not list it in deps; run `posttrain sync-deps` (or add "
-            f"{[f'{prepared}/{d}' for d in missing]})"
-        )
-
-
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.pretrain
     runtime = setup_runtime(params.compute, params.seed)
     domains = params.pretrain_domains()
-    check_declared_deps(layout, domains)
     if params.model.base != "scratch":
         return use_given_base(params, layout, runtime)
 
@@ -85,7 +69,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 2. Train on the pretrain mixture as plain language modelling.
     job = TrainingJob(
-        stage=STAGE,
+        spec=stage_spec(params, layout.root, STAGE),
         section=section,
         model=model,
         tokenizer=tokenizer,

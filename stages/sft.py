@@ -22,20 +22,21 @@ from posttrain.layout import Layout
 from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training.data import load_sft_mixture, mixture_manifest
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "sft"
-PARENT = "cpt"
 
 
 def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
+    spec = stage_spec(params, layout.root, stage)
     section = params.stage_section(stage)
     runtime = setup_runtime(params.compute, params.stage_seed(stage))
 
-    # 1. The cpt model, its files checked against their lineage hashes.
-    parent = layout.model(PARENT)
+    # 1. The parent model (`sft.parent`, cpt by default), its files checked against their lineage hashes.
+    parent = layout.model(spec.parents[0])
     # With `lora:` set: a fresh adapter on it, or the adapter it passed on, trained further (posttrain.models.lora).
     loaded = loading.load_for_training(layout, stage, parent, params, runtime)
 
@@ -43,13 +44,12 @@ def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
     # conversations, TRL applies the chat template and the loss covers the assistant turns only.
     train_dataset, loss_fields = load_sft_mixture(layout, stage, loaded.tokenizer, section)
     job = TrainingJob(
-        stage=stage,
+        spec=spec,
         section=section,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         train_dataset=train_dataset,
         data_manifest=mixture_manifest(layout, stage),
-        parents=[parent],
         adapter=loaded.adapter,
         config_fields=loss_fields,
     )

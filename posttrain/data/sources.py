@@ -29,7 +29,8 @@ from posttrain.errors import DataError
 
 log = logging.getLogger("posttrain.data")
 
-_SUFFIX_FORMATS = {
+# File suffix -> format: what a `kind: file` domain and the continual flow's incoming folder read.
+FILE_SUFFIXES = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".ndjson": "jsonl",
@@ -145,11 +146,11 @@ def _file_format(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     try:
-        return _SUFFIX_FORMATS[path.suffix.lower()]
+        return FILE_SUFFIXES[path.suffix.lower()]
     except KeyError:
         raise DataError(
             f"{path}: cannot tell the format from suffix '{path.suffix}'; expected one of "
-            f"{sorted(_SUFFIX_FORMATS)} or set `format:` (jsonl, csv, parquet)"
+            f"{sorted(FILE_SUFFIXES)} or set `format:` (jsonl, csv, parquet)"
         ) from None
 
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from posttrain import spec
 from posttrain.config import TRAINING_STAGES, Params, load_params
 from posttrain.data import userdeps
 from posttrain.errors import ParamsError, PipelineError
@@ -61,19 +62,15 @@ def _load(root: Path) -> Any:
     return load_params(root / "params.yaml")
 
 
-def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool, wait: float) -> bool:
-    """True when DVC finds every selected stage up to date.
+def _nothing_to_run(project: Path, targets: list[str] | None, downstream: bool) -> bool:
+    """True when DVC finds every selected stage up to date (the caller holds the workspace lock).
 
     Starting Prefect (its temporary server) costs 10-20 s; a no-change run should cost what
-    `dvc status` costs. Checked under the workspace lock so a run in progress is not misread.
+    `dvc status` costs.
     """
-    try:
-        with pipeline_lock(project, wait_seconds=wait):
-            _, statuses = dag.pipeline_status(project)
-        graph = {name: status.upstream for name, status in statuses.items()}
-        return not any(statuses[name].stale for name in dag.select(graph, targets, downstream))
-    except PipelineError as error:
-        _fail(str(error))
+    _, statuses = dag.pipeline_status(project)
+    graph = {name: status.upstream for name, status in statuses.items()}
+    return not any(statuses[name].stale for name in dag.select(graph, targets, downstream))
 
 
 def _run_check(project: Path, targets: list[str] | None, overrides: list[str]) -> Any:
@@ -85,7 +82,7 @@ def _run_check(project: Path, targets: list[str] | None, overrides: list[str]) -
     def check(params: Any) -> None:
         if targets:
             dag.select(dag.stage_graph(project), targets)
-        problems = preflight.problems(params, project, undeclared=False)  # undeclared files are added
+        problems = preflight.problems(params, project, drift=False)  # the run writes dvc.yaml itself
         touched = sorted({o.split(".")[0] for o in overrides if ".trainer." in o.partition("=")[0]})
         problems += preflight.trainer_key_problems(params, [s for s in touched if s in TRAINING_STAGES])
         if problems:
@@ -124,47 +121,40 @@ def run(
     project = _root(root)
     targets = _split(stages)
     try:
-        check = _run_check(project, targets, overrides or [])
-        for change in dag.apply_overrides(project, overrides or [], check=check):
-            typer.echo(f"params.yaml: {change}")
-        params = _load(project)
-        if not overrides:
-            check(params)
-        for added in userdeps.sync(params.data, project):
-            typer.echo(f"dvc.yaml: added {added} to the deps of prepare (a data file it reads)")
-        _sync_pretrain(params, project)
+        # Lock first, then write: a second `run --set` waits here (or is refused) before it can change
+        # the params.yaml or dvc.yaml this run reads; the flow below takes the same lock again (re-entrant).
+        with pipeline_lock(project, wait_seconds=wait):
+            check = _run_check(project, targets, overrides or [])
+            for change in dag.apply_overrides(project, overrides or [], check=check):
+                typer.echo(f"params.yaml: {change}")
+            params = _load(project)
+            if not overrides:
+                check(params)
+            _sync_dvc_yaml(params, project)
+            _run_locked(project, targets, downstream, force, no_prefect, no_gate)
     except PipelineError as error:
         _fail(str(error))
+
+
+def _run_locked(
+    project: Path, targets: list[str] | None, downstream: bool, force: bool, no_prefect: bool, no_gate: bool
+) -> None:
+    """The body of `posttrain run`, with the workspace lock held and params.yaml/dvc.yaml written."""
     if no_prefect:
         args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
-        try:
-            with pipeline_lock(project, wait_seconds=wait):
-                code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
-        except PipelineError as error:
-            _fail(str(error))
+        code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
         if code == 0:
             _gate_after_run(project, targets, no_gate)
         raise typer.Exit(code)
-    if not force and _nothing_to_run(project, targets, downstream, wait):
+    if not force and _nothing_to_run(project, targets, downstream):
         typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
         _gate_after_run(project, targets, no_gate)
         return
     # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
     from flows.pipeline import check_prefect_api, pipeline_flow
 
-    try:
-        check_prefect_api()  # a configured server that is down fails here, before any stage
-    except PipelineError as error:
-        _fail(str(error))
-    state = pipeline_flow(
-        root=str(project),
-        overrides=overrides or [],
-        stages=targets,
-        downstream=downstream,
-        force=force,
-        wait=wait,
-        return_state=True,
-    )
+    check_prefect_api()  # a configured server that is down fails here, before any stage
+    state = pipeline_flow(root=str(project), stages=targets, downstream=downstream, force=force, return_state=True)
     if state.is_failed():
         _fail(state.message or "the pipeline flow failed")
     outcomes = state.result()
@@ -173,6 +163,7 @@ def run(
 
 
 GATE_REFUSED = 3  # `posttrain run` exit code when the promotion gate refuses the candidate (README)
+GATE_INCONCLUSIVE = 4  # ... when its data cannot tell (the default does not promote then)
 
 
 def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, stages: Any = None) -> None:
@@ -191,8 +182,10 @@ def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, sta
     typer.echo("promotion gate:")
     result = _registry_call("gate_verdict", _load_or_fail(project), project)
     if not result.promoted:
-        typer.echo(f"promotion gate REFUSED the candidate: exit code {GATE_REFUSED}")
-        raise typer.Exit(GATE_REFUSED)
+        code = GATE_INCONCLUSIVE if result.status == "inconclusive" else GATE_REFUSED
+        word = "could not decide on (INCONCLUSIVE)" if code == GATE_INCONCLUSIVE else "REFUSED"
+        typer.echo(f"promotion gate {word} the candidate: exit code {code}")
+        raise typer.Exit(code)
 
 
 def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
@@ -205,10 +198,10 @@ def _scalars(metrics: dict[str, Any], limit: int = 8) -> str:
 
 
 def _unseen_data(project: Path) -> list[str]:
-    """Data DVC cannot see change (files missing from prepare's deps): "up to date" would not hold."""
+    """What DVC cannot see change (dvc.yaml behind params.yaml, unpinned hub data): "up to date" would not hold."""
     try:
         params = _load(project)
-        return userdeps.problems(params.data, project) + userdeps.pretrain_problems(params.pretrain_domains(), project)
+        return spec.drift(params, project) + userdeps.problems(params.data, project)
     except PipelineError:
         return []  # `posttrain validate` reports an invalid params file
 
@@ -252,41 +245,38 @@ def validate(
     from posttrain.pipeline import preflight
 
     project = _root(root)
-    path = params or project / "params.yaml"
+    path = (params or project / "params.yaml").resolve()
+    workspace = path == (project / "params.yaml").resolve()
     try:
-        problems = preflight.problems(load_params(path), project)
+        # A recipe file that is not yet the workspace's params.yaml has no dvc.yaml of its own to drift from.
+        problems = preflight.problems(load_params(path), project, drift=workspace)
     except PipelineError as error:
         _fail(str(error))
     if problems:
         _fail(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {line}" for line in problems))
     typer.echo(f"OK: {path}")
+    if not workspace:
+        typer.echo(f"to run it: cp {params} params.yaml && ./run.sh pipeline  (run writes dvc.yaml from it)")
 
 
 @app.command("sync-deps")
-def sync_deps(root: RootOption = None) -> None:
-    """Add every user data file params.yaml reads to the deps of `prepare` in dvc.yaml (DVC then sees edits)."""
+def sync_deps(root: RootOption = None, wait: WaitOption = 0.0) -> None:
+    """Write dvc.yaml's pipeline stages from params.yaml (the recipe's chain, data files and params keys)."""
     project = _root(root)
     try:
-        added = userdeps.sync(_load(project).data, project)
-    except PipelineError as error:
-        _fail(str(error))
-    for path in added:
-        typer.echo(f"dvc.yaml: added {path} to the deps of prepare")
-    if not added:
-        typer.echo("dvc.yaml: every data file params.yaml reads is already a dependency of prepare")
-    try:
-        _sync_pretrain(_load(project), project)
+        with pipeline_lock(project, wait_seconds=wait):
+            if not _sync_dvc_yaml(_load(project), project):
+                typer.echo("dvc.yaml: every pipeline stage already matches params.yaml")
     except PipelineError as error:
         _fail(str(error))
 
 
-def _sync_pretrain(params: Params, project: Path) -> None:
-    """pretrain's prepared-domain deps follow the recipe's tokenizer domains (posttrain.data.userdeps)."""
-    added, removed = userdeps.sync_pretrain(params.pretrain_domains(), project)
-    for path in added:
-        typer.echo(f"dvc.yaml: added {path} to the deps of pretrain (a tokenizer domain)")
-    for path in removed:
-        typer.echo(f"dvc.yaml: removed {path} from the deps of pretrain (no tokenizer domain there)")
+def _sync_dvc_yaml(params: Params, project: Path) -> list[str]:
+    """dvc.yaml from the recipe (posttrain.spec), each change printed; the caller holds the workspace lock."""
+    changes = spec.sync_dvc_yaml(params, project)
+    for line in changes:
+        typer.echo(f"dvc.yaml: {line} (from params.yaml)")
+    return changes
 
 
 def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -304,39 +294,53 @@ def _registry_call(name: str, *args: Any, **kwargs: Any) -> Any:
 @app.command()
 def promote(
     version: Annotated[
-        int | None, typer.Option("--version", help="Model version to promote (default: the candidate).")
+        int | None, typer.Option("--version", help="Version of the recipe's model to promote (default: the candidate).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (needs --reason).")] = False,
     reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden (recorded).")] = None,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another promotion to finish.")] = 60.0,
     root: RootOption = None,
 ) -> None:
-    """Apply the promotion gate to the candidate (or --version); champion if it passes, else exit 1."""
+    """Apply the promotion rules to the candidate (or --version); champion if they pass, else exit 1 (4: inconclusive)."""
     if force and not reason:
         _fail("--force needs --reason TEXT (it is recorded with the promotion)")
     project = _root(root)
+    params = _load_or_fail(project)
+    if not params.tracking.enabled:
+        _fail(
+            f"{project / 'params.yaml'}: tracking.enabled is false, so the run registered no models and there is no "
+            "registry to promote in; the verdict of the rules on this workspace is printed at the end of "
+            "`posttrain run`. Set tracking.enabled: true and rerun to register and promote"
+        )
     result = _registry_call(
-        "promote",
-        _load_or_fail(project),
-        project,
-        version=None if version is None else str(version),
-        force=force,
-        reason=reason,
-    )
+        "promote", params, project, version=None if version is None else str(version), force=force, reason=reason,
+        wait_seconds=wait,
+    )  # fmt: skip
     if not result.promoted:
-        raise typer.Exit(1)
+        raise typer.Exit(GATE_INCONCLUSIVE if result.status == "inconclusive" else 1)
 
 
 @app.command()
-def rollback(root: RootOption = None) -> None:
-    """Make the previous champion the champion again."""
+def rollback(
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a promotion in progress.")] = 60.0,
+    root: RootOption = None,
+) -> None:
+    """Make the previous champion of the recipe's registered model the champion again."""
     project = _root(root)
-    _registry_call("rollback", _load_or_fail(project), project)
+    _registry_call("rollback", _load_or_fail(project), project, wait_seconds=wait)
 
 
 @app.command()
-def registry(root: RootOption = None) -> None:
-    """Show the model registry: versions, aliases (champion, candidate), promotion status and scores."""
+def registry(
+    migrate: Annotated[
+        bool, typer.Option("--migrate", help="Copy an older store's per-stage models into the recipe's model.")
+    ] = False,
+    root: RootOption = None,
+) -> None:
+    """Show the recipe's registered model: versions (by stage), aliases (champion, candidate), status and scores."""
     project = _root(root)
+    if migrate:
+        _registry_call("migrate", _load_or_fail(project), project)
     _registry_call("show", _load_or_fail(project), project)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from posttrain.config import parse_params, read_yaml, set_override
 from posttrain.errors import DagError
+from posttrain.spec import foreach_group
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -141,7 +142,7 @@ def select(graph: Mapping[str, Iterable[str]], targets: Iterable[str] | None, do
         return topological_order(graph)
     chosen: set[str] = set()
     for target in targets:
-        matches = [s for s in graph if s == target or s.split("@")[0] == target]
+        matches = [s for s in graph if s == target or foreach_group(s) == target]
         if not matches:
             raise DagError(f"stage {target!r} is not in dvc.yaml; expected one of {list(graph)}")
         chosen.update(matches)

@@ -22,6 +22,7 @@ from posttrain.layout import Layout, find_root
 from posttrain.lineage import add_environment
 from posttrain.pipeline import launch
 from posttrain.runtime import is_main_process
+from posttrain.spec import StageSpec, check_declared, declared_values, is_absent, stage_spec, variant_name
 from posttrain.stage import StageFunction, StageResult
 from posttrain.tracking import client, runs
 
@@ -52,25 +53,7 @@ def exit_process(code: int) -> None:
     os._exit(code)
 
 
-_ABSENT = object()
-
-
-def declared_values(raw: Any, root: Path, stage: str) -> dict[str, Any]:
-    """The values of the params keys dvc.yaml declares for `stage` (what DVC writes into dvc.lock)."""
-    keys = runs.stage_param_keys(root, stage)
-    base, _, variant = stage.partition("@")
-    if variant:  # the variant's own overrides and mixture (dvc.yaml lists them through foreach templates)
-        keys = [*keys, f"variants.{base}.{variant}", f"mixtures.{stage}"]
-    values: dict[str, Any] = {}
-    for key in keys:
-        node: Any = raw
-        for part in key.split("."):
-            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-        values[key] = node
-    return values
-
-
-def check_params_unchanged(started_with: dict[str, Any], params_path: Path, root: Path, stage: str) -> None:
+def check_params_unchanged(spec: StageSpec, started_with: dict[str, Any], params_path: Path) -> None:
     """Fail, naming the key, when params.yaml no longer holds the values the stage read at its start.
 
     DVC records params into dvc.lock from the file as it is when the stage ends; an edit made while
@@ -78,27 +61,25 @@ def check_params_unchanged(started_with: dict[str, Any], params_path: Path, root
     here keeps DVC from writing the lock.
     """
     try:
-        now = declared_values(read_yaml(params_path), root, stage)
+        now = declared_values(spec, read_yaml(params_path))
     except PipelineError as error:
         raise ParamsChangedError(f"{params_path} changed while the stage ran and no longer loads: {error}") from None
-    changed = [key for key in started_with if now.get(key, _ABSENT) != started_with[key]]
+    changed = [key for key in started_with if now.get(key) != started_with[key]]
     if changed:
 
         def shown(value: Any) -> str:
-            return "(absent)" if value is _ABSENT else repr(value)
+            return "(absent)" if is_absent(value) else repr(value)
 
-        details = "; ".join(
-            f"{key}: {shown(started_with[key])} -> {shown(now.get(key, _ABSENT))}" for key in changed[:5]
-        )
+        details = "; ".join(f"{key}: {shown(started_with[key])} -> {shown(now.get(key))}" for key in changed[:5])
         raise ParamsChangedError(
             f"{params_path} changed while the stage ran ({details}); the outputs were made with the old "
-            f"values, so DVC must not record the new ones. Rerun the stage (dvc repro {stage})"
+            f"values, so DVC must not record the new ones. Rerun the stage (dvc repro {spec.dvc_name})"
         )
 
 
-def variant_stage(params: Params, stage: str, variant: str, run: Any) -> tuple[str, StageFunction]:
+def variant_run(params: Params, stage: str, variant: str, run: Any) -> tuple[str, StageFunction]:
     """`<stage>@<variant>` and the stage function bound to that name (it takes a `stage` argument)."""
-    name = f"{stage}@{variant}"
+    name = variant_name(stage, variant)
     if name not in params.variant_names():
         declared = sorted(params.variants.get(stage, {}))
         raise ParamsError(f"variants.{stage}.{variant}: not declared in params.yaml; declared: {declared}")
@@ -137,14 +118,15 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
     try:
         raw = read_yaml(params_path)
         params = parse_params(raw, source=str(params_path))
-        started_with = declared_values(raw, root, stage)
         if launch.should_relaunch(stage, params.compute):
             # compute.launcher: accelerate -> run this same module under `accelerate launch`.
             code = launch.relaunch(stage, params.compute, root, params_path, debug=args.debug, variant=args.variant)
             sys.exit(code)
         if args.variant is not None:
-            stage, run = variant_stage(params, stage, args.variant, run)
-            started_with = declared_values(raw, root, stage)
+            stage, run = variant_run(params, stage, args.variant, run)
+        spec = stage_spec(params, root, stage)
+        check_declared(spec, root)  # dvc.yaml declares what the stage reads, or DVC would not rerun it
+        started_with = declared_values(spec, raw)
         # Other ranks of a distributed run train, but write nothing and track nothing.
         track = params.tracking.enabled and is_main_process()
         if track:
@@ -156,10 +138,10 @@ def stage_main(stage: str, run: StageFunction, argv: list[str] | None = None) ->
             add_environment(Layout(root).metrics("eval" if stage == "evaluate" else stage))
         seconds = time.perf_counter() - started
         log.info("stage %s: finished in %.1f s", stage, seconds)
-        check_params_unchanged(started_with, params_path, root, stage)  # before tracking records it
+        check_params_unchanged(spec, started_with, params_path)  # before tracking records it
         if track:
             record(stage, params, Layout(root), result, seconds)
-            check_params_unchanged(started_with, params_path, root, stage)
+            check_params_unchanged(spec, started_with, params_path)
     except Exception as error:
         # Out of memory / disk outside the training loop (model build, saving, evaluation) too.
         known = error if isinstance(error, PipelineError) else resource_error(error, stage)

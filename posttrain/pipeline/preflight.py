@@ -3,7 +3,8 @@
 They need the project folder, a library heavier than the schema may import, or a look at the
 data; each names the key and what is allowed, so a recipe fails before any stage runs:
 
-    undeclared user data files / unpinned hub datasets     (posttrain.data.userdeps)
+    dvc.yaml behind the recipe (its chain, data files, params) (posttrain.spec.drift)
+    unpinned hub datasets                                  (posttrain.data.userdeps)
     orchestration.continual.cron                           (Prefect's own cron parser)
     model.tokenizer.vocab_size below the data's alphabet   (synthetic domains: known before prepare)
     <stage>.trainer keys TRL's config class does not have  (imports trl: only when asked)
@@ -16,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from posttrain import spec
 from posttrain.config import Params
 from posttrain.data import domains, splits, userdeps
 from posttrain.models.build import SPECIAL_TOKENS
@@ -96,12 +98,11 @@ def trainer_key_problems(params: Params, stages: list[str]) -> list[str]:
     return lines
 
 
-def problems(params: Params, root: Path, undeclared: bool = True) -> list[str]:
-    """Everything `posttrain validate` refuses beyond the schema, one line each (`undeclared`: also
-    report data files missing from dvc.yaml; `posttrain run` adds them instead)."""
-    found = userdeps.problems(params.data, root, undeclared=undeclared)
-    if undeclared:  # `posttrain run` syncs pretrain's deps itself
-        found += userdeps.pretrain_problems(params.pretrain_domains(), root)
+def problems(params: Params, root: Path, drift: bool = True) -> list[str]:
+    """Everything `posttrain validate` refuses beyond the schema, one line each (`drift`: also report
+    dvc.yaml stages that differ from the recipe; `posttrain run` rewrites them instead)."""
+    found = spec.drift(params, root) if drift else []
+    found += userdeps.problems(params.data, root)
     for problem in (cron_problem(params.orchestration.continual.cron), vocab_problem(params)):
         if problem:
             found.append(problem)

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,39 @@ from posttrain.errors import WorkspaceBusy
 LOCK_NAME = "posttrain-pipeline.lock"
 
 
+# Workspaces whose lock this process holds, with the nesting depth: a command that holds the lock
+# while it writes params.yaml/dvc.yaml goes on to start the flow, which takes the same lock again.
+_held: dict[Path, int] = {}
+_held_guard = threading.Lock()
+
+
 @contextlib.contextmanager
 def pipeline_lock(root: Path, wait_seconds: float = 0.0, poll_seconds: float = 0.5) -> Iterator[None]:
+    """Hold the workspace's lock (re-entrant within one process; other processes wait or are refused)."""
+    key = Path(root).resolve()
+    with _held_guard:
+        nested = key in _held
+        if nested:
+            _held[key] += 1
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    with _flock(key, wait_seconds, poll_seconds):
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[key]
+
+
+@contextlib.contextmanager
+def _flock(root: Path, wait_seconds: float, poll_seconds: float) -> Iterator[None]:
     path = Path(root) / ".dvc" / "tmp" / LOCK_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")

@@ -201,6 +201,9 @@ def evaluate_domain(
         "n_items": int(len(frame)),
         "n_verifiable": len(prompts),
         "exact_match": exact,
+        # Per verifiable item, '1' where the greedy answer was accepted: two models scored on the same items
+        # are compared paired (posttrain.tracking.rules).
+        "correct": "".join("1" if hit else "0" for hit in per_item["exact_match"]) if prompts else None,
         "pass_at_k": pass_k,
         "loss": loss,
         "perplexity": perplexity,
@@ -263,6 +266,7 @@ def build_report(
     *,
     models_info: dict[str, dict[str, Any]] | None = None,
     config: dict[str, Any] | None = None,
+    prepared_manifest_hash: str | None = None,
 ) -> dict[str, Any]:
     """Assemble eval.json from per-model per-domain entries (see docs/eval-schema.md)."""
     s = settings
@@ -317,6 +321,7 @@ def build_report(
     return {
         "schema_version": SCHEMA_VERSION,
         "config": config or {},
+        "prepared_manifest_hash": prepared_manifest_hash,
         "stages": list(stages),
         "domains": list(domains),
         "models": models,

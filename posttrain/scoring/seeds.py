@@ -8,7 +8,7 @@ hands their eval.json documents (docs/eval-schema.md) to `aggregate`, a pure fun
                                    same way; the recipe's stage targets per seed
     artifacts/plots/seeds.png      mean +- std per model x domain, each seed's value as a dot
 
-The promotion gate (posttrain.tracking.registry) reads `spread` from seeds.json, only while the
+The promotion rules (posttrain.tracking.rules) read the seed spread from seeds.json, only while the
 recipe is the one the sweep ran (`recipe_hash`: params.yaml as written, without the seed and the
 keys that change no model or score); after a recipe edit the old spread says nothing and is ignored.
 """
@@ -129,6 +129,19 @@ def aggregate(evaluations: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 def spread(summary: Mapping[str, Any], stage: str, domain: str) -> float | None:
     """The seed standard deviation of `stage`'s exact match on `domain` (None: not in the sweep)."""
     return ((summary.get("models") or {}).get(stage, {}).get(domain) or {}).get("std")
+
+
+def difference_spread(summary: Mapping[str, Any], stage: str, other: str, domain: str) -> float | None:
+    """The seed standard deviation of the difference `stage` - `other` in exact match on `domain`, over the
+    seeds where both were scored (None: fewer than two). Two models of one run share its seed and its test
+    items: the spread of their difference is what a paired comparison must allow for, not either level's."""
+    models = summary.get("models") or {}
+    ours = ((models.get(stage) or {}).get(domain) or {}).get("per_seed") or {}
+    theirs = ((models.get(other) or {}).get(domain) or {}).get("per_seed") or {}
+    common = sorted(set(ours) & set(theirs))
+    if len(common) < 2:
+        return None
+    return statistics.stdev(ours[s]["mean"] - theirs[s]["mean"] for s in common)
 
 
 def spreads(summary: Mapping[str, Any], stage: str) -> dict[str, float]:

@@ -1,56 +1,55 @@
-"""Model registry: a version per model-producing stage, evaluation scores on versions, gated promotion.
+"""Model registry: one registered model per recipe, a version per stage model, gated promotion of one champion.
 
-Registered model `<tracking.registered_model_prefix>-<stage>` gets a new version each time its stage
-writes a model folder with new content (same content hash = same version, so a forced rerun of an
-identical stage does not pile up duplicates). Versions carry lineage and, once `evaluate` ran, their
-scores as tags. Aliases on the final stage's model (`promotion.final_stage`):
+The recipe's registered model is `tracking.registered_model_prefix` (default `posttrain`). Every model a
+stage writes becomes a version of it, tagged with its stage (`posttrain.stage`: `sft`, `sft@arith`,
+`merge`), stage module and variant, content hash and lineage; a rerun that writes identical content for
+the same stage finds its version instead of adding one. Aliases:
 
-- `candidate`: the newest version of the final stage;
-- `champion`: the promoted model (`models:/<name>@champion` is what users load);
-- `previous-champion`: the champion before the current one (what `rollback` restores).
+- `candidate`: the version the promotion rule picks (`promotion.candidate`), set once `evaluate` ran;
+- `champion`: the one model to serve: `models:/<prefix>@champion`;
+- `previous-champion`: the champion before it; the whole champion history is a tag of the model, and
+  `rollback` moves `champion` back along it.
 
-Promotion rule (documented in the README's promotion section, written here once):
-1. the candidate must have evaluation scores;
-2. `promotion.min_exact_match[domain]`: the candidate's mean exact match >= the threshold;
-3. `promotion.max_forgetting[domain]`: the candidate's forgetting on the domain <= the threshold;
-4. `promotion.compare_domain` (when a champion exists): the lower end of the confidence interval of
-   the improvement d = candidate - champion must exceed `promotion.min_improvement`:
-       d_low = (mean_c - mean_p) - sqrt((mean_c - ci_low_c)^2 + (ci_high_p - mean_p)^2)
-   i.e. the two intervals' relevant half-widths combined in quadrature (independent samples; a
-   bootstrap CI may be asymmetric, so each side uses its own half). With min_improvement 0 the
-   candidate must be better beyond noise; a negative value is a non-inferiority margin.
-5. where `artifacts/metrics/seeds.json` exists (`posttrain seeds N`), the improvement d must also
-   exceed the seed standard deviation of the candidate stage on `compare_domain`: beyond training noise,
-   not only beyond one run's sampling noise.
-5. the lineage gate (`posttrain.tracking.gate`): not worse, beyond the confidence intervals (and the
-   seed spread when given), than any evaluated model the candidate descends from, on any gated domain.
-The candidate is `promotion.candidate` (a named stage or the best of several on a metric; see
-`posttrain.tracking.gate`), by default the final stage; its version is the one whose content matches
-the workspace's model, and the champion it is compared with is the champion of that stage's model.
-A refused candidate keeps its aliases; the reasons are tagged on the version and printed. A version
-that was rolled back is not promoted again without `force`.
+`promote` judges a version on its own evaluation (posttrain.scoring.report: the workspace's eval.json
+when it holds that version's content, else the copy logged with the evaluate run whose scores the
+version carries) with the rules of posttrain.tracking.rules, against its own lineage and the current
+champion of the same registered model, whatever stage the champion came from. Two `promote` commands
+at once are serialised by a lock held in the registry itself (a registered model named
+`<prefix>.promotion-lock`, created and deleted atomically by the tracking store): the second waits,
+then is judged against the champion the first left, and says so.
+
+A store written by an older posttrain holds one registered model per stage (`<prefix>-<stage>`): it is
+refused until `posttrain registry --migrate` copies those versions into the recipe's model (the old
+models are kept, no version or alias is lost).
 
 `import mlflow` stays inside functions: the CLI imports this module lazily, but cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import MODEL_STAGES, Params
 from posttrain.errors import PromotionError
-from posttrain.io import json_hash, redact
+from posttrain.io import redact
 from posttrain.layout import Layout
 from posttrain.lineage import content_hash, file_hashes, library_versions, read_lineage
 from posttrain.scoring import seeds
+from posttrain.scoring.report import EvalReport, workspace_report
+from posttrain.spec import split_name
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
-from posttrain.tracking.gate import Gate, candidate_stage, lineage_gates, read_eval
+from posttrain.tracking.rules import Champion, Gate, Verdict, candidate_stage, decide, gates_for
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -62,6 +61,11 @@ CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 EVAL_TAG = TAG + "eval"
 HISTORY_TAG = TAG + "champion_history"
 ROLLED_BACK_TAG = TAG + "rolled_back"  # kept when the status tag changes later
+STAGE_TAG = TAG + "stage"
+CONTENT_TAG = TAG + "content_hash"
+MIGRATED_TAG = TAG + "migrated_from"
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_STALE_SECONDS = 600.0  # a lock older than this was left by a killed `promote`: it is broken
 
 
 def _ver(model_version: Any) -> str:
@@ -69,50 +73,12 @@ def _ver(model_version: Any) -> str:
     return str(model_version.version)
 
 
-def registered_model_name(params: Params, stage: str) -> str:
-    return f"{params.tracking.registered_model_prefix}-{stage.split('@')[0]}"
+def registered_model_name(params: Params) -> str:
+    """The recipe's one registered model."""
+    return params.tracking.registered_model_prefix
 
 
 # --------------------------------------------------------------------------- versions
-
-
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
-    from mlflow.exceptions import MlflowException
-
-    try:
-        retry_locked(client.get_registered_model, name)
-    except MlflowException:
-        try:
-            retry_locked(client.create_registered_model, name)
-        except MlflowException:  # created by a parallel stage meanwhile
-            retry_locked(client.get_registered_model, name)
-
-
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
-    quoted = name.replace("'", "\\'")
-    versions = retry_locked(client.search_model_versions, f"name = '{quoted}'", max_results=1000)
-    return sorted(versions, key=lambda v: int(_ver(v)))
-
-
-def find_version(client: MlflowClient, name: str, content: str | None) -> ModelVersion | None:
-    """The newest version of `name` whose model content hash is `content`."""
-    if not content:
-        return None
-    matches = [v for v in _versions(client, name) if v.tags.get(TAG + "content_hash") == content]
-    return matches[-1] if matches else None
-
-
-def parent_versions(client: MlflowClient, params: Params, lineage: dict[str, Any]) -> list[str]:
-    """'<name>/<version>' of each parent model in `lineage` that is in the registry."""
-    found = []
-    for parent in lineage.get("parents") or []:
-        if not parent.get("stage"):
-            continue
-        name = registered_model_name(params, parent["stage"])
-        version = find_version(client, name, parent.get("content_hash")) if _exists(client, name) else None
-        found.append(f"{name}/{_ver(version)}" if version else f"{parent['stage']} (not registered)")
-    return found
 
 
 def _exists(client: MlflowClient, name: str) -> bool:
@@ -126,12 +92,75 @@ def _exists(client: MlflowClient, name: str) -> bool:
         return False
 
 
+def legacy_models(client: MlflowClient, params: Params) -> list[str]:
+    """Registered models of an older posttrain in this store: one per stage, `<prefix>-<stage>`."""
+    prefix = registered_model_name(params)
+    return [f"{prefix}-{stage}" for stage in MODEL_STAGES if _exists(client, f"{prefix}-{stage}")]
+
+
+def _check_not_legacy(client: MlflowClient, params: Params) -> None:
+    name = registered_model_name(params)
+    if _exists(client, name) and retry_locked(client.get_registered_model, name).tags.get(MIGRATED_TAG):
+        return
+    old = legacy_models(client, params)
+    if old:
+        raise PromotionError(
+            f"the MLflow store {redact(client.tracking_uri)} holds per-stage registered models {old} written by an "
+            f"older posttrain; this version keeps one registered model per recipe ('{name}'). Run "
+            "`posttrain registry --migrate` to copy their versions and aliases into it (the old models are kept), "
+            "or set tracking.registered_model_prefix to a new name"
+        )
+
+
+def _ensure_registered_model(client: MlflowClient, params: Params) -> str:
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow.exceptions import MlflowException
+
+    name = registered_model_name(params)
+    _check_not_legacy(client, params)
+    if not _exists(client, name):
+        try:
+            retry_locked(client.create_registered_model, name, description=f"posttrain recipe '{name}'")
+        except MlflowException:  # created by a parallel stage meanwhile
+            retry_locked(client.get_registered_model, name)
+    return name
+
+
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    quoted = name.replace("'", "\\'")
+    versions = retry_locked(client.search_model_versions, f"name = '{quoted}'", max_results=1000)
+    return sorted(versions, key=lambda v: int(_ver(v)))
+
+
+def find_version(client: MlflowClient, name: str, stage: str, content: str | None) -> ModelVersion | None:
+    """The newest version of `name` holding `stage`'s model with content hash `content`."""
+    if not content or not _exists(client, name):
+        return None
+    matches = [
+        v for v in _versions(client, name) if v.tags.get(CONTENT_TAG) == content and v.tags.get(STAGE_TAG) == stage
+    ]
+    return matches[-1] if matches else None
+
+
+def parent_versions(client: MlflowClient, params: Params, lineage: dict[str, Any]) -> list[str]:
+    """'<name>/<version> (<stage>)' of each parent model in `lineage` that is in the registry."""
+    name = registered_model_name(params)
+    found = []
+    for parent in lineage.get("parents") or []:
+        stage = parent.get("stage")
+        if not stage:
+            continue
+        version = find_version(client, name, stage, parent.get("content_hash"))
+        found.append(f"{name}/{_ver(version)} ({stage})" if version else f"{stage} (not registered)")
+    return found
+
+
 def _stage_chain(client: MlflowClient, params: Params, stage: str, lineage: dict[str, Any]) -> str:
     """'pretrain > cpt > sft' through the parents' versions; merges show their inputs in brackets."""
+    name = registered_model_name(params)
     chains = []
     for parent in lineage.get("parents") or []:
-        name = registered_model_name(params, parent.get("stage") or "unknown")
-        version = find_version(client, name, parent.get("content_hash")) if _exists(client, name) else None
+        version = find_version(client, name, str(parent.get("stage")), parent.get("content_hash"))
         chains.append((version.tags.get(TAG + "stages") if version else None) or str(parent.get("stage")))
     if not chains:
         return stage
@@ -176,7 +205,7 @@ def register_stage_model(
     model_dir: Path,
     lineage: dict[str, Any],
 ) -> ModelVersion:
-    """Log `model_dir` with the transformers flavour under `run_id` and make it a registry version.
+    """Log `model_dir` with the transformers flavour under `run_id` and make it a version of the recipe's model.
 
     Loading it back is one call: `mlflow.transformers.load_model("models:/<name>@<alias>")` returns a
     text-generation pipeline (`mlflow.pyfunc.load_model` also works; `predict` takes
@@ -187,47 +216,58 @@ def register_stage_model(
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = registered_model_name(params, stage)
-    _ensure_registered_model(client, name)
+    name = _ensure_registered_model(client, params)
     content = lineage.get("content_hash") or content_hash(file_hashes(model_dir))
-    version = find_version(client, name, content)
+    version = find_version(client, name, stage, content)
     if version is not None:
-        log.info("%s: content %s is already version %s; not registering it again", name, content[:12], _ver(version))
-    else:
-        tags = {**lineage_tags(lineage), TAG + "content_hash": content, TAG + "stage": stage, TAG + "run_id": run_id}
-        tags[TAG + "stages"] = _stage_chain(client, params, stage, lineage)
-        inputs = parent_versions(client, params, lineage)
-        if inputs:
-            tags[TAG + "input_models"] = ", ".join(inputs)
-        trust = params.model.trust_remote_code
-        components = {
-            "model": AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust),
-            "tokenizer": AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust),
-        }
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.transformers.log_model(
-                components,
-                name="model",
-                task="text-generation",
-                pip_requirements=_pip_requirements(),
-                signature=_signature(),
-                # A card of our own: MLflow would otherwise try to fetch one from the Hub.
-                model_card=ModelCard(
-                    "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n"
-                    + modelcard.build_model_card(name, None, tags)
-                ),
-            )
-        version = retry_locked(
-            client.create_model_version,
-            name=name,
-            source=info.model_uri,
-            run_id=run_id,  # keeps the run link (registering runs:/ folders fails in MLflow 3)
-            tags=tags,
-            model_id=info.model_id,
+        log.info(
+            "%s: %s content %s is already version %s; not registered again", name, stage, content[:12], _ver(version)
         )
-        _set_description(client, name, _ver(version))
-    if stage.split("@")[0] == params.promotion.final_stage:
-        _set_alias(client, name, CANDIDATE, _ver(version))
+        return version
+    kind, variant = split_name(stage)
+    tags = {
+        **lineage_tags(lineage),
+        CONTENT_TAG: content,
+        STAGE_TAG: stage,
+        TAG + "stage_module": kind,
+        TAG + "variant": variant or "",
+        TAG + "run_id": run_id,
+        # How the version loads and generates: the transformers flavour (evaluate records its own engine).
+        TAG + "engine": "transformers",
+        TAG + "stages": _stage_chain(client, params, stage, lineage),
+    }
+    inputs = parent_versions(client, params, lineage)
+    if inputs:
+        tags[TAG + "input_models"] = ", ".join(inputs)
+    trust = params.model.trust_remote_code
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust),
+    }
+    # The artifacts are logged first and the version created only once they are all stored: a failed upload
+    # (artifact store unreachable) leaves no half-registered version behind.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            components,
+            name="model",
+            task="text-generation",
+            pip_requirements=_pip_requirements(),
+            signature=_signature(),
+            # A card of our own: MLflow would otherwise try to fetch one from the Hub.
+            model_card=ModelCard(
+                "---\nlibrary_name: transformers\npipeline_tag: text-generation\n---\n"
+                + modelcard.build_model_card(name, None, tags)
+            ),
+        )
+    version = retry_locked(
+        client.create_model_version,
+        name=name,
+        source=info.model_uri,
+        run_id=run_id,  # keeps the run link (registering runs:/ folders fails in MLflow 3)
+        tags=tags,
+        model_id=info.model_id,
+    )
+    _set_description(client, name, _ver(version))
     return retry_locked(client.get_model_version, name, _ver(version))
 
 
@@ -289,142 +329,88 @@ def _set_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str
 # --------------------------------------------------------------------------- evaluation
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _score(node: Any) -> dict[str, Any] | None:
-    """{mean, ci_low, ci_high, n} from a number, {mean|value, ci_low, ci_high, n} or {mean, ci: [lo, hi]}."""
-    if _number(node) is not None:
-        return {"mean": float(node), "ci_low": None, "ci_high": None, "n": None}
-    if not isinstance(node, dict):
-        return None
-    mean = _number(node.get("mean", node.get("value", node.get("score"))))
-    if mean is None:
-        return None
-    ci = node.get("ci") if isinstance(node.get("ci"), (list, tuple)) and len(node["ci"]) == 2 else (None, None)
+def _eval_record(report: EvalReport, stage: str, run_id: str) -> dict[str, Any]:
+    """What a version carries of its evaluation: its scores and where the whole report is (the run)."""
+    model = report.models[stage]
+    forgetting = {}
+    for domain, value in model.forgetting.items():
+        number = value.get("value") if isinstance(value, dict) else value
+        if isinstance(number, (int, float)):
+            forgetting[domain] = number
     return {
-        "mean": mean,
-        "ci_low": _number(node.get("ci_low", ci[0])),
-        "ci_high": _number(node.get("ci_high", ci[1])),
-        "n": node.get("n"),
+        "stage": stage,
+        "run_id": run_id,
+        "engine": report.engine_of(stage),
+        "confidence": report.bootstrap[1],
+        "prepared_manifest_hash": report.prepared_manifest_hash,
+        "exact_match": {d: s.model_dump() for d, s in report.exact_match(stage).items()},
+        "forgetting": forgetting,
     }
 
 
-def parse_eval(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per model stage: {exact_match: {domain: score}, forgetting: {domain: float}, content_hash}.
-
-    Reads docs/eval-schema.md version 1 (models.<stage>.domains.<domain>.exact_match,
-    forgetting.forgetting.<stage>.<domain>.value, models.<stage>.content_hash). Tolerant of the shapes eval.json may take (docs/eval-schema.md): models under `models`,
-    `scores` or `results` (a mapping or a list of {model|stage|name, ...}) or at the top level;
-    domains under `domains`, `scores`, `exact_match` or directly; forgetting per model or as a
-    top-level mapping {model: {domain: x}}, {domain: {model: x}} or a matrix {models, domains, values}.
-    """
-    node = next((data[key] for key in ("models", "scores", "results") if isinstance(data.get(key), (dict, list))), None)
-    if isinstance(node, list):
-        node = {str(m.get("model") or m.get("stage") or m.get("name")): m for m in node if isinstance(m, dict)}
-    if node is None:
-        node = {key: value for key, value in data.items() if key in MODEL_STAGES and isinstance(value, dict)}
-    parsed: dict[str, dict[str, Any]] = {}
-    for model, entry in node.items():
-        if not isinstance(entry, dict):
-            continue
-        domains = next(
-            (entry[key] for key in ("domains", "scores", "exact_match") if isinstance(entry.get(key), dict)), entry
-        )
-        exact = {}
-        for domain, value in domains.items():
-            if domain in ("forgetting", "content_hash", "pass_at_k", "model", "stage", "path"):
-                continue
-            score = _score(value.get("exact_match") if isinstance(value, dict) and "exact_match" in value else value)
-            if score is not None:
-                exact[domain] = score
-        forgetting = {
-            d: v
-            for d, v in (
-                (d, _number(_score(x)["mean"] if _score(x) else None))
-                for d, x in (entry.get("forgetting") or {}).items()
-            )
-            if v is not None
-        }
-        parsed[model] = {
-            "exact_match": exact,
-            "forgetting": forgetting,
-            "content_hash": entry.get("content_hash") or entry.get("model_content_hash"),
-        }
-    top = data.get("forgetting")
-    if isinstance(top, dict) and isinstance(top.get("forgetting"), dict):
-        top = top["forgetting"]  # schema v1: {metric, scores, forgetting: {stage: {domain: {value, ...}}}, worst}
-    if isinstance(top, dict):
-        rows = top.get("models") or top.get("rows")
-        cols = top.get("domains") or top.get("columns")
-        values = top.get("values") or top.get("matrix")
-        if isinstance(rows, list) and isinstance(cols, list) and isinstance(values, list):
-            top = {
-                m: dict(zip(cols, row, strict=False))
-                for m, row in zip(rows, values, strict=False)
-                if isinstance(row, list)
-            }
-        elif (
-            top
-            and all(isinstance(v, dict) for v in top.values())
-            and not set(top) & set(parsed)
-            and set().union(*top.values()) & set(parsed)
-        ):
-            top = {m: {d: row[m] for d, row in top.items() if m in row} for m in parsed}  # {domain: {model: x}}
-        for model, per_domain in top.items():
-            if model in parsed and isinstance(per_domain, dict):
-                for domain, value in per_domain.items():
-                    number = (
-                        _number(value) if not isinstance(value, dict) else _number((_score(value) or {}).get("mean"))
-                    )
-                    if number is not None and not math.isnan(number):
-                        parsed[model]["forgetting"].setdefault(domain, number)
-    return parsed
-
-
 def record_evaluation(
-    client: MlflowClient, params: Params, layout: Layout, run_id: str, data: dict[str, Any]
+    client: MlflowClient, params: Params, layout: Layout, run_id: str, report: EvalReport
 ) -> dict[str, str]:
-    """Put each evaluated model's scores on its registry version (found by content hash); returns
-    {stage: version}. Promotion reads scores from these tags, not from files."""
+    """Put each evaluated model's scores on its version (found by stage and content hash) and point
+    `candidate` at the version the promotion rule picks; returns {stage: version}."""
+    name = registered_model_name(params)
     updated: dict[str, str] = {}
-    prepared = json_hash(layout.prepared / "manifest.json")
-    confidence = data.get("confidence") or (data.get("config") or {}).get("confidence") or params.evaluate.confidence
-    for stage, scores in parse_eval(data).items():
-        name = registered_model_name(params, stage)
-        content = scores["content_hash"] or (read_lineage(layout.model(stage)) or {}).get("content_hash")
-        version = find_version(client, name, content) if _exists(client, name) else None
+    for stage, model in report.models.items():
+        content = model.content_hash or (read_lineage(layout.model(stage)) or {}).get("content_hash")
+        version = find_version(client, name, stage, content)
         if version is None:
             log.warning(
-                "evaluate: no registry version of %s with content %s; scores not attached", name, str(content)[:12]
+                "evaluate: no version of %s holds %s at content %s; scores not attached", name, stage, str(content)[:12]
             )
             continue
-        record = {
-            "exact_match": scores["exact_match"],
-            "forgetting": scores["forgetting"],
-            "confidence": confidence,
-            "run_id": run_id,
-            "prepared_manifest_hash": prepared,
-        }
-        tags = {EVAL_TAG: json.dumps(record, sort_keys=True)}
-        for domain, score in scores["exact_match"].items():
+        record = _eval_record(report, stage, run_id)
+        tags = {EVAL_TAG: json.dumps(record, sort_keys=True), TAG + "eval_engine": record["engine"]}
+        for domain, score in report.exact_match(stage).items():
             interval = (
-                f" [{score['ci_low']:.4f}, {score['ci_high']:.4f}]"
-                if score["ci_low"] is not None and score["ci_high"] is not None
+                f" [{score.ci_low:.4f}, {score.ci_high:.4f}]"
+                if score.ci_low is not None and score.ci_high is not None
                 else ""
             )
-            tags[f"{EVAL_TAG}.{domain}.exact_match"] = f"{score['mean']:.4f}{interval} n={score['n']}"
-        for domain, value in scores["forgetting"].items():
+            tags[f"{EVAL_TAG}.{domain}.exact_match"] = f"{score.mean:.4f}{interval} n={score.n}"
+        for domain, value in record["forgetting"].items():
             tags[f"{EVAL_TAG}.{domain}.forgetting"] = f"{value:.4f}"
         _set_tags(client, name, _ver(version), tags)
         _set_description(client, name, _ver(version))
         card = modelcard.build_model_card(
             name, _ver(version), retry_locked(client.get_model_version, name, _ver(version)).tags
         )
-        retry_locked(client.log_text, run_id, card, f"model_cards/{name}-v{_ver(version)}.md")
+        retry_locked(client.log_text, run_id, card, f"model_cards/{name}-v{_ver(version)}-{stage}.md")
         updated[stage] = _ver(version)
+    stage, _ = candidate_stage(params.promotion, report)
+    if stage in updated:
+        _set_alias(client, name, CANDIDATE, updated[stage])
     return updated
+
+
+def _downloaded_report(client: MlflowClient, run_id: str) -> EvalReport | None:
+    """The eval.json the evaluate run `run_id` logged (None when it has none)."""
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = retry_locked(client.download_artifacts, run_id, "metrics/eval.json", folder)
+        except (MlflowException, OSError):
+            return None
+        return EvalReport.parse(json.loads(Path(path).read_text()), f"eval.json of run {run_id}")
+
+
+def version_report(client: MlflowClient, layout: Layout, version: ModelVersion) -> EvalReport | None:
+    """The evaluation of `version`: the workspace's eval.json when it holds the version's content, else the
+    report of the evaluate run whose scores the version carries; None when it was never evaluated."""
+    stage, content = version.tags.get(STAGE_TAG), version.tags.get(CONTENT_TAG)
+    local = workspace_report(layout)
+    if local is not None and stage in local.models and local.models[stage].content_hash == content:
+        return local
+    record = _scores(version)
+    if record is None or not record.get("run_id"):
+        return None
+    return _downloaded_report(client, record["run_id"])
 
 
 # --------------------------------------------------------------------------- promotion
@@ -443,10 +429,12 @@ class PromotionResult:
     forced: bool = False
     reason: str = ""
     gates: list[Gate] = field(default_factory=list)
+    status: str = ""  # promote | refuse | inconclusive | unchanged | rolled-back
 
     def summary(self) -> str:
+        marks = {"pass": "pass", "fail": "FAIL", "inconclusive": "????"}
         lines = [f"{self.name}: {self.reason}"]
-        lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.name}: {g.detail}" for g in self.gates]
+        lines += [f"  [{marks[g.status]}] {g.name}: {g.detail}" for g in self.gates]
         return "\n".join(lines)
 
 
@@ -454,71 +442,6 @@ def _scores(version: ModelVersion | None) -> dict[str, Any] | None:
     if version is None or not version.tags.get(EVAL_TAG):
         return None
     return json.loads(version.tags[EVAL_TAG])
-
-
-def check_gates(
-    params: Params,
-    candidate: dict[str, Any] | None,
-    champion: dict[str, Any] | None,
-    champion_version: str | None = None,
-    seed_std: float | None = None,
-) -> list[Gate]:
-    """The promotion rule of this module's docstring, as a list of named pass/fail checks.
-
-    `seed_std`: the seed standard deviation of the final stage on `compare_domain` from seeds.json
-    (`posttrain seeds N`); when given, the improvement must also exceed it (rule 5).
-    """
-    rules = params.promotion
-    if candidate is None:
-        return [Gate("evaluated", False, "the candidate has no evaluation scores; run the evaluate stage first")]
-    gates = [Gate("evaluated", True, f"scores from run {candidate.get('run_id')}")]
-    exact, forgetting = candidate.get("exact_match", {}), candidate.get("forgetting", {})
-    for domain, threshold in sorted(rules.min_exact_match.items()):
-        score = exact.get(domain)
-        if score is None:
-            gates.append(Gate(f"min_exact_match.{domain}", False, f"no exact-match score for domain '{domain}'"))
-        else:
-            gates.append(
-                Gate(
-                    f"min_exact_match.{domain}",
-                    score["mean"] >= threshold,
-                    f"{score['mean']:.4f} (needs >= {threshold})",
-                )
-            )
-    for domain, threshold in sorted(rules.max_forgetting.items()):
-        value = forgetting.get(domain)
-        if value is None:
-            gates.append(Gate(f"max_forgetting.{domain}", False, f"no forgetting score for domain '{domain}'"))
-        else:
-            gates.append(Gate(f"max_forgetting.{domain}", value <= threshold, f"{value:.4f} (needs <= {threshold})"))
-    domain = rules.compare_domain
-    if domain:
-        name = f"beats_champion.{domain}"
-        if champion_version is None:
-            gates.append(Gate(name, True, "no champion yet"))
-        elif champion is None or domain not in champion.get("exact_match", {}):
-            gates.append(Gate(name, False, f"champion v{champion_version} has no '{domain}' score to compare with"))
-        elif domain not in exact:
-            gates.append(Gate(name, False, f"candidate has no '{domain}' score"))
-        else:
-            c, p = exact[domain], champion["exact_match"][domain]
-            # A missing interval counts as zero width (a point estimate): stricter data gives a fairer test.
-            half_c = c["mean"] - c["ci_low"] if c["ci_low"] is not None else 0.0
-            half_p = p["ci_high"] - p["mean"] if p["ci_high"] is not None else 0.0
-            low = (c["mean"] - p["mean"]) - math.sqrt(half_c**2 + half_p**2)
-            detail = (
-                f"candidate {c['mean']:.4f} vs champion v{champion_version} {p['mean']:.4f}: improvement "
-                f"{c['mean'] - p['mean']:+.4f}, CI lower end {low:+.4f} (needs > {rules.min_improvement})"
-            )
-            if candidate.get("prepared_manifest_hash") != champion.get("prepared_manifest_hash"):
-                detail += "; note: the two were evaluated on different prepared data"
-            passed = low > rules.min_improvement
-            if seed_std is not None:
-                # One run's bootstrap CI ignores training noise: a new seed alone moves a score this much.
-                passed = passed and c["mean"] - p["mean"] > seed_std
-                detail += f"; seed std {seed_std:.4f} from seeds.json (improvement must exceed it)"
-            gates.append(Gate(name, passed, detail))
-    return gates
 
 
 def _history(client: MlflowClient, name: str) -> list[str]:
@@ -554,38 +477,73 @@ def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         raise PromotionError(f"--version {version}: '{name}' has no such version; it has versions {known}") from None
 
 
-def workspace_candidate(client: MlflowClient, params: Params, root: Path, stage: str) -> ModelVersion:
-    """The registered version holding `stage`'s model that is in the workspace now.
-
-    DVC's run cache can restore an older output without running the stage, so nothing re-points
-    the `candidate` alias; the workspace's lineage.json content hash says which model is really
-    there. The alias is moved to that version (or promotion refused when it was never registered).
-    """
-    name = registered_model_name(params, stage)
-    model_dir = Layout(root).model(stage)
+def workspace_candidate(client: MlflowClient, params: Params, layout: Layout, stage: str) -> ModelVersion:
+    """The registered version holding the workspace's `stage` model (DVC's run cache can restore an older
+    output without running the stage: the workspace's lineage.json says which model is really there)."""
+    name = registered_model_name(params)
+    model_dir = layout.model(stage)
     lineage = read_lineage(model_dir)
     if lineage is None:
         raise PromotionError(
-            f"{model_dir}: no model with lineage.json in the workspace; run the '{stage}' stage (dvc repro {stage}) "
+            f"{model_dir}: no model with lineage.json in the workspace; run the '{stage}' stage "
             "or name a version with --version"
         )
     content = lineage.get("content_hash") or content_hash(file_hashes(model_dir))
-    alias = _alias(client, name, CANDIDATE)
-    found = find_version(client, name, content)
+    found = find_version(client, name, stage, content)
     if found is None:
-        held = f"version {_ver(alias)} (content {str(alias.tags.get(TAG + 'content_hash'))[:12]})" if alias else "none"
         raise PromotionError(
-            f"the workspace model {model_dir} (content {content[:12]}) is not a registered version of '{name}' "
-            f"('{CANDIDATE}' is {held}); register it with `dvc repro --force {stage}`, or name a version with --version"
+            f"the workspace model {model_dir} ('{stage}', content {content[:12]}) is not a version of '{name}'; "
+            f"register it by rerunning the stage (dvc repro --force {stage}), or name a version with --version"
         )
-    if alias is None or _ver(alias) != _ver(found):
-        was = f"version {_ver(alias)}" if alias else "unset"
-        print(
-            f"{name}: '{CANDIDATE}' was {was}, but the workspace model {model_dir} (content {content[:12]}) is "
-            f"version {_ver(found)}; '{CANDIDATE}' now points at version {_ver(found)}"
-        )
-        _set_alias(client, name, CANDIDATE, _ver(found))
     return found
+
+
+@contextlib.contextmanager
+def promotion_lock(client: MlflowClient, name: str, wait_seconds: float = 60.0) -> Iterator[None]:
+    """Serialise promotions of `name` across machines: the lock is a registered model `<name>.promotion-lock`,
+    which the tracking store creates at most once (its name is unique), deleted on release."""
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    deadline = time.monotonic() + wait_seconds
+    announced = False
+    while True:
+        try:
+            client.create_registered_model(lock, tags={"holder": holder, "since": str(time.time())})
+            break
+        except MlflowException:
+            try:
+                current = client.get_registered_model(lock)
+            except MlflowException:  # released meanwhile (or the store is busy): try again shortly
+                if time.monotonic() >= deadline:
+                    raise PromotionError(
+                        f"could not take the promotion lock of '{name}' in {wait_seconds:.0f} s"
+                    ) from None
+                time.sleep(0.2)
+                continue
+            since = float(current.tags.get("since", "0") or 0)
+            if time.time() - since > LOCK_STALE_SECONDS:
+                log.warning("%s: breaking a promotion lock held since %.0f s by %s", name, time.time() - since,
+                            current.tags.get("holder"))  # fmt: skip
+                with contextlib.suppress(MlflowException):
+                    client.delete_registered_model(lock)
+                continue
+            if time.monotonic() >= deadline:
+                raise PromotionError(
+                    f"another promotion of '{name}' is in progress ({current.tags.get('holder', 'unknown holder')}); "
+                    f"waited {wait_seconds:.0f} s. Retry when it is done"
+                ) from None
+            if not announced:
+                print(f"{name}: waiting for another promotion ({current.tags.get('holder', 'unknown holder')})")
+                announced = True
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(MlflowException):
+            retry_locked(client.delete_registered_model, lock)
 
 
 def promote(
@@ -594,61 +552,79 @@ def promote(
     version: str | None = None,
     force: bool = False,
     reason: str | None = None,
-    spread: dict[str, float] | None = None,
+    wait_seconds: float = 60.0,
 ) -> PromotionResult:
-    """Promote the candidate (`promotion.candidate`, or `version` of it) to `champion` if it passes
-    the gates, the lineage gate included (`posttrain.tracking.gate`; `spread`: an optional seed
-    standard deviation per domain); `force` skips them and needs a `reason`, which is recorded.
-    Prints the decision and each comparison."""
+    """Promote the candidate (`promotion.candidate` in the workspace, or `version`) to `champion` if the rules
+    of posttrain.tracking.rules pass; `force` skips them and needs a `reason`, which is recorded. Prints the
+    decision and every gate."""
     if force and not (reason and reason.strip()):
         raise PromotionError("promote --force needs a reason (recorded on the version); e.g. --reason 'hotfix for ...'")
     client = connect(params, Path(root))
     layout = Layout(Path(root))
-    eval_data = read_eval(layout)
-    stage, chosen_by = candidate_stage(params, eval_data)
-    print(f"candidate: '{stage}' (chosen by {chosen_by})")
-    name = registered_model_name(params, stage)
+    name = registered_model_name(params)
+    _check_not_legacy(client, params)
     if not _exists(client, name):
-        raise PromotionError(f"registered model '{name}' does not exist; run the pipeline up to '{stage}' first")
-    target = (
-        _get_version(client, name, str(version)) if version else workspace_candidate(client, params, Path(root), stage)
-    )
-    champion = _alias(client, name, CHAMPION)
+        raise PromotionError(f"registered model '{name}' does not exist; run the pipeline (its stages register models)")
+    if version is None:
+        stage, chosen_by = candidate_stage(params.promotion, workspace_report(layout))
+        print(f"candidate: '{stage}' (chosen by {chosen_by})")
+        target = workspace_candidate(client, params, layout, stage)
+        _set_alias(client, name, CANDIDATE, _ver(target))
+    else:
+        target = _get_version(client, name, str(version))
+        stage = target.tags.get(STAGE_TAG) or "unknown"
+        print(f"candidate: version {version} ('{stage}', named by --version)")
+    with promotion_lock(client, name, wait_seconds):
+        return _promote_locked(client, params, layout, name, target, stage, force, reason)
+
+
+def _promote_locked(
+    client: MlflowClient,
+    params: Params,
+    layout: Layout,
+    name: str,
+    target: ModelVersion,
+    stage: str,
+    force: bool,
+    reason: str | None,
+) -> PromotionResult:
+    champion = _alias(client, name, CHAMPION)  # read under the lock: another promotion may just have moved it
     before = _ver(champion) if champion else None
     if champion is not None and _ver(champion) == _ver(target):
-        result = PromotionResult(
-            name,
-            _ver(target),
-            before,
-            before,
-            promoted=True,
-            changed=False,
-            reason=f"version {_ver(target)} is already the champion; nothing to do",
-        )
+        result = PromotionResult(name, before, before, before, promoted=True, changed=False, status="unchanged",
+                                 reason=f"version {before} ('{stage}') is already the champion; nothing to do")  # fmt: skip
         print(result.summary())
         return result
-    summary = seeds.current_summary(Path(root))
-    seed_std = seeds.spread(summary, stage, params.promotion.compare_domain) if summary else None
-    if spread is None and summary:
-        spread = seeds.spreads(summary, stage)
-    gates = check_gates(params, _scores(target), _scores(champion), before, seed_std=seed_std)
-    gates += lineage_gates(params, layout, stage, eval_data, spread)
-    if target.tags.get(ROLLED_BACK_TAG) == "true":
-        gates.append(
-            Gate(
-                "not_rolled_back",
-                False,
-                f"version {_ver(target)} was rolled back; promote it again only with force and a reason",
-            )
+    report = version_report(client, layout, target)
+    if report is None:
+        gates = [Gate("evaluated", "fail", f"version {_ver(target)} ('{stage}') has no evaluation; run evaluate "
+                      "with its model in the workspace (evaluate.models)")]  # fmt: skip
+    else:
+        summary = seeds.current_summary(layout.root)
+        spread = (lambda c, a, d: seeds.difference_spread(summary, c, a, d)) if summary else None
+        seed_std = (
+            seeds.spread(summary, stage, params.promotion.compare_domain)
+            if summary and params.promotion.compare_domain
+            else None
         )
-    passed = all(g.passed for g in gates)
+        served = None
+        if champion is not None:
+            served = Champion(
+                _ver(champion), champion.tags.get(STAGE_TAG) or "unknown", version_report(client, layout, champion)
+            )
+        gates = gates_for(params.promotion, report, stage, served, spread, seed_std)
+    if target.tags.get(ROLLED_BACK_TAG) == "true":
+        gates.append(Gate("not_rolled_back", "fail", f"version {_ver(target)} was rolled back; promote it again only "
+                          "with --force and a reason"))  # fmt: skip
+    verdict = decide(gates, params.promotion)
     gate_record = json.dumps([asdict(g) for g in gates], sort_keys=True)
-    if passed or force:
+    if verdict.promote or force:
+        forced = force and not verdict.promote
         why = reason.strip() if force and reason else "passed all gates"
         tags = {
             TAG + "promotion.status": "champion",
             TAG + "promotion.reason": why,
-            TAG + "promotion.forced": "true" if force and not passed else "false",
+            TAG + "promotion.forced": "true" if forced else "false",
             TAG + "promotion.gates": gate_record,
         }
         if before:
@@ -659,160 +635,215 @@ def promote(
             _set_description(client, name, _ver(champion))
         _move_champion(client, name, _ver(target), champion)
         _set_description(client, name, _ver(target))
-        forced = force and not passed
         result = PromotionResult(
-            name,
-            _ver(target),
-            before,
-            _ver(target),
-            promoted=True,
-            changed=True,
-            forced=forced,
-            reason=f"version {_ver(target)} is now the champion"
-            + (f" (FORCED past failed gates: {why})" if forced else f" ({why})")
+            name, _ver(target), before, _ver(target), promoted=True, changed=True, forced=forced, gates=gates,
+            status="promote",
+            reason=f"version {_ver(target)} ('{stage}') is now the champion"
+            + (f" (FORCED past {verdict.status} gates: {why})" if forced else f" ({why})")
             + (f"; version {before} is previous-champion" if before else ""),
-            gates=gates,
-        )
+        )  # fmt: skip
     else:
-        failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
+        word = "INCONCLUSIVE" if verdict.status == "inconclusive" else "REFUSED"
         changed = _set_tags(
             client,
             name,
             _ver(target),
             {
-                TAG + "promotion.status": "refused",
-                TAG + "promotion.reason": failed,
+                TAG + "promotion.status": "inconclusive" if verdict.status == "inconclusive" else "refused",
+                TAG + "promotion.reason": verdict.reasons(),
                 TAG + "promotion.gates": gate_record,
             },
         )
         if changed:
             _set_description(client, name, _ver(target))
         result = PromotionResult(
-            name,
-            _ver(target),
-            before,
-            before,
-            promoted=False,
-            changed=changed,
-            reason=f"version {_ver(target)} NOT promoted (champion stays {before or 'unset'}): {failed}",
-            gates=gates,
-        )
+            name, _ver(target), before, before, promoted=False, changed=changed, gates=gates, status=verdict.status,
+            reason=f"version {_ver(target)} ('{stage}') NOT promoted, {word} (champion stays {before or 'unset'}): "
+            + verdict.reasons(),
+        )  # fmt: skip
     print(result.summary())
     return result
 
 
-def gate_verdict(params: Params, root: Path, spread: dict[str, float] | None = None) -> PromotionResult:
-    """The end of `posttrain run`: `promote` when tracking is on; otherwise the same gates on the
-    workspace's eval.json and lineage files (no champion to compare with), printed, nothing changed.
-    `spread`: an optional seed standard deviation per domain for the lineage gate."""
+def gate_verdict(params: Params, root: Path) -> PromotionResult:
+    """The end of `posttrain run`: `promote` when tracking is on; otherwise the same rules on the workspace's
+    eval.json (no champion to compare with), printed, nothing changed."""
     if params.tracking.enabled:
-        return promote(params, root, spread=spread)
+        return promote(params, root)
     layout = Layout(Path(root))
-    eval_data = read_eval(layout)
-    stage, chosen_by = candidate_stage(params, eval_data)
+    report = workspace_report(layout)
+    stage, chosen_by = candidate_stage(params.promotion, report)
     print(f"candidate: '{stage}' (chosen by {chosen_by})")
-    scores = parse_eval(eval_data or {}).get(stage)
-    candidate = {**scores, "run_id": "eval.json"} if scores else None
-    gates = check_gates(params, candidate, None, None) + lineage_gates(params, layout, stage, eval_data, spread)
-    passed = all(g.passed for g in gates)
-    failed = "; ".join(f"{g.name}: {g.detail}" for g in gates if not g.passed)
+    if report is None:
+        gates = [Gate("evaluated", "fail", f"{layout.metrics('eval')} does not exist; run the evaluate stage first")]
+    else:
+        summary = seeds.current_summary(layout.root)
+        spread = (lambda c, a, d: seeds.difference_spread(summary, c, a, d)) if summary else None
+        gates = gates_for(params.promotion, report, stage, None, spread)
+    verdict: Verdict = decide(gates, params.promotion)
+    shown = {"promote": "passes every gate", "refuse": "REFUSED", "inconclusive": "INCONCLUSIVE"}[verdict.status]
     result = PromotionResult(
-        stage,
-        None,
-        None,
-        None,
-        promoted=passed,
-        changed=False,
-        reason=("passes every gate" if passed else f"REFUSED: {failed}") + " (tracking off: no registry change)",
-        gates=gates,
-    )
+        stage, None, None, None, promoted=verdict.promote, changed=False, gates=gates, status=verdict.status,
+        reason=f"{shown}{': ' + verdict.reasons() if not verdict.promote else ''} (tracking.enabled is false: the "
+        "registry is not touched; `posttrain promote` needs tracking on)",
+    )  # fmt: skip
     print(result.summary())
     return result
 
 
-def rollback(params: Params, root: Path) -> PromotionResult:
-    """Make the previous champion the champion again; the demoted version is tagged rolled-back."""
+def rollback(params: Params, root: Path, wait_seconds: float = 60.0) -> PromotionResult:
+    """Make the previous champion of the recipe's model the champion again; the demoted version is tagged rolled-back."""
     client = connect(params, Path(root))
-    name = registered_model_name(params, params.promotion.final_stage)
+    _check_not_legacy(client, params)
+    name = registered_model_name(params)
     if not _exists(client, name):
         raise PromotionError(f"registered model '{name}' does not exist; nothing to roll back")
-    champion = _alias(client, name, CHAMPION)
-    history = _history(client, name)
-    if champion is not None and history and history[-1] == _ver(champion):
-        history.pop()
-    if history:
-        previous: str | None = history[-1]
-    else:  # no history tag (aliases set by hand): fall back on the alias
-        alias = _alias(client, name, PREVIOUS)
-        previous = _ver(alias) if alias else None
-    if previous is None or champion is None:
-        raise PromotionError(
-            f"'{name}' has no previous champion to roll back to (champion: {_ver(champion) if champion else 'unset'})"
+    with promotion_lock(client, name, wait_seconds):
+        champion = _alias(client, name, CHAMPION)
+        history = _history(client, name)
+        if champion is not None and history and history[-1] == _ver(champion):
+            history.pop()
+        if history:
+            previous: str | None = history[-1]
+        else:  # no history tag (aliases set by hand): fall back on the alias
+            alias = _alias(client, name, PREVIOUS)
+            previous = _ver(alias) if alias else None
+        if previous is None or champion is None:
+            raise PromotionError(
+                f"'{name}' has no previous champion to roll back to (champion: {_ver(champion) if champion else 'unset'})"
+            )
+        _set_alias(client, name, CHAMPION, previous)
+        _set_tags(
+            client,
+            name,
+            _ver(champion),
+            {
+                TAG + "promotion.status": "rolled-back",
+                ROLLED_BACK_TAG: "true",
+                TAG + "promotion.reason": f"rolled back to version {previous}",
+            },
         )
-    _set_alias(client, name, CHAMPION, previous)
-    _set_tags(
-        client,
-        name,
-        _ver(champion),
-        {
-            TAG + "promotion.status": "rolled-back",
-            ROLLED_BACK_TAG: "true",
-            TAG + "promotion.reason": f"rolled back to version {previous}",
-        },
-    )
-    _set_tags(client, name, previous, {TAG + "promotion.status": "champion"})
-    if len(history) >= 2:
-        _set_alias(client, name, PREVIOUS, history[-2])
-    elif _alias(client, name, PREVIOUS) is not None:
-        retry_locked(client.delete_registered_model_alias, name, PREVIOUS)
-    _set_history(client, name, history)
-    for v in (_ver(champion), previous):
-        _set_description(client, name, v)
+        _set_tags(client, name, previous, {TAG + "promotion.status": "champion"})
+        if len(history) >= 2:
+            _set_alias(client, name, PREVIOUS, history[-2])
+        elif _alias(client, name, PREVIOUS) is not None:
+            retry_locked(client.delete_registered_model_alias, name, PREVIOUS)
+        _set_history(client, name, history)
+        for v in (_ver(champion), previous):
+            _set_description(client, name, v)
+    stages = {
+        v: retry_locked(client.get_model_version, name, v).tags.get(STAGE_TAG) for v in (previous, _ver(champion))
+    }
     result = PromotionResult(
-        name,
-        previous,
-        _ver(champion),
-        previous,
-        promoted=True,
-        changed=True,
-        reason=f"rolled back: version {previous} is the champion again (version {_ver(champion)} demoted)",
-    )
+        name, previous, _ver(champion), previous, promoted=True, changed=True, status="rolled-back",
+        reason=f"rolled back: version {previous} ('{stages[previous]}') is the champion again "
+        f"(version {_ver(champion)} ('{stages[_ver(champion)]}') demoted)",
+    )  # fmt: skip
     print(result.summary())
     return result
+
+
+# --------------------------------------------------------------------------- showing and migrating
 
 
 def show(params: Params, root: Path, echo: bool = True) -> dict[str, Any]:
-    """The registry as a dict ({tracking_uri, models: [{name, aliases, versions}]}); printed as a table."""
+    """The recipe's model as a dict ({tracking_uri, name, aliases, versions}); printed as a table."""
     client = connect(params, Path(root))
-    prefix = params.tracking.registered_model_prefix + "-"
-    state: dict[str, Any] = {"tracking_uri": redact(client.tracking_uri), "models": []}
-    models = retry_locked(client.search_registered_models, max_results=1000)
-    for model in sorted(models, key=lambda m: m.name):
-        if not model.name.startswith(prefix):
-            continue
-        aliases = {alias: str(v) for alias, v in (model.aliases or {}).items()}
-        versions = []
-        for v in _versions(client, model.name):
+    name = registered_model_name(params)
+    state: dict[str, Any] = {"tracking_uri": redact(client.tracking_uri), "name": name, "aliases": {}, "versions": []}
+    legacy = legacy_models(client, params)
+    if legacy and not (
+        _exists(client, name) and retry_locked(client.get_registered_model, name).tags.get(MIGRATED_TAG)
+    ):
+        state["legacy_models"] = legacy
+    if _exists(client, name):
+        model = retry_locked(client.get_registered_model, name)
+        state["aliases"] = {alias: str(v) for alias, v in (model.aliases or {}).items()}
+        for v in _versions(client, name):
             scores = _scores(v) or {}
-            versions.append(
+            state["versions"].append(
                 {
                     "version": _ver(v),
-                    "aliases": sorted(a for a, n in aliases.items() if n == _ver(v)),
-                    "content_hash": v.tags.get(TAG + "content_hash", "")[:12],
+                    "stage": v.tags.get(STAGE_TAG, ""),
+                    "aliases": sorted(a for a, n in state["aliases"].items() if n == _ver(v)),
+                    "content_hash": v.tags.get(CONTENT_TAG, "")[:12],
                     "status": v.tags.get(TAG + "promotion.status", ""),
                     "reason": v.tags.get(TAG + "promotion.reason", ""),
                     "exact_match": {d: s["mean"] for d, s in (scores.get("exact_match") or {}).items()},
                     "run_id": v.run_id,
                 }
             )
-        state["models"].append({"name": model.name, "aliases": aliases, "versions": versions})
     if echo:
-        print(f"MLflow registry at {state['tracking_uri']}")
-        for model in state["models"]:
-            print(f"{model['name']}  aliases: {model['aliases'] or 'none'}")
-            for v in model["versions"]:
-                scores = " ".join(f"{d}={m:.3f}" for d, m in sorted(v["exact_match"].items()))
-                print(
-                    f"  v{v['version']:<4} {','.join(v['aliases']) or '-':<28} {v['content_hash']:<12} {v['status'] or '-':<12} {scores}"
-                )
+        print(
+            f"MLflow registry at {state['tracking_uri']}: registered model '{name}' (serve models:/{name}@{CHAMPION})"
+        )
+        if state.get("legacy_models"):
+            print(
+                f"  per-stage models of an older posttrain: {state['legacy_models']}; run `posttrain registry --migrate`"
+            )
+        print(f"  aliases: {state['aliases'] or 'none'}")
+        for v in state["versions"]:
+            scores = " ".join(f"{d}={m:.3f}" for d, m in sorted(v["exact_match"].items()))
+            print(
+                f"  v{v['version']:<4} {v['stage']:<12} {','.join(v['aliases']) or '-':<28} {v['content_hash']:<12} "
+                f"{v['status'] or '-':<12} {scores}"
+            )
     return state
+
+
+def migrate(params: Params, root: Path) -> dict[str, Any]:
+    """Copy the versions of an older store's per-stage models (`<prefix>-<stage>`) into the recipe's model.
+
+    Each old version becomes a new version with the same source, run and tags (plus `posttrain.migrated_from`
+    `<old name>/<version>` and its old aliases in `posttrain.migrated_aliases`). The champion of the model the
+    older posttrain served (`<prefix>-<promotion.final_stage>`), if any, becomes the champion, with the
+    previous champions of its history. The old models stay as they were: nothing is deleted.
+    """
+    client = connect(params, Path(root))
+    name = registered_model_name(params)
+    old_models = legacy_models(client, params)
+    if not old_models:
+        raise PromotionError(
+            f"no per-stage registered models '{name}-<stage>' in {redact(client.tracking_uri)}; nothing to migrate"
+        )
+    if _exists(client, name) and retry_locked(client.get_registered_model, name).tags.get(MIGRATED_TAG):
+        raise PromotionError(
+            f"'{name}' was migrated already ({retry_locked(client.get_registered_model, name).tags[MIGRATED_TAG]})"
+        )
+    if not _exists(client, name):
+        retry_locked(client.create_registered_model, name, description=f"posttrain recipe '{name}'")
+    mapping: dict[str, str] = {}  # '<old name>/<version>' -> new version
+    for old in old_models:
+        aliases_of: dict[str, list[str]] = {}
+        for alias, number in (retry_locked(client.get_registered_model, old).aliases or {}).items():
+            aliases_of.setdefault(str(number), []).append(alias)
+        for v in _versions(client, old):
+            tags = dict(v.tags)
+            tags.setdefault(STAGE_TAG, old[len(name) + 1 :])
+            tags[MIGRATED_TAG] = f"{old}/{_ver(v)}"
+            if aliases_of.get(_ver(v)):
+                tags[TAG + "migrated_aliases"] = ",".join(sorted(aliases_of[_ver(v)]))
+            new = retry_locked(client.create_model_version, name=name, source=v.source, run_id=v.run_id, tags=tags)
+            mapping[f"{old}/{_ver(v)}"] = _ver(new)
+    served = f"{name}-{params.promotion.final_stage}"
+    champion = _alias(client, served, CHAMPION) if served in old_models else None
+    if champion is not None:
+        history = [mapping[f"{served}/{v}"] for v in _history(client, served) if f"{served}/{v}" in mapping]
+        _set_alias(client, name, CHAMPION, mapping[f"{served}/{_ver(champion)}"])
+        if len(history) >= 2:
+            _set_alias(client, name, PREVIOUS, history[-2])
+        _set_history(client, name, history or [mapping[f"{served}/{_ver(champion)}"]])
+    note = f"{', '.join(old_models)} (migrated {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    retry_locked(client.set_registered_model_tag, name, MIGRATED_TAG, note)
+    result = {
+        "name": name,
+        "from": old_models,
+        "versions": mapping,
+        "champion": mapping.get(f"{served}/{_ver(champion)}") if champion else None,
+    }
+    print(f"{name}: {len(mapping)} version(s) copied from {', '.join(old_models)} (kept as they were)")
+    if champion is not None:
+        print(f"{name}: champion = version {result['champion']} (was {served} version {_ver(champion)})")
+    else:
+        print(f"{name}: no champion set ({served} had none); promote one with `posttrain promote --version N`")
+    return result

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from posttrain.config import Params, params_hash
-from posttrain.dvcfile import stage_entry
-from posttrain.errors import ParamsError, TrackingError
+from posttrain.errors import TrackingError
 from posttrain.io import json_hash, redact
 from posttrain.layout import Layout
 from posttrain.lineage import git_state, library_versions, read_lineage
+from posttrain.scoring.report import EvalReport
+from posttrain.spec import effective_values, mlflow_key, recipe_specs
 from posttrain.stage import flatten, is_number
 from posttrain.tracking import registry
 from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, retry_locked
@@ -128,33 +127,16 @@ def series_metrics(metrics: dict[str, Any]) -> list[tuple[str, float, int]]:
 # --------------------------------------------------------------------------- parent run
 
 
-def stage_param_keys(root: Path, stage: str) -> list[str]:
-    """The params keys a stage declares in dvc.yaml (what DVC reruns it for); the stage's own
-    section when dvc.yaml does not name it. Read with yaml, not DVC: this runs in every stage."""
-    try:
-        declared = (stage_entry(root, stage.split("@")[0]) or {}).get("params")
-    except (OSError, yaml.YAMLError, ParamsError):
-        declared = None
-    keys: list[str] = []
-    for entry in declared or [stage.split("@")[0]]:
-        # An entry is a key, or {params file: [keys]}.
-        if isinstance(entry, str):
-            keys.append(entry)
-        elif isinstance(entry, dict):
-            keys.extend(str(key) for values in entry.values() for key in (values or []))
-    return keys
-
-
 def stage_params(params: Params, root: Path, stage: str) -> dict[str, str]:
-    dumped = params.model_dump(mode="json")
-    selected: dict[str, Any] = {}
-    for key in stage_param_keys(root, stage):
-        node: Any = dumped
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            selected[key] = node
-    return {name: _param_value(value) for name, value in flatten(redact(selected)).items()}
+    """What MLflow records as the stage run's params: the values it ran with, by the params keys of its
+    spec (a variant's own merged section and seed), flattened and redacted. A name outside the recipe's
+    chain (a stage run by hand) records its own section."""
+    specs = recipe_specs(params, root)
+    if stage in specs:
+        values = effective_values(specs[stage], params)
+    else:
+        values = {stage: getattr(params, stage).model_dump(mode="json")} if stage in params.model_fields else {}
+    return {name: _param_value(value) for name, value in flatten(redact(values)).items()}
 
 
 def pipeline_key(params: Params, root: Path) -> str:
@@ -187,7 +169,7 @@ def _log_params(client: MlflowClient, run_id: str, values: dict[str, str]) -> No
     from mlflow.entities import Param
 
     # MLflow refuses '@' in keys; variants (`mixtures.sft@arith`) are logged as `mixtures.sft:arith`.
-    items = [Param(key.replace("@", ":")[:250], value) for key, value in sorted(values.items())]
+    items = [Param(mlflow_key(key)[:250], value) for key, value in sorted(values.items())]
     for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         retry_locked(client.log_batch, run_id, params=items[start : start + 100])
 
@@ -376,7 +358,9 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
                     ],
                 )
             if stage == "evaluate":
-                registry.record_evaluation(client, params, layout, run_id, evaluation)
+                registry.record_evaluation(
+                    client, params, layout, run_id, EvalReport.parse(evaluation, str(metrics_file))
+                )
             record.seconds = time.perf_counter() - started
             retry_locked(
                 client.log_batch,

@@ -3,10 +3,11 @@
 `checkpoints/<stage>-<key>/checkpoint-<step>/`. The key hashes everything that determines the run's
 result (this module is the one place that derives it):
 
-    code      the contents of the stage's code deps as dvc.yaml lists them (every dep outside
-              artifacts/: files, and folders recursively without __pycache__/*.pyc), i.e. the
-              same files DVC hashes to decide the stage is stale
-    params    the values of the params keys dvc.yaml lists for the stage, read from params.yaml
+    code      the contents of the stage's code deps (its StageSpec, posttrain.spec: files, and
+              folders recursively without __pycache__/*.pyc), i.e. the same files DVC hashes to
+              decide the stage is stale; a variant has its stage's code
+    params    the values the stage runs with, by the params keys of its spec (a variant: its own
+              merged section and seed)
     inputs    the caller's: data manifest and parent model content hashes, world size, device,
               precision, thread count, seed, the stage's typed section
 
@@ -34,11 +35,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from posttrain.config import params_hash
-from posttrain.dvcfile import stage_entry, stage_params
+from posttrain.config import Params, params_hash
 from posttrain.errors import ParamsError, StageError
 from posttrain.io import sha256_file, write_json_atomic
 from posttrain.models.merging import complete_checkpoints
+from posttrain.spec import CODE_ROOT, StageSpec, effective_values
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,6 @@ COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 KEY_FILE = "key.json"
 KEEP_KEYS = 2  # key folders kept per stage: the current run's and the one before it
-_DATA_PREFIX = "artifacts/"  # deps under here are data/models, keyed by their content hashes instead
-
-
-def code_deps(root: Path, stage: str) -> list[str]:
-    """The stage's deps in dvc.yaml that are code (not under artifacts/), as written there."""
-    entry = stage_entry(root, stage) or {}
-    return [str(d) for d in entry.get("deps") or [] if not str(d).startswith(_DATA_PREFIX)]
 
 
 def code_hashes(root: Path, deps: list[str]) -> dict[str, str]:
@@ -68,18 +62,22 @@ def code_hashes(root: Path, deps: list[str]) -> dict[str, str]:
                     continue
                 hashes[file.relative_to(root).as_posix()] = sha256_file(file)
         else:
-            raise ParamsError(f"{root / 'dvc.yaml'}: a dep of stage, {dep!r}, does not exist under {root}")
+            raise ParamsError(f"{path}: a code dep of the stage does not exist")
     return hashes
 
 
-def key_components(root: Path, stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """What the key hashes: code file hashes, dvc.yaml params values, and the caller's inputs."""
-    if stage_entry(root, stage) is None:
-        log.warning("%s: stage %r not in dvc.yaml; its checkpoint key covers params and inputs only", root, stage)
+def key_components(
+    spec: StageSpec, params: Params, inputs: dict[str, Any], code_root: Path = CODE_ROOT
+) -> dict[str, Any]:
+    """What the key hashes: the spec's code file hashes, the values it runs with, and the caller's inputs.
+
+    `code_root`: where the code that runs lives, by default the folder this package was imported from (the
+    project root in a DVC project; a test's temporary project runs the repository's code).
+    """
     return {
-        "stage": stage,
-        "code": code_hashes(root, code_deps(root, stage)),
-        "params": stage_params(root, stage),
+        "stage": spec.name,
+        "code": code_hashes(code_root, list(spec.code_deps)),
+        "params": effective_values(spec, params),
         "inputs": inputs,
     }
 

@@ -35,6 +35,7 @@ from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
 from posttrain.models.build import count_parameters
 from posttrain.runtime import Runtime, is_main_process, world_size
+from posttrain.spec import StageSpec
 from posttrain.stage import StageResult, flat_metrics
 from posttrain.training.adaptive_mixing import OnlineMixing
 from posttrain.training.callbacks import ContinualEvaluation, Preemption, all_finite, make_callbacks
@@ -82,15 +83,13 @@ class TrainingJob:
     **trainer_kwargs)`, which fits SFTTrainer, DPOTrainer and GRPOTrainer alike.
     """
 
-    stage: str
+    spec: StageSpec  # the stage's identity: name, parents (their content hashes go into the checkpoint key)
     section: TrainStageConfig
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     train_dataset: datasets.Dataset
     # Mixture manifest: its hash goes into lineage.json and the checkpoint key.
     data_manifest: Path | None
-    # Input model folders (lineage parents; their content hashes go into the checkpoint key).
-    parents: list[Path] = field(default_factory=list)
     config_cls: type | None = None  # default trl.SFTConfig
     trainer_cls: type | None = None  # default trl.SFTTrainer
     config_fields: dict[str, Any] = field(default_factory=dict)  # stage-specific TRL config fields
@@ -116,7 +115,7 @@ def peak_gpu_mb(runtime: Runtime) -> float | None:
 
 def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """Train, resuming from the newest complete checkpoint; write model, lineage, metrics and plots."""
-    stage, section = job.stage, job.section
+    stage, section = job.spec.name, job.section
     if section.lora is not None and job.adapter is None:
         raise ParamsError(
             f"{stage}.lora: set, but stage {stage} does not load its model through posttrain.models.loading "
@@ -128,11 +127,11 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             f"{stage}.max_length: got {section.max_length}, expected at most the model's max_position_embeddings "
             f"({positions})"
         )
-    parents = [parent_entry(p, layout.root) for p in job.parents]
+    parents = [parent_entry(layout.model(p), layout.root) for p in job.spec.parents]
     # The key covers code, params and inputs (training.checkpoints): another run's checkpoint is never resumed.
     components = key_components(
-        layout.root,
-        stage,
+        job.spec,
+        params,
         inputs={
             "section": section.model_dump(mode="json"),
             "seed": runtime.seed,

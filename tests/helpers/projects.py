@@ -20,11 +20,12 @@ import yaml
 
 from helpers.tiny import REPO, tiny_raw
 from posttrain import io
-from posttrain.config import Params, parse_params
+from posttrain.config import Params, load_params, parse_params
 from posttrain.data.domains import RECORD_COLUMNS
 from posttrain.data.formats import CONVERSATION_COLUMNS
 from posttrain.layout import Layout
 from posttrain.models import build, chat_template
+from posttrain.spec import sync_dvc_yaml
 from posttrain.training.outputs import write_model_output
 
 # What the training-stage tests change in configs/tiny.yaml: a shorter context, the same trainer for
@@ -141,7 +142,6 @@ def make_small_project(tmp_path: Path, raw: dict[str, Any]) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("posttrain", "stages"):
         shutil.copytree(REPO / folder, root / folder, ignore=ignore)
-    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / ".dvc").mkdir()
     shutil.copy2(REPO / ".dvc" / "config", root / ".dvc" / "config")
     # What `dvc init` would add besides the config.
@@ -149,6 +149,7 @@ def make_small_project(tmp_path: Path, raw: dict[str, Any]) -> Path:
     shutil.copy2(REPO / ".dvcignore", root / ".dvcignore")
     copy_variants_folder(root)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sync_dvc_yaml(parse_params(raw), root)  # dvc.yaml is the recipe's, as `posttrain sync-deps` writes it
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
@@ -158,8 +159,8 @@ def make_project_copy(dest: Path, params_source: Path = REPO / "configs" / "tiny
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("posttrain", "stages", "flows"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", dest / "dvc.yaml")
     shutil.copy(params_source, dest / "params.yaml")
+    sync_dvc_yaml(load_params(dest / "params.yaml"), dest)  # dvc.yaml is the recipe's, as `posttrain sync-deps` writes it
     copy_variants_folder(dest)
     (dest / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")

@@ -27,7 +27,7 @@ LAYERS = {
     "posttrain.config": 1,
     "posttrain.layout": 1,
     "posttrain.io": 1,
-    "posttrain.dvcfile": 1,
+    "posttrain.spec": 1,
     "posttrain.lineage": 2,
     "posttrain.stage": 2,
     "posttrain.runtime": 2,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from helpers.tiny import tiny_raw
-from helpers.tracking import make_params, score
+from helpers.tracking import score
 
 from posttrain.errors import SeedsError
 from posttrain.scoring import seeds
@@ -90,20 +90,24 @@ def test_plot_is_written(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gate_requires_improvement_beyond_seed_std(tmp_path):
-    from posttrain.tracking.registry import check_gates
+def test_champion_gate_requires_improvement_beyond_seed_std():
+    from posttrain.config import PromotionConfig
+    from posttrain.scoring.report import EvalReport
+    from posttrain.tracking.rules import Champion, champion_gate
 
-    params = make_params(tmp_path, promotion={"min_improvement": 0.0})
-    champion = {"exact_match": {"add3": score(0.50, 0.01)}}
-    candidate = {"exact_match": {"add": score(0.9), "add3": score(0.56, 0.01)}, "forgetting": {"add": 0.0}}
+    def report(stage: str, add3: float) -> EvalReport:
+        return EvalReport.parse({"models": {stage: {"domains": {"add3": {"exact_match": score(add3, 0.01)}}}}})
+
+    rule = PromotionConfig(compare_domain="add3", min_improvement=0.0)
+    champion = Champion("1", "merge", report("merge", 0.50))
 
     def beats(seed_std: float | None) -> bool:
-        gates = {g.name: g for g in check_gates(params, candidate, champion, "1", seed_std=seed_std)}
-        return gates["beats_champion.add3"].passed
+        (gate,) = champion_gate(rule, report("grpo", 0.56), "grpo", champion, seed_std=seed_std)
+        return gate.passed
 
     # +0.06 with CIs of +-0.01: beyond one run's noise ...
     assert beats(None)
-    assert beats(0.05)
+    assert beats(0.04)
     # ... but not beyond a seed spread of 0.08.
     assert not beats(0.08)
 
