@@ -160,7 +160,9 @@ def make_project_copy(dest: Path, params_source: Path = REPO / "configs" / "tiny
     for name in ("posttrain", "stages", "flows"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(params_source, dest / "params.yaml")
-    sync_dvc_yaml(load_params(dest / "params.yaml"), dest)  # dvc.yaml is the recipe's, as `posttrain sync-deps` writes it
+    sync_dvc_yaml(
+        load_params(dest / "params.yaml"), dest
+    )  # dvc.yaml is the recipe's, as `posttrain sync-deps` writes it
     copy_variants_folder(dest)
     (dest / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", dest / ".dvc" / "config")

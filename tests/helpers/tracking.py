@@ -12,10 +12,12 @@ import torch
 
 from helpers.tiny import REPO, tiny_raw
 from posttrain.config import ArchitectureConfig, Params, params_hash, parse_params
+from posttrain.io import json_hash
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry, write_lineage
 from posttrain.models import chat_template
 from posttrain.models.build import build_scratch_model
+from posttrain.scoring.report import lineage_of
 from posttrain.stage import StageResult
 
 PROMPT = "12+34="
@@ -123,17 +125,24 @@ def score(mean: float, half: float = 0.02, n: int = 500) -> dict[str, Any]:
 
 
 def write_eval(
-    layout: Layout, models: dict[str, dict[str, dict[str, Any]]], forgetting: dict[str, dict[str, float]]
+    layout: Layout,
+    models: dict[str, dict[str, dict[str, Any]]],
+    forgetting: dict[str, dict[str, float]],
+    engine: str = "hf",
 ) -> None:
-    """eval.json as docs/eval-schema.md (version 1) describes it, with the fields promotion reads."""
+    """eval.json as the evaluate stage writes it (docs/eval-schema.md): scores, each model's lineage from its
+    lineage.json, the prepared data's hash and the generation engine."""
     data = {
         "schema_version": 1,
-        "config": {"confidence": 0.95},
+        "engine": engine,
+        "config": {"confidence": 0.95, "bootstrap_samples": 1000, "seed": 0},
+        "prepared_manifest_hash": json_hash(layout.prepared / "manifest.json"),
         "stages": list(models),
         "models": {
             m: {
                 "path": f"artifacts/models/{m}",
                 "content_hash": json.loads((layout.model(m) / "lineage.json").read_text())["content_hash"],
+                "lineage": lineage_of(layout, layout.model(m)),
                 "domains": {d: {"n_items": s["n"], "exact_match": s, "pass_at_k": None} for d, s in per.items()},
             }
             for m, per in models.items()
@@ -151,6 +160,8 @@ def write_eval(
         },
         "summary": {f"{m}.{d}.exact_match": s["mean"] for m, per in models.items() for d, s in per.items()},
     }
+    for m, per in forgetting.items():
+        data["models"][m]["forgetting"] = {d: {"value": v} for d, v in per.items()}
     path = layout.artifacts / "metrics" / "eval.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))

@@ -39,7 +39,14 @@ def test_key_covers_code_files_and_the_stage_params_only(tmp_path):
 
     parts = checkpointing.key_components(spec, tiny_params(), {"device": "cpu"}, code_root=root)
     assert sorted(parts["code"]) == ["lib/a.py", "run.py"]  # no .pyc
-    assert sorted(parts["params"]) == ["compute", "data.domains", "mixtures.sft", "model.trust_remote_code", "seed", "sft"]
+    assert sorted(parts["params"]) == [
+        "compute",
+        "data.domains",
+        "mixtures.sft",
+        "model.trust_remote_code",
+        "seed",
+        "sft",
+    ]
     key = key_now()
     assert checkpointing.key_of(parts) == key
     assert key_now(max_length=33) != key  # the stage's own section
@@ -66,7 +73,10 @@ def test_repository_trainer_stages_key_their_library_code():
 def test_a_variant_retrains_after_its_stage_code_changes(tmp_path):
     """A variant (`sft@arith`) keys the code of its stage module: an edit of stages/sft.py must not resume
     the old code's complete checkpoint (its key had no code at all)."""
-    params = tiny_params(variants={"sft": {"arith": {"trainer": {"max_steps": 2}}}}, mixtures={"sft@arith": {"weights": {"add": 1.0}, "format": "prompt_completion"}})
+    params = tiny_params(
+        variants={"sft": {"arith": {"trainer": {"max_steps": 2}}}},
+        mixtures={"sft@arith": {"weights": {"add": 1.0}, "format": "prompt_completion"}},
+    )
     code = tmp_path / "code"
     for folder in ("posttrain", "stages"):
         shutil.copytree(REPO / folder, code / folder, ignore=shutil.ignore_patterns("__pycache__"))
