@@ -439,14 +439,36 @@ def sync_dvc_yaml(params: Params, root: Path) -> list[str]:
 
 
 def _changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """One line per pipeline stage that `after` adds, removes or changes, saying what differs."""
     lines = []
     for name in after:
         if name not in before:
             lines.append(f"stage {name} added")
         elif before[name] != after[name]:
-            lines.append(f"stage {name} updated")
+            lines.append(f"stage {name}: {_difference(before[name], after[name])}")
     lines += [f"stage {name} removed" for name in before if name not in after and _is_pipeline_stage(name)]
     return lines
+
+
+def _difference(before: Any, after: Any) -> str:
+    """What changes in one stage's entry: deps and params added or dropped, other fields rewritten."""
+    if isinstance(before, dict) and isinstance(after, dict) and "do" in after and "do" in before:
+        before, after = before["do"], after["do"]
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return "rewritten"
+    parts = []
+    for key in ("deps", "params"):
+        had, has = _listed(before.get(key) or []), _listed(after.get(key) or [])
+        if has - had:
+            parts.append(f"{key} gain {', '.join(sorted(has - had))}")
+        if had - has:
+            parts.append(f"{key} lose {', '.join(sorted(had - has))}")
+    others = sorted(
+        k for k in set(before) | set(after) if k not in ("deps", "params") and before.get(k) != after.get(k)
+    )
+    if others:
+        parts.append(f"{', '.join(others)} rewritten")
+    return "; ".join(parts) or "reordered"
 
 
 def _dvc_entry(document: dict[str, Any], spec: StageSpec) -> dict[str, Any] | None:
@@ -465,7 +487,9 @@ def _listed(entries: Iterable[Any]) -> set[str]:
 
 
 def missing_declarations(spec: StageSpec, root: Path) -> list[str]:
-    """What the recipe's spec needs that dvc.yaml's entry for the stage does not declare (deps, params).
+    """What the recipe makes the stage read that dvc.yaml's entry for it does not declare: data deps (prepared
+    data, mixtures, parent models, user files) and params keys, what a params edit moves. (Code deps are a
+    fixed list per stage module; `posttrain validate` reports their drift.)
 
     Empty when there is no dvc.yaml (a stage function called outside a DVC project). A dep declared
     as a folder covers the paths inside it.
@@ -477,7 +501,7 @@ def missing_declarations(spec: StageSpec, root: Path) -> list[str]:
     if entry is None:
         return [f"stage {spec.dvc_name} is not in {root / DVC_FILE}"]
     deps, keys = _listed(entry.get("deps")), _listed(entry.get("params"))
-    lines = [f"dep {dep}" for dep in spec.deps if not any(dep == d or dep.startswith(d + "/") for d in deps)]
+    lines = [f"dep {dep}" for dep in spec.data_deps if not any(dep == d or dep.startswith(d + "/") for d in deps)]
     lines += [f"params key {key}" for key in spec.params_keys if key not in keys]
     return lines
 
@@ -501,6 +525,6 @@ def drift(params: Params, root: Path) -> list[str]:
     want = render_stages(recipe_specs(params, root))
     have = {name: entry for name, entry in (document.get("stages") or {}).items() if _is_pipeline_stage(name)}
     return [
-        f"{root / DVC_FILE}: {line}; run `posttrain sync-deps` (dvc.yaml is generated from params.yaml)"
+        f"{root / DVC_FILE} is behind params.yaml: {line}; run `posttrain sync-deps` (dvc.yaml is generated from it)"
         for line in _changes(have, want)
     ]

@@ -22,7 +22,9 @@ import pytest
 import yaml
 from helpers.tiny import REPO
 
+from posttrain.config import parse_params
 from posttrain.pipeline import dag
+from posttrain.spec import stage_spec
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -54,17 +56,17 @@ def test_edited_user_file_makes_prepare_stale_and_repro_reruns_it(project_copy: 
 
     # Not a dependency yet: validate says so, and prepare refuses instead of going stale unseen.
     checked = posttrain_cli(root, "validate")
-    assert checked.returncode == 1 and "data.domains.qa.path = 'data/qa.jsonl'" in checked.stderr
+    assert checked.returncode == 1 and "stage prepare: deps gain data/qa.jsonl" in checked.stderr
     shown = posttrain_cli(root, "status")
-    assert "warning: data.domains.qa.path = 'data/qa.jsonl' is read by 'prepare'" in shown.stdout
+    assert "warning: " in shown.stdout and "stage prepare: deps gain data/qa.jsonl" in shown.stdout
     refused = dvc(root, "repro", "prepare")
     assert refused.returncode != 0
-    assert "data/qa.jsonl" in refused.stderr and "posttrain sync-deps" in refused.stderr
+    assert "does not declare dep data/qa.jsonl" in refused.stderr and "posttrain sync-deps" in refused.stderr
 
     synced = posttrain_cli(root, "sync-deps")
     assert synced.returncode == 0, synced.stderr
     assert "data/qa.jsonl" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["prepare"]["deps"]
-    assert "# The one definition" in (root / "dvc.yaml").read_text()  # comments kept
+    assert "# Generated from params.yaml" in (root / "dvc.yaml").read_text()
     first = dvc(root, "repro", "prepare")
     assert first.returncode == 0, first.stderr
     manifest = json.loads((root / "artifacts/data/prepared/manifest.json").read_text())
@@ -127,16 +129,24 @@ def test_promotion_follows_the_workspace_model_after_a_run_cache_restore(tmp_pat
     raw["tracking"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
     raw["promotion"]["candidate"] = {"stage": "merge"}  # the workspace's merge model, whatever the recipe picks
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw["merge"] = {**raw["merge"], "models": ["sft"], "method": "linear", "weights": None}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     (root / "artifacts/data/prepared").mkdir(parents=True)
     (root / "artifacts/data/prepared/manifest.json").write_text("{}")
+    (root / "artifacts/models/sft").mkdir(parents=True)
+    (root / "artifacts/models/sft/README").write_text("the merge's declared input (the toy merge reads nothing)\n")
     (root / "toy_merge.py").write_text(MERGE_SCRIPT)
-    stage = {"cmd": f"{sys.executable} toy_merge.py", "params": ["merge.density"], "outs": ["artifacts/models/merge"]}
+    # The merge stage as the recipe declares it (its data deps and params), running a toy command.
+    stage = {"cmd": f"{sys.executable} toy_merge.py", "deps": ["artifacts/data/prepared", "artifacts/models/sft"],
+             "params": ["merge"], "outs": ["artifacts/models/merge"]}  # fmt: skip
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"merge": stage}}))
-    name = "posttrain-merge"
+    name = "posttrain"
 
     def candidate() -> str:
+        """The version holding the workspace's merge model."""
         uri = raw["tracking"]["tracking_uri"]
-        return str(MlflowClient(uri, uri).get_registered_model(name).aliases["candidate"])
+        content = json.loads((root / "artifacts/models/merge/lineage.json").read_text())["content_hash"]
+        return str(registry.find_version(MlflowClient(uri, uri), name, "merge", content).version)
 
     _set_density(root, 0.6)
     done = dvc(root, "repro")
@@ -148,18 +158,20 @@ def test_promotion_follows_the_workspace_model_after_a_run_cache_restore(tmp_pat
     _set_density(root, 0.6)
     restored = dvc(root, "repro")
     assert restored.returncode == 0 and "skipping run" in restored.stdout  # DVC's run cache, no stage run
-    assert v1 != v2 and candidate() == v2  # nothing re-pointed the alias: the bug's starting point
+    assert v1 != v2 and candidate() == v1  # the restored model is the first run's version
 
     params = load_params(root / "params.yaml")
-    result = registry.promote(params, root)  # refused (no evaluation), but judged on the right model
-    assert result.version == v1 and candidate() == v1
+    result = registry.promote(params, root)  # refused (no evaluation), but judged on the workspace's model
+    assert result.version == v1 and "has no evaluation" in result.reason
+    uri = raw["tracking"]["tracking_uri"]
+    assert str(MlflowClient(uri, uri).get_registered_model(name).aliases["candidate"]) == v1
 
     # A workspace model that was never registered: refused, naming both.
     lineage_path = root / "artifacts/models/merge/lineage.json"
     lineage = json.loads(lineage_path.read_text())
     lineage["content_hash"] = "f" * 64
     lineage_path.write_text(json.dumps(lineage))
-    with pytest.raises(registry.PromotionError, match=r"\(content ffffffffffff\) is not a registered version.*"):
+    with pytest.raises(registry.PromotionError, match=r"\('merge', content ffffffffffff\) is not a version of"):
         registry.promote(params, root)
 
 
@@ -199,7 +211,13 @@ def test_params_edited_during_a_stage_fail_it_and_leave_dvc_lock_unwritten(
     tiny_params["seed"] = 1111
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params, sort_keys=False))
     (root / "toy_pretrain.py").write_text(textwrap.dedent(PRETRAIN_SCRIPT))
-    stage = {"cmd": f"{sys.executable} toy_pretrain.py", "params": ["seed"], "outs": ["out.txt"]}
+    # The stage as the recipe declares it (data deps, params keys), running a toy command.
+    spec = stage_spec(parse_params(tiny_params), root, "pretrain")
+    for dep in spec.data_deps:
+        (root / dep).mkdir(parents=True, exist_ok=True)
+        (root / dep / "README").write_text("toy input\n")
+    stage = {"cmd": f"{sys.executable} toy_pretrain.py", "deps": list(spec.data_deps), "params": list(spec.params_keys),
+             "outs": ["out.txt"]}  # fmt: skip
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
     (root / "edit-once").touch()
 

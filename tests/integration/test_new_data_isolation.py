@@ -38,15 +38,18 @@ def test_incoming_batch_reruns_cpt_but_not_pretrain(tmp_path):
 
 
 def test_pretrain_refuses_a_tokenizer_domain_missing_from_its_dvc_deps(tmp_path):
-    from posttrain.config import ParamsError
-    from posttrain.layout import Layout
-    from stages.pretrain import check_declared_deps
+    from helpers.tiny import tiny_params
 
-    stage = {"cmd": "python -m stages.pretrain", "deps": ["stages/pretrain.py", "artifacts/data/prepared/add"]}
+    from posttrain.errors import ParamsError
+    from posttrain.spec import check_declared, stage_spec
+
+    params = tiny_params(model={"tokenizer": {"domains": ["add", "sub"]}})
+    spec = stage_spec(params, tmp_path, "pretrain")
+    stage = {"cmd": spec.command, "deps": [*spec.code_deps, "artifacts/data/prepared/add", "artifacts/data/mixtures/pretrain"],
+             "params": list(spec.params_keys)}  # fmt: skip
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
-    check_declared_deps(Layout(tmp_path), ["add"])
-    with pytest.raises(ParamsError, match=r"\['artifacts/data/prepared/sub'\]"):
-        check_declared_deps(Layout(tmp_path), ["add", "sub"])
+    with pytest.raises(ParamsError, match=r"does not declare dep artifacts/data/prepared/sub.*posttrain sync-deps"):
+        check_declared(spec, tmp_path)
     stage["deps"].append("artifacts/data/prepared")  # the whole folder covers every domain
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"pretrain": stage}}))
-    check_declared_deps(Layout(tmp_path), ["add", "sub"])
+    check_declared(spec, tmp_path)

@@ -350,5 +350,7 @@ def test_an_older_store_with_per_stage_models_is_refused_then_migrated(project: 
     )
     tags = client.get_model_version(NAME, moved["versions"]["posttrain-sft/1"]).tags
     assert tags["posttrain.migrated_from"] == "posttrain-sft/1" and tags["posttrain.migrated_aliases"] == "champion"
-    assert {k: str(v) for k, v in client.get_registered_model("posttrain-merge").aliases.items()} == {"champion": "2"}  # kept
+    assert {k: str(v) for k, v in client.get_registered_model("posttrain-merge").aliases.items()} == {
+        "champion": "2"
+    }  # kept
     assert registry.show(params, layout.root, echo=False).get("legacy_models") is None

@@ -107,8 +107,8 @@ def test_stage_runs_are_tracked_on_the_mlflow_server(tracked_project, mlflow_ser
     # The lineage record went to the server's artifact store (proxied), and the model to its registry.
     local = client.download_artifacts(pretrain.info.run_id, "lineage/lineage.json", str(root / "downloaded"))
     assert json.loads(Path(local).read_text())["content_hash"] == lineage["content_hash"]
-    versions = client.search_model_versions("name='posttrain-pretrain'")
-    assert [v.run_id for v in versions] == [pretrain.info.run_id]
+    versions = client.search_model_versions("name='posttrain'")
+    assert [(v.run_id, v.tags["posttrain.stage"]) for v in versions] == [(pretrain.info.run_id, "pretrain")]
 
 
 def test_dvc_remote_push_and_pull_restore_a_model_output(tracked_project, tmp_path):

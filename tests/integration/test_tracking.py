@@ -119,9 +119,9 @@ def test_child_run_carries_lineage_tags(pipeline: dict[str, Any]) -> None:
     assert tags["posttrain.git_commit"] == str(lineage["git"]["commit"])
     assert tags["posttrain.git_dirty"] == str(lineage["git"]["dirty"])
     assert tags["posttrain.version.transformers"] == lineage["versions"]["transformers"]
-    assert tags["posttrain.input_models"] == "posttrain-pretrain/1"  # the parent model and its registry version
-    assert tags["posttrain.registered_model"] == "posttrain-sft"
-    assert tags["posttrain.registered_version"] == "1"
+    assert tags["posttrain.input_models"] == "posttrain/1 (pretrain)"  # the parent model and its registry version
+    assert tags["posttrain.registered_model"] == "posttrain"
+    assert tags["posttrain.registered_version"] == "2"
     prepare_tags = client.get_run(pipeline["records"]["prepare"].run_id).data.tags
     assert "posttrain.registered_model" not in prepare_tags  # no model, no version
 
@@ -130,21 +130,23 @@ def test_every_model_stage_gets_a_registry_version_with_lineage(pipeline: dict[s
     client, layout = client_for(pipeline["params"]), pipeline["layout"]
     for stage in ("pretrain", "sft"):
         rec = pipeline["records"][stage]
-        version = client.get_model_version(f"posttrain-{stage}", rec.model_version)
+        version = client.get_model_version("posttrain", rec.model_version)
+        assert version.tags["posttrain.stage"] == stage
         lineage = json.loads((layout.model(stage) / "lineage.json").read_text())
         assert version.run_id == rec.run_id
         assert version.tags["posttrain.content_hash"] == lineage["content_hash"]
         assert version.tags["posttrain.data_manifest_hash"] == lineage["data_manifest_hash"]
         assert "## Lineage" in version.description and lineage["content_hash"][:16] in version.description
-    sft = client.get_model_version("posttrain-sft", "1")
+    sft = client.get_model_version("posttrain", pipeline["records"]["sft"].model_version)
     assert sft.tags["posttrain.stages"] == "pretrain > sft"
-    assert sft.tags["posttrain.input_models"] == "posttrain-pretrain/1"
+    assert sft.tags["posttrain.input_models"] == "posttrain/1 (pretrain)"
 
 
 def test_same_model_content_is_not_registered_twice(pipeline: dict[str, Any]) -> None:
     again = record("sft", pipeline["params"], pipeline["layout"])
     assert again.model_version == pipeline["records"]["sft"].model_version
-    assert len(client_for(pipeline["params"]).search_model_versions("name = 'posttrain-sft'")) == 1
+    versions = client_for(pipeline["params"]).search_model_versions("name = 'posttrain'")
+    assert [v.tags["posttrain.stage"] for v in versions].count("sft") == 1
 
 
 def test_flow_key_groups_stages_under_one_parent(pipeline: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
