@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 
+from posttrain.scoring.report import read_report  # noqa: I001 - after the sys.path set-up above
 from bench.common import (
     PYTHON,
     RESULTS,
@@ -50,6 +51,7 @@ from bench.common import (
 )  # fmt: skip
 
 OLD_DOMAINS = ("add", "rev")
+
 NEW_DOMAIN = "sub"
 
 # name -> params changed from the recipe (cpt.schedule is replaced as a whole: same budget).
@@ -66,37 +68,36 @@ SCHEDULES = {
 
 
 def ladder(root) -> dict[str, Any]:
-    evaluation = read_json(root / "artifacts" / "metrics" / "eval.json")
+    evaluation = read_report(root / "artifacts" / "metrics" / "eval.json")
     e2e = load_result("e2e") or {}
     walls = {s: v["wall_seconds"] for s, v in e2e.get("full_run", {}).get("stages", {}).items()}
     rows: dict[str, Any] = {}
-    for stage in evaluation["stages"]:
-        model = evaluation["models"][stage]
+    for stage in evaluation.stages:
+        scores = evaluation.exact_match(stage)
         rows[stage] = {
             "wall_seconds": walls.get(stage),
             "domains": {
-                d: ({k: v[k] for k in ("mean", "ci_low", "ci_high", "n")} if (v := info.get("exact_match")) else None)
-                for d, info in model["domains"].items()
-            },
-            "forgetting": model.get("forgetting"),
+                d: (scores[d].model_dump(include={"mean", "ci_low", "ci_high", "n"}) if d in scores else None)
+                for d in evaluation.models[stage].domains
+            },  # fmt: skip
+            "forgetting": evaluation.models[stage].forgetting,
         }
+    samples, confidence, _ = evaluation.bootstrap
     return {
         "stages": rows,
-        "confidence": evaluation["config"].get("confidence"),
-        "bootstrap_samples": evaluation["config"].get("bootstrap_samples"),
-        "max_items": evaluation["config"].get("max_items"),
+        "confidence": confidence,
+        "bootstrap_samples": samples,
+        "max_items": evaluation.config.get("max_items"),
         "other_stage_wall_seconds": {s: w for s, w in walls.items() if s not in rows},
     }
 
 
 def cpt_scores(root) -> dict[str, Any]:
-    evaluation = read_json(root / "artifacts" / "metrics" / "eval.json")
-    out = {}
-    for stage in ("pretrain", "cpt"):
-        out[stage] = {
-            d: info["exact_match"] for d, info in evaluation["models"][stage]["domains"].items() if info["exact_match"]
-        }
-    out["forgetting"] = evaluation["models"]["cpt"].get("forgetting", {})
+    evaluation = read_report(root / "artifacts" / "metrics" / "eval.json")
+    out: dict[str, Any] = {
+        stage: {d: s.model_dump() for d, s in evaluation.exact_match(stage).items()} for stage in ("pretrain", "cpt")
+    }
+    out["forgetting"] = evaluation.models["cpt"].forgetting
     cpt = read_json(root / "artifacts" / "metrics" / "cpt.json")
     out["cpt_train_seconds"] = cpt.get("seconds")
     out["cpt_final_train_loss"] = cpt.get("final_train_loss")

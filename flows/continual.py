@@ -196,7 +196,7 @@ def ingest(root: Path, files: list[Path], cfg: ContinualConfig) -> Ingested:
         overrides.append(f"mixtures.cpt.weights.{cfg.domain}={cfg.weight}")
     dag.apply_overrides(root, overrides)
     # The versioned file is a dep of `prepare` (posttrain.spec): dvc.yaml is written from the new params.
-    sync_dvc_yaml(load_params(root / "params.yaml"), root)
+    sync_dvc_yaml(load_params(root / "params.yaml"), root, if_managed=True)
 
     state = read_state(root, cfg)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

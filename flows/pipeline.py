@@ -273,7 +273,7 @@ def pipeline_flow(
             changed = dag.apply_overrides(project, overrides or [])
             if changed:
                 logger.info("params.yaml: set %s", ", ".join(changed))
-            for line in sync_dvc_yaml(load_params(project / "params.yaml"), project):
+            for line in sync_dvc_yaml(load_params(project / "params.yaml"), project, if_managed=True):
                 logger.info("dvc.yaml: %s (from params.yaml)", line)
             result = execute_pipeline(project, stages, downstream=downstream, force=force, echo=logger.info)
     except PipelineError as error:

@@ -409,6 +409,11 @@ def pipeline_stage_names(specs: dict[str, StageSpec]) -> set[str]:
     return {spec.name if spec.variant is None else variants_stage(spec.kind) for spec in specs.values()}
 
 
+def _managed(document: dict[str, Any]) -> bool:
+    """A dvc.yaml posttrain writes: it holds at least one pipeline stage."""
+    return any(_is_pipeline_stage(name) for name in document.get("stages") or {})
+
+
 def _is_pipeline_stage(name: str) -> bool:
     return name in STAGE_NAMES or name in {variants_stage(k) for k in VARIANT_STAGES}
 
@@ -424,12 +429,16 @@ def render_dvc_yaml(specs: dict[str, StageSpec], existing: dict[str, Any] | None
     return HEADER + yaml.safe_dump(document, sort_keys=False, width=120)
 
 
-def sync_dvc_yaml(params: Params, root: Path) -> list[str]:
+def sync_dvc_yaml(params: Params, root: Path, if_managed: bool = False) -> list[str]:
     """Write dvc.yaml from the recipe; returns one line per pipeline stage added, removed or changed.
 
+    `if_managed`: leave a dvc.yaml that holds no pipeline stage alone (a DAG of the user's own, run by the
+    flows as it is); `posttrain run` and the flows sync this way, `posttrain sync-deps` always writes.
     The caller holds the workspace lock (posttrain.pipeline.workspace): dvc.yaml is shared state.
     """
     existing = read_dvc_yaml(root)
+    if if_managed and existing is not None and not _managed(existing):
+        return []
     text = render_dvc_yaml(recipe_specs(params, root), existing)
     changes = _changes((existing or {}).get("stages") or {}, yaml.safe_load(text)["stages"])
     path = root / DVC_FILE
@@ -518,9 +527,10 @@ def check_declared(spec: StageSpec, root: Path) -> None:
 
 
 def drift(params: Params, root: Path) -> list[str]:
-    """Pipeline stages of dvc.yaml that differ from what params.yaml defines (`posttrain validate`)."""
+    """Pipeline stages of dvc.yaml that differ from what params.yaml defines (`posttrain validate`, `status`).
+    A dvc.yaml without any pipeline stage is a DAG of the user's own: nothing to compare."""
     document = read_dvc_yaml(root)
-    if document is None:
+    if document is None or not _managed(document):
         return []
     want = render_stages(recipe_specs(params, root))
     have = {name: entry for name, entry in (document.get("stages") or {}).items() if _is_pipeline_stage(name)}

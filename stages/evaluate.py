@@ -177,10 +177,10 @@ def run(params: Params, layout: Layout) -> StageResult:
     )
     if cfg.lm_eval is not None:
         report["lm_eval"] = lm_eval_scores
-    write_report(layout.metrics("eval"), report)
+    typed = write_report(layout.metrics("eval"), report)
     artifacts = [layout.metrics("eval")]
-    artifacts += plot_scores(report, layout.plots)
-    artifacts += plot_forgetting(report, layout.plots)
+    artifacts += plot_scores(typed, layout.plots)
+    artifacts += plot_forgetting(typed, layout.plots)
     artifacts += plot_stability_gap(continual_series(layout, list(cfg.models)), list(cfg.models), layout.plots)
     return StageResult(metrics=report["summary"], artifacts=artifacts)
 

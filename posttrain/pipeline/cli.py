@@ -130,7 +130,7 @@ def run(
             params = _load(project)
             if not overrides:
                 check(params)
-            _sync_dvc_yaml(params, project)
+            _sync_dvc_yaml(params, project, if_managed=True)
             _run_locked(project, targets, downstream, force, no_prefect, no_gate)
     except PipelineError as error:
         _fail(str(error))
@@ -256,7 +256,9 @@ def validate(
         _fail(f"{path}: {len(problems)} problem(s)\n" + "\n".join(f"  {line}" for line in problems))
     typer.echo(f"OK: {path}")
     if not workspace:
-        typer.echo(f"to run it: cp {params} params.yaml && ./run.sh pipeline  (run writes dvc.yaml from it)")
+        typer.echo(
+            f"next: cp {params} params.yaml && ./run.sh pipeline --no-prefect  (the run writes dvc.yaml from it)"
+        )
 
 
 @app.command("sync-deps")
@@ -271,9 +273,9 @@ def sync_deps(root: RootOption = None, wait: WaitOption = 0.0) -> None:
         _fail(str(error))
 
 
-def _sync_dvc_yaml(params: Params, project: Path) -> list[str]:
+def _sync_dvc_yaml(params: Params, project: Path, if_managed: bool = False) -> list[str]:
     """dvc.yaml from the recipe (posttrain.spec), each change printed; the caller holds the workspace lock."""
-    changes = spec.sync_dvc_yaml(params, project)
+    changes = spec.sync_dvc_yaml(params, project, if_managed=if_managed)
     for line in changes:
         typer.echo(f"dvc.yaml: {line} (from params.yaml)")
     return changes

@@ -23,6 +23,7 @@ from posttrain.errors import SeedsError
 from posttrain.io import write_json_atomic
 from posttrain.pipeline.dag import dvc_command
 from posttrain.scoring.plots import seeds_plot
+from posttrain.scoring.report import EvalReport
 from posttrain.scoring.seeds import EVAL_PATH, PLOT_PATH, SEEDS_PATH, aggregate, workspace_recipe_hash
 
 # --------------------------------------------------------------------------- the sweep (DVC experiments)
@@ -43,15 +44,15 @@ def _dvc(root: Path, argv: list[str]) -> None:
         raise SeedsError(f"`{' '.join(argv[2:])}` failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
 
-def read_experiment_eval(root: Path, name: str) -> dict[str, Any] | None:
-    """An experiment's eval.json, or None when the experiment does not exist or has none (it failed)."""
+def read_experiment_eval(root: Path, name: str) -> EvalReport | None:
+    """An experiment's evaluation report, or None when the experiment does not exist or has none (it failed)."""
     # lazy: DVC's API takes seconds to import; only the sweep reads experiments back
     import dvc.api
     from dvc.exceptions import DvcException
     from scmrepo.exceptions import SCMError
 
     try:
-        return json.loads(dvc.api.read(EVAL_PATH, repo=str(root), rev=name))
+        return EvalReport.parse(json.loads(dvc.api.read(EVAL_PATH, repo=str(root), rev=name)), f"{EVAL_PATH}@{name}")
     except (DvcException, SCMError, FileNotFoundError, json.JSONDecodeError):
         return None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.io import write_json_atomic
+from posttrain.scoring.report import EvalReport
 
 
 def _pyplot() -> Any:
@@ -48,29 +49,30 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) ->
     os.replace(tmp, path)
 
 
-def score_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+def score_rows(report: EvalReport) -> list[dict[str, Any]]:
     """One row per (stage, domain) with exact match and its CI; `model_domain` is a unique label."""
     rows = []
-    for stage in report["stages"]:
-        for domain in report["domains"]:
-            em = (report["models"][stage]["domains"].get(domain) or {}).get("exact_match")
-            if not em or em.get("mean") is None:
+    for stage in report.stages:
+        scores = report.exact_match(stage)
+        for domain in report.domains:
+            em = scores.get(domain)
+            if em is None:
                 continue
             rows.append(
                 {
                     "model_domain": f"{stage}/{domain}",
                     "stage": stage,
                     "domain": domain,
-                    "exact_match": em["mean"],
-                    "ci_low": em["ci_low"],
-                    "ci_high": em["ci_high"],
-                    "n": em["n"],
+                    "exact_match": em.mean,
+                    "ci_low": em.ci_low,
+                    "ci_high": em.ci_high,
+                    "n": em.n,
                 }
             )
     return rows
 
 
-def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
+def plot_scores(report: EvalReport, folder: Path) -> list[Path]:
     # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
@@ -78,7 +80,7 @@ def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
     data = folder / "eval_scores.csv"
     _write_csv(data, rows, ["model_domain", "stage", "domain", "exact_match", "ci_low", "ci_high", "n"])
     plt = _pyplot()
-    stages, domains = report["stages"], report["domains"]
+    stages, domains = report.stages, report.domains
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(domains) + 2), 4))
     width = 0.8 / max(1, len(stages))
     for i, stage in enumerate(stages):
@@ -96,7 +98,7 @@ def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
     ax.set(
         ylabel="greedy exact match",
         ylim=(0, 1.05),
-        title=f"Exact match per stage ({report['config'].get('confidence', 0.95):.0%} CI)",
+        title=f"Exact match per stage ({report.bootstrap[1]:.0%} CI)",
     )
     ax.legend(fontsize="small", ncol=min(len(stages), 6))
     fig.tight_layout()
@@ -106,12 +108,12 @@ def plot_scores(report: dict[str, Any], folder: Path) -> list[Path]:
     return [png, data]
 
 
-def plot_forgetting(report: dict[str, Any], folder: Path) -> list[Path]:
+def plot_forgetting(report: EvalReport, folder: Path) -> list[Path]:
     # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
-    stages, domains = report["stages"], report["domains"]
-    table = report["forgetting"]["forgetting"]
+    stages, domains = report.stages, report.domains
+    table = {stage: report.models[stage].forgetting for stage in stages if stage in report.models}
     rows = []
     grid = np.full((len(stages), len(domains)), np.nan)
     for i, stage in enumerate(stages):

@@ -24,6 +24,7 @@ from typing import Any
 
 from posttrain.config import params_hash, read_yaml
 from posttrain.errors import SeedsError
+from posttrain.scoring.report import EvalReport
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,22 @@ def _spread(values: dict[int, float]) -> dict[str, Any]:
     }
 
 
-def _exact(evaluation: Mapping[str, Any], stage: str, domain: str) -> dict[str, Any] | None:
-    return ((evaluation.get("models") or {}).get(stage, {}).get("domains", {}).get(domain) or {}).get("exact_match")
+def _exact(evaluation: EvalReport, stage: str, domain: str) -> dict[str, Any] | None:
+    score = evaluation.exact_match(stage).get(domain)
+    return score.model_dump() if score is not None else None
+
+
+def _forgetting(evaluation: EvalReport, stage: str, domain: str) -> float | None:
+    model = evaluation.model(stage)
+    value = (model.forgetting if model else {}).get(domain)
+    return value.get("value") if isinstance(value, dict) else value
 
 
 def _target(passed: bool | None, detail: str) -> dict[str, Any]:
     return {"passed": passed, "detail": detail}
 
 
-def stage_targets(evaluation: Mapping[str, Any], sft_min_add: float = 0.9) -> dict[str, dict[str, Any]]:
+def stage_targets(evaluation: EvalReport, sft_min_add: float = 0.9) -> dict[str, dict[str, Any]]:
     """The default recipe's stage targets on one run's eval.json (passed None: a stage is missing)."""
 
     def em(stage: str, domain: str) -> float | None:
@@ -79,15 +87,15 @@ def stage_targets(evaluation: Mapping[str, Any], sft_min_add: float = 0.9) -> di
     }
 
 
-def aggregate(evaluations: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """seed -> eval.json document  ->  the seeds.json document (see the module docstring)."""
+def aggregate(evaluations: Mapping[int, EvalReport]) -> dict[str, Any]:
+    """seed -> evaluation report  ->  the seeds.json document (see the module docstring)."""
     if not evaluations:
         raise SeedsError("no seed results to aggregate; expected at least one eval.json")
     seeds = sorted(evaluations)
     models: dict[str, dict[str, Any]] = {}
     forgetting: dict[str, dict[str, Any]] = {}
-    stages = list(dict.fromkeys(s for seed in seeds for s in evaluations[seed].get("stages") or []))
-    domains = list(dict.fromkeys(d for seed in seeds for d in evaluations[seed].get("domains") or []))
+    stages = list(dict.fromkeys(s for seed in seeds for s in evaluations[seed].stages))
+    domains = list(dict.fromkeys(d for seed in seeds for d in evaluations[seed].domains))
     for stage in stages:
         for domain in domains:
             per_seed = {seed: score for seed in seeds if (score := _exact(evaluations[seed], stage, domain))}
@@ -99,15 +107,7 @@ def aggregate(evaluations: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
                         for seed, s in per_seed.items()
                     },
                 }
-            values = {
-                seed: f["value"]
-                for seed in seeds
-                if (
-                    f := ((evaluations[seed].get("forgetting") or {}).get("forgetting") or {})
-                    .get(stage, {})
-                    .get(domain)
-                )
-            }
+            values = {seed: f for seed in seeds if (f := _forgetting(evaluations[seed], stage, domain)) is not None}
             if values:
                 forgetting.setdefault(stage, {})[domain] = {
                     **_spread(values),
@@ -142,12 +142,6 @@ def difference_spread(summary: Mapping[str, Any], stage: str, other: str, domain
     if len(common) < 2:
         return None
     return statistics.stdev(ours[s]["mean"] - theirs[s]["mean"] for s in common)
-
-
-def spreads(summary: Mapping[str, Any], stage: str) -> dict[str, float]:
-    """The seed standard deviation of `stage`'s exact match per domain (empty: not in the sweep)."""
-    domains = (summary.get("models") or {}).get(stage) or {}
-    return {domain: entry["std"] for domain, entry in domains.items() if entry.get("std") is not None}
 
 
 def read_summary(root: Path) -> dict[str, Any] | None:

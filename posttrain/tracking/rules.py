@@ -311,7 +311,6 @@ def champion_gate(
     stage: str,
     champion: Champion | None,
     seed_std: float | None = None,
-    allow_engine_mismatch: bool = False,
 ) -> list[Gate]:
     """The candidate beats the current champion on `compare_domain` by more than `min_improvement`."""
     domain = promotion.compare_domain
@@ -323,7 +322,7 @@ def champion_gate(
     if champion.report is None or champion.stage not in champion.report.models:
         return [Gate(name, "fail", f"champion v{champion.version} has no evaluation to compare with; evaluate it")]
     engines = report.engine_of(stage), champion.report.engine_of(champion.stage)
-    if engines[0] != engines[1] and not (allow_engine_mismatch or promotion.allow_engine_mismatch):
+    if engines[0] != engines[1] and not promotion.allow_engine_mismatch:
         return [
             Gate(
                 name,
@@ -338,12 +337,8 @@ def champion_gate(
         return [Gate(name, "fail", f"the candidate or champion v{champion.version} has no '{domain}' score")]
     target = promotion.min_improvement
     shown = f"candidate - champion v{champion.version} ({champion.stage}) = {d.shown()}, needs > {target}"
-    if not d.paired and report is not champion.report:
-        shown += (
-            "; scored on different test data"
-            if report.prepared_manifest_hash != champion.report.prepared_manifest_hash
-            else ""
-        )
+    if report.prepared_manifest_hash != champion.report.prepared_manifest_hash:
+        shown += "; the two were scored on different prepared data"
     if d.low > target:
         return [Gate(name, "pass", shown)]
     if d.high <= target:

