@@ -409,9 +409,14 @@ def pipeline_stage_names(specs: dict[str, StageSpec]) -> set[str]:
     return {spec.name if spec.variant is None else variants_stage(spec.kind) for spec in specs.values()}
 
 
-def _managed(document: dict[str, Any]) -> bool:
-    """A dvc.yaml posttrain writes: it holds at least one pipeline stage."""
-    return any(_is_pipeline_stage(name) for name in document.get("stages") or {})
+def generated(root: Path) -> bool:
+    """dvc.yaml was written by `posttrain sync-deps` (its first line says so): posttrain keeps it in step with
+    params.yaml. A hand-written one (a DAG of the user's own) is run as it is."""
+    path = root / DVC_FILE
+    if not path.is_file():
+        return False
+    with path.open() as handle:
+        return handle.readline() == HEADER.splitlines(keepends=True)[0]
 
 
 def _is_pipeline_stage(name: str) -> bool:
@@ -432,12 +437,12 @@ def render_dvc_yaml(specs: dict[str, StageSpec], existing: dict[str, Any] | None
 def sync_dvc_yaml(params: Params, root: Path, if_managed: bool = False) -> list[str]:
     """Write dvc.yaml from the recipe; returns one line per pipeline stage added, removed or changed.
 
-    `if_managed`: leave a dvc.yaml that holds no pipeline stage alone (a DAG of the user's own, run by the
-    flows as it is); `posttrain run` and the flows sync this way, `posttrain sync-deps` always writes.
+    `if_managed`: leave a hand-written dvc.yaml alone (not `generated`: a DAG of the user's own, run as it
+    is); `posttrain run` and the flows sync this way, `posttrain sync-deps` always writes.
     The caller holds the workspace lock (posttrain.pipeline.workspace): dvc.yaml is shared state.
     """
     existing = read_dvc_yaml(root)
-    if if_managed and existing is not None and not _managed(existing):
+    if if_managed and existing is not None and not generated(root):
         return []
     text = render_dvc_yaml(recipe_specs(params, root), existing)
     changes = _changes((existing or {}).get("stages") or {}, yaml.safe_load(text)["stages"])
@@ -500,15 +505,15 @@ def missing_declarations(spec: StageSpec, root: Path) -> list[str]:
     data, mixtures, parent models, user files) and params keys, what a params edit moves. (Code deps are a
     fixed list per stage module; `posttrain validate` reports their drift.)
 
-    Empty when there is no dvc.yaml (a stage function called outside a DVC project). A dep declared
-    as a folder covers the paths inside it.
+    Empty when there is no dvc.yaml or it has no such stage (a stage run by hand, outside DVC). A dep
+    declared as a folder covers the paths inside it.
     """
     document = read_dvc_yaml(root)
     if document is None:
         return []
     entry = _dvc_entry(document, spec)
     if entry is None:
-        return [f"stage {spec.dvc_name} is not in {root / DVC_FILE}"]
+        return []  # not a DVC stage here: run by hand (`python -m stages.<name>`), DVC will not rerun it anyway
     deps, keys = _listed(entry.get("deps")), _listed(entry.get("params"))
     lines = [f"dep {dep}" for dep in spec.data_deps if not any(dep == d or dep.startswith(d + "/") for d in deps)]
     lines += [f"params key {key}" for key in spec.params_keys if key not in keys]
@@ -528,12 +533,19 @@ def check_declared(spec: StageSpec, root: Path) -> None:
 
 def drift(params: Params, root: Path) -> list[str]:
     """Pipeline stages of dvc.yaml that differ from what params.yaml defines (`posttrain validate`, `status`).
-    A dvc.yaml without any pipeline stage is a DAG of the user's own: nothing to compare."""
+    A hand-written dvc.yaml without any pipeline stage is a DAG of the user's own: nothing to compare."""
     document = read_dvc_yaml(root)
-    if document is None or not _managed(document):
+    if document is None:
         return []
-    want = render_stages(recipe_specs(params, root))
     have = {name: entry for name, entry in (document.get("stages") or {}).items() if _is_pipeline_stage(name)}
+    if not generated(root):
+        if not have:
+            return []
+        return [
+            f"{root / DVC_FILE} was not generated from params.yaml (hand-written, or by an older posttrain) but holds "
+            f"pipeline stages {sorted(have)}; run `posttrain sync-deps` to write them from the recipe"
+        ]
+    want = render_stages(recipe_specs(params, root))
     return [
         f"{root / DVC_FILE} is behind params.yaml: {line}; run `posttrain sync-deps` (dvc.yaml is generated from it)"
         for line in _changes(have, want)

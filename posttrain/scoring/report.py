@@ -135,7 +135,16 @@ def read_report(path: Path) -> EvalReport | None:
 
 
 def workspace_report(layout: Layout) -> EvalReport | None:
-    return read_report(layout.metrics("eval"))
+    """The workspace's eval.json. One written before reports carried lineage gets it from the lineage.json
+    files of the workspace's model folders (what the evaluate stage now records itself)."""
+    report = read_report(layout.metrics("eval"))
+    if report is None or all(m.lineage for m in report.models.values()):
+        return report
+    models = {}
+    for stage, model in report.models.items():
+        walked = model.lineage or [Ancestor(**a) for a in lineage_of(layout, layout.model(stage))]
+        models[stage] = model.model_copy(update={"lineage": walked})
+    return report.model_copy(update={"models": models})
 
 
 def write_report(path: Path, document: dict[str, Any]) -> EvalReport:

@@ -139,9 +139,9 @@ def test_no_change_run_answers_from_dvc_status_without_starting_prefect(toy: Pat
     # Once a param changes, the shortcut no longer applies: the stale stages go through the flow.
     from posttrain.pipeline.cli import _nothing_to_run
 
-    assert _nothing_to_run(toy, None, False, 0.0)
+    assert _nothing_to_run(toy, None, False)
     (toy / "params.yaml").write_text((toy / "params.yaml").read_text().replace("seed: 1", "seed: 2"))
-    assert not _nothing_to_run(toy, None, False, 0.0)
+    assert not _nothing_to_run(toy, None, False)
 
 
 def test_whole_run_ends_with_the_gate_and_exit_code_3_when_it_refuses(tmp_path: Path) -> None:
