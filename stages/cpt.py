@@ -26,7 +26,7 @@ PARENT = "pretrain"
 
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.cpt
-    runtime = setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
 
     # 1. The pretrain model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)

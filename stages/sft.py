@@ -32,7 +32,7 @@ PARENT = "cpt"
 
 def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
     section = params.stage_section(stage)
-    runtime = setup_runtime(params.compute, params.stage_seed(stage))
+    runtime = setup_runtime(params.compute, params.stage_seed(stage), params.model.attn_implementation)
 
     # 1. The cpt model, its files checked against their lineage hashes.
     parent = layout.model(PARENT)
