@@ -114,7 +114,9 @@ def trl_config(
     estimated_gb = None
     if shape is not None and runtime.device == "cuda" and section.gradient_checkpointing is None:
         pairs = 2 if config_cls.__name__ == "DPOConfig" else 1  # chosen and rejected in one batch
-        micro_batch = int(user.get("per_device_train_batch_size", 1)) * section.max_length * pairs
+        # GRPO's rows are prompt (max_length at most) + sampled completion.
+        length = section.max_length + int(stage_fields.get("max_completion_length") or 0)
+        micro_batch = int(user.get("per_device_train_batch_size", 1)) * length * pairs
         estimated_gb = training_memory_gb(shape, micro_batch, reference_copies=int(config_cls.__name__ == "DPOConfig"))
     kwargs.update(
         memory_levers(
