@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PYTHON, REPO, log, machine_info, make_project_copy, now, project_env
+from bench.common import PYTHON, REPO, RESULTS, log, machine_info, make_project_copy, now, project_env
 from bench.gpu_recipe import bare_run, metrics_of, run_stage_process, write_params
 from bench.throughput import parse_steps
 from posttrain.config import parse_params, set_override
@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", type=Path, default=None, help="the JSON (default artifacts/bench/gpu_check[_smoke].json)"
     )
+    parser.add_argument(
+        "--processes", action="store_true", help="with --cpu-smoke: one process per stage and bare run, as on the GPU"
+    )
     args = parser.parse_args(argv)
     import yaml
 
@@ -390,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(s not in MEASURED for s in stages):
         raise SystemExit(f"--stages: got {stages}; expected some of {list(MEASURED)}")
     steps = {**(SMOKE_STEPS if smoke else DEFAULT_STEPS), **parse_steps(args.steps)}
-    out_path = (args.out or REPO / "artifacts" / "bench" / f"gpu_check{'_smoke' if smoke else ''}.json").resolve()
+    out_path = (args.out or RESULTS / f"gpu_check{'_smoke' if smoke else ''}.json").resolve()
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Data first (prepare, mix); the tokenizer folder (the smoke run trains its own on the prepared texts).
         write_params(root, raw)
         threads = int(raw["compute"].get("num_threads") or 0) or min(os.cpu_count() or 1, 8)
-        runner = Runner(root, logs, clock, threads, in_process=smoke)
+        runner = Runner(root, logs, clock, threads, in_process=smoke and not args.processes)
         for stage in ("prepare", "mix"):
             part(stage, lambda stage=stage: runner.stage(stage))
         folder = (
