@@ -265,7 +265,11 @@ def trl_kwargs(
     kwargs.update(section["trainer"])
     if kwargs.get("use_vllm") and runtime["use_cpu"]:
         kwargs["use_vllm"] = False  # as the stage: vLLM needs CUDA, ordinary generation otherwise
-    if "activation_checkpointing" in kwargs and "activation_checkpointing" not in known:
+    if (
+        "activation_checkpointing" in kwargs
+        and "activation_checkpointing" not in known
+        and "gradient_checkpointing" in known
+    ):
         kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")  # older transformers' name
     return kwargs
 

@@ -158,7 +158,7 @@ def resolve_runtime(
 
 def probe_capabilities() -> Capabilities:
     """The visible GPU (name, memory, bf16) and which optional packages are importable."""
-    import importlib.util
+    import importlib.util  # lazy: only stages that build a model probe the machine
 
     import torch  # lazy: see setup_runtime
 

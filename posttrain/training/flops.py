@@ -25,8 +25,8 @@ prompt + completion tokens of each generation batch):
                          not counted: its time is in the stage's training seconds unless a split
                          of those seconds is given (`update_seconds`, see `throughput_metrics`)
 
-Achieved TFLOP/s = FLOPs per token x tokens / seconds of training; MFU = achieved / the device's dense
-bf16 peak (`PEAK_TFLOPS`, or `compute.peak_tflops`). On CPU there is no such peak in the table: MFU is
+Achieved TFLOP/s = FLOPs per token x tokens / seconds of training (all processes' tokens); MFU =
+achieved / (world size x the device's dense bf16 peak: `PEAK_TFLOPS`, or `compute.peak_tflops`). On CPU there is no such peak in the table: MFU is
 null with the reason, unless compute.peak_tflops is set.
 """
 
@@ -141,21 +141,27 @@ def throughput_metrics(
     train_passes: int = 1,
     extra_forwards: int = 0,
     update_seconds: float | None = None,
+    devices: int = 1,
 ) -> dict[str, Any]:
     """The MFU fields of a stage's metrics.json.
+
+    `tokens` are every process's (TRL gathers its token count over the ranks), so the peak is that of
+    `devices` GPUs: MFU is per device, whatever the world size.
 
     `seconds`: training seconds (continual evaluation excluded); for GRPO they include generation and
     rewards. `update_seconds`, when a split of those seconds is known (GRPO's optimizer updates
     alone), adds `update_achieved_tflops` and `update_mfu` over the same tokens and FLOPs.
     """
     per_token = stage_flops_per_token(shape, seq_len, train_passes, extra_forwards)
+    peak = Peak(peak.tflops * devices if peak.tflops else None, peak.source)
     achieved, fraction = mfu(per_token, tokens, seconds, peak)
     metrics: dict[str, Any] = {
         "flops_per_token": per_token,
         "achieved_tflops": achieved,
         "mfu": fraction,
-        "peak_tflops": peak.tflops,
+        "peak_tflops": peak.tflops / devices if peak.tflops else None,  # of one device
         "mfu_basis": {
+            "devices": devices,
             "formula": "train_passes x (4N + 2N_trainable + 12 L H Q T) + extra_forwards x (2N + 4 L H Q T)",
             "N": shape.matmul_parameters,
             "N_trainable": shape.trainable,

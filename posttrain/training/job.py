@@ -236,6 +236,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     throughput = throughput_metrics(
         shape, section.max_length, tokens_run, training_seconds, device_peak(runtime.device, runtime.device_name,
         runtime.peak_tflops), train_passes=train_passes, extra_forwards=extra_forwards, update_seconds=update_seconds,
+        devices=config.world_size,
     )  # fmt: skip
     metrics: dict[str, Any] = {
         "stage": stage,

@@ -84,7 +84,7 @@ def pyplot() -> Any | None:
         log.warning("matplotlib is not installed: plot images skipped (their JSON rows are written)")
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     return plt
 

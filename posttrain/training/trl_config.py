@@ -126,7 +126,8 @@ def trl_config(
     )  # fmt: skip
     kwargs.update(stage_fields)
     kwargs.update(user)
-    if "activation_checkpointing" in kwargs and "activation_checkpointing" not in known:
+    renamed = "activation_checkpointing" not in known and "gradient_checkpointing" in known
+    if "activation_checkpointing" in kwargs and renamed:
         # An older transformers (e.g. 5.17 on the lent GPU machine) may know the switch by its old name only.
         kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
     if kwargs.get("use_vllm"):

@@ -54,6 +54,9 @@ def test_mfu_from_known_flops(toy_shape: ModelShape) -> None:
     dpo = throughput_metrics(toy_shape, 16, tokens=500, seconds=1.0, peak=peak, extra_forwards=1)
     assert dpo["flops_per_token"] == 11472 + 3824
     assert dpo["mfu"] == pytest.approx(7.648e-4)
+    # Two processes (TRL's token count is gathered over them): the peak of two devices, half the MFU.
+    two = throughput_metrics(toy_shape, 16, tokens=1000, seconds=2.0, peak=peak, devices=2)
+    assert two["mfu"] == pytest.approx(5.736e-4 / 2) and two["peak_tflops"] == 1e-2
     # GRPO with an update-time split: the same FLOPs over the update seconds alone.
     grpo = throughput_metrics(toy_shape, 16, tokens=1000, seconds=4.0, peak=peak, update_seconds=1.0)
     assert grpo["mfu"] == pytest.approx(11472 * 1000 / 4.0 / 1e10)
