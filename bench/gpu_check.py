@@ -461,6 +461,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for stage in stages:
             entry: dict[str, Any] = result["stages"].setdefault(stage, {})
 
+            # The settings of both sides besides the resolved GPU ones (gpu_settings): the recipe's stage section.
+            entry["section"] = {k: params[stage].get(k) for k in ("trainer", "max_length", "packing",
+                                                                   "gradient_checkpointing")}  # fmt: skip
+
             def measure(stage: str = stage, entry: dict[str, Any] = entry) -> None:
                 log(f"gpu check: {stage} (stage, {steps[stage]} steps)")
                 entry["stage_wall_seconds"] = runner.stage(stage)
