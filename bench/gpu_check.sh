@@ -11,8 +11,10 @@
 # they are installed without resolution and `pip check` is logged. Log: .gpu-payload/pip-install.log.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 PAYLOAD=${GPU_PAYLOAD:-.gpu-payload}
+# The check's time budget (--budget-seconds) counts from here: the wheels' install included.
+export GPU_CHECK_T0=${GPU_CHECK_T0:-$(date +%s)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" GPU_PAYLOAD="$PAYLOAD"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true
 
