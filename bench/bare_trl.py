@@ -35,7 +35,11 @@ no `input_ids` in GRPO's batches). Peak memory: the process's ru_maxrss, and on 
 torch.cuda.max_memory_allocated.
 
     python bench/bare_trl.py --stage {pretrain,cpt,sft,dpo,grpo} --root <finished project>
-        [--params P] [--max-steps N] [--threads T] [--output-dir D] [--json out.json]
+        [--params P] [--max-steps N] [--threads T] [--output-dir D] [--json out.json] [--settings JSON]
+
+On a GPU, `--settings` takes the stage's resolved GPU settings (its metrics.json `gpu_settings`,
+posttrain.runtime / training.trl_config) so that both sides run with the same attention implementation,
+kernels, TF32, torch.compile, packing and activation checkpointing (bench/gpu_check.py passes them).
 """
 
 from __future__ import annotations
@@ -198,14 +202,42 @@ def runtime_fields(compute: dict[str, Any], seed: int) -> dict[str, Any]:
     return fields
 
 
+def settings_fields(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """TRL config fields of the GPU settings a stage resolved (its metrics' `gpu_settings`, `--settings`):
+    the bare run then uses exactly the stage's tf32, torch.compile, packing and activation checkpointing."""
+    if not settings:
+        return {}
+    fields: dict[str, Any] = {"activation_checkpointing": bool(settings.get("activation_checkpointing"))}
+    if settings.get("tf32"):
+        fields["tf32"] = True
+    if settings.get("torch_compile"):
+        fields["torch_compile"] = True
+    if settings.get("packing"):
+        fields.update(packing=True, packing_strategy="bfd")
+    return fields
+
+
+def apply_settings_to_model(model: Any, settings: dict[str, Any] | None) -> None:
+    """The stage's fused kernels on the model, as a TRL user would apply them (liger-kernel's call, or `use_kernels`)."""
+    kernels = (settings or {}).get("kernels", "none")
+    if kernels == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    elif kernels == "hub":
+        model.set_use_kernels(True)
+
+
 def trl_kwargs(
     config_cls: type,
     section: dict[str, Any],
     runtime: dict[str, Any],
     output_dir: Path,
     stage_fields: dict[str, Any],
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments of the TRL config: our defaults < the stage's fields < `<stage>.trainer` keys."""
+    """Keyword arguments of the TRL config: our defaults < the stage's GPU settings < the stage's fields <
+    `<stage>.trainer` keys."""
     import dataclasses
 
     known = {f.name for f in dataclasses.fields(config_cls)}
@@ -221,6 +253,7 @@ def trl_kwargs(
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         **runtime,
+        **{k: v for k, v in settings_fields(settings).items() if k in known or k == "activation_checkpointing"},
     }
     if "max_length" in known:
         kwargs["max_length"] = section.get("max_length", MAX_LENGTH_DEFAULT)
@@ -232,6 +265,12 @@ def trl_kwargs(
     kwargs.update(section["trainer"])
     if kwargs.get("use_vllm") and runtime["use_cpu"]:
         kwargs["use_vllm"] = False  # as the stage: vLLM needs CUDA, ordinary generation otherwise
+    if (
+        "activation_checkpointing" in kwargs
+        and "activation_checkpointing" not in known
+        and "gradient_checkpointing" in known
+    ):
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")  # older transformers' name
     return kwargs
 
 
@@ -303,11 +342,14 @@ def scratch_model(root: Path, params: dict[str, Any]) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_folder(folder: Path, trust_remote_code: bool) -> tuple[Any, Any]:
+def load_folder(folder: Path, trust_remote_code: bool, attn_implementation: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, trust_remote_code=trust_remote_code)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, use_safetensors=True, trust_remote_code=trust_remote_code, **attention
+    )
     return model, tokenizer
 
 
@@ -378,7 +420,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--output-dir", type=Path, default=None, help="checkpoints and final model (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--settings",
+        type=json.loads,
+        default=None,
+        help="the GPU settings a stage resolved (its metrics.json `gpu_settings`, as JSON): attention, kernels, "
+        "tf32, torch.compile, packing, activation checkpointing; default: the CPU set-up above",
+    )
     args = parser.parse_args(argv)
+    settings = args.settings
     stage, root = args.stage, args.root.resolve()
 
     import datasets
@@ -401,10 +451,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runtime = runtime_fields(compute, seed)
     trust = bool((params.get("model") or {}).get("trust_remote_code", False))
 
+    attention = (settings or {}).get("attn_implementation")
     if stage == "pretrain":
         model, tokenizer = scratch_model(root, params)
     else:
-        model, tokenizer = load_folder(root / "artifacts" / "models" / PARENT[stage], trust)
+        model, tokenizer = load_folder(root / "artifacts" / "models" / PARENT[stage], trust, attention)
+    apply_settings_to_model(model, settings)
 
     trainer_kwargs: dict[str, Any] = {}
     if stage in ("pretrain", "cpt", "sft"):
@@ -422,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = prompt_rows(root, stage, ["prompt", "chosen", "rejected"], tokenizer)
         stage_fields = {"beta": section.get("beta", DPO_BETA_DEFAULT)}
         # The frozen reference: a second copy of the input model.
-        trainer_kwargs["ref_model"] = load_folder(root / "artifacts" / "models" / PARENT[stage], trust)[0]
+        trainer_kwargs["ref_model"] = load_folder(root / "artifacts" / "models" / PARENT[stage], trust, attention)[0]
     else:
         from trl import GRPOConfig as config_cls
         from trl import GRPOTrainer as trainer_cls
@@ -443,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = args.output_dir or Path(tempfile.mkdtemp(prefix=f"bare-{stage}-"))
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    config = config_cls(**trl_kwargs(config_cls, section, runtime, output_dir, stage_fields))
+    config = config_cls(**trl_kwargs(config_cls, section, runtime, output_dir, stage_fields, settings))
     trainer = scheduled(trainer_cls, section["schedule"])(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs
     )
@@ -472,6 +524,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "seed": seed,
         "max_steps": section["trainer"]["max_steps"],
+        "settings": settings,
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -44,16 +44,18 @@ def write_params(root: Path, params: dict[str, Any]) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_stage_process(root: Path, stage: str, out: Path, tag: str, *extra: str) -> float:
-    """`python -m stages.<stage>` in `root`; its output to out/<tag>.log; wall seconds (raises on failure)."""
+def run_stage_process(root: Path, stage: str, out: Path, tag: str, *extra: str, timeout: float | None = None) -> float:
+    """`python -m stages.<stage>` in `root`; its output to out/<tag>.log; wall seconds (raises on failure;
+    subprocess.TimeoutExpired past `timeout`)."""
     started = time.perf_counter()
     with (out / f"{tag}.log").open("w") as handle:
         done = subprocess.run(
             [PYTHON, "-m", f"stages.{stage}", *extra],
             cwd=root,
-            env=project_env(root),
+            env=project_env(root, {"HF_DATASETS_OFFLINE": "1"}),
             stdout=handle,
             stderr=subprocess.STDOUT,
+            timeout=timeout,
         )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -118,13 +120,26 @@ def run_recipe(root: Path, params: dict[str, Any], out: Path, result: dict[str, 
     save()
 
 
-def bare_run(root: Path, stage: str, steps: int, threads: int, out: Path, tag: str) -> dict[str, Any]:
+def bare_run(
+    root: Path,
+    stage: str,
+    steps: int,
+    threads: int,
+    out: Path,
+    tag: str,
+    settings: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """bench/bare_trl.py on `root`'s input model; `settings`: the stage's resolved GPU settings (its `gpu_settings`)."""
     figures = out / f"{tag}.json"
     cmd = [PYTHON, str(REPO / "bench" / "bare_trl.py"), "--stage", stage, "--root", str(root), "--max-steps",
            str(steps), "--threads", str(threads), "--json", str(figures)]  # fmt: skip
+    if settings is not None:
+        cmd += ["--settings", json.dumps(settings)]
     started = time.perf_counter()
     with (out / f"{tag}.log").open("w") as handle:
-        done = subprocess.run(cmd, cwd=root, env=project_env(root), stdout=handle, stderr=subprocess.STDOUT)
+        done = subprocess.run(cmd, cwd=root, env=project_env(root, {"HF_DATASETS_OFFLINE": "1"}), stdout=handle,
+                              stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"bare {stage} failed:\n{(out / f'{tag}.log').read_text()[-3000:]}")
     data = json.loads(figures.read_text())

@@ -288,23 +288,19 @@ def section_throughput(e2e: dict[str, Any], t: dict[str, Any] | None) -> list[st
 
 
 def section_gpu(g: dict[str, Any]) -> list[str]:
-    p = g.get("gpu_dry_run", {}).get("parameters", {})
-    if g.get("gpu", {}).get("measured"):
-        sft, gen = g["gpu"]["sft"], g["gpu"]["grpo_generation"]
-        return [
-            "### GPU variant",
-            "",
-            f"{g['gpu']['device_name']}: SFT {sft['tokens_per_second']:.0f} tokens/s, MFU {sft['mfu']:.3f}; GRPO generation {gen['generated_tokens_per_second']:.0f} tokens/s.",
-            "",
-        ]
-    smoke = g.get("cpu_smoke", {})
+    """The GPU check (bench/gpu_check.py): its table when it ran on a GPU, else what the CPU smoke run showed."""
+    from bench.gpu_check import render
+
+    if g.get("mode") == "gpu":
+        return ["### GPU check (`bench/gpu_check.sh`, docs/gpu.md)", "", render(g), ""]
+    stages = g.get("stages", {})
+    ok = [s for s, e in stages.items() if e.get("stage") and e.get("bare") and e.get("same_final_loss")]
     return [
-        "### GPU variant (`bench/gpu.py --config gpu`)",
+        "### GPU check (`bench/gpu_check.sh`, docs/gpu.md)",
         "",
-        f"**Not measured on a GPU** (none on this machine). The configuration builds a Llama of "
-        f"{p.get('total', 0) / 1e6:.0f}M parameters ({g.get('gpu_dry_run', {}).get('flops_per_token', 0) / 1e9:.2f} GFLOP "
-        f"per token at its sequence length), bf16; `--config cpu-smoke` ran the same SFT/MFU and generation code on CPU "
-        f"with a tiny model: {f(smoke.get('measured'))}.",
+        f"**Not run on a GPU yet**: no GPU figure (MFU, tokens/s, memory) is measured. Its `--cpu-smoke` run "
+        f"(the same code at toy size on CPU) ran {', '.join(ok) or 'no stage'} against the bare TRL script with "
+        f"identical final losses; FSDP2 at world size 1: {'ok' if (g.get('fsdp') or {}).get('ok') else 'not ok'}.",
         "",
     ]
 
@@ -335,16 +331,17 @@ def load_note(parts: dict[str, dict[str, Any]], cores: int) -> str:
 
 
 def render() -> str:
-    names = ("e2e", "quality", "throughput", "overhead", "cache", "startup", "gpu")
+    names = ("e2e", "quality", "throughput", "overhead", "cache", "startup", "gpu_check")
     parts = {n: r for n in names if (r := load_result(n))}
     e2e, q, t, o, c, s, g = (parts.get(n) for n in names)
+    g = g or load_result("gpu_check_smoke")
     m = machine_info()
     threads_seen = sorted({str(x) for x in [s and s.get("torch_threads_default")] if x})
     lines = [
         "`python bench/run.py --all` runs the CPU benchmark suite (`--only e2e,quality,throughput,cache,overhead,startup,gpu,report` "
         "for parts) in scratch copies of the project, writes `artifacts/bench/*.json` and renders this section "
-        "(`bench/report.py`). `python bench/gpu.py --config gpu` is the GPU variant (~0.5B Llama built from a config, "
-        "bf16: SFT tokens/s and MFU, GRPO generation throughput).",
+        "(`bench/report.py`). `bench/gpu_check.sh` is the GPU check (docs/gpu.md): every trainer stage of the "
+        "GPU throughput recipe against bare TRL, MFU, memory, FSDP2.",
         "",
         f"Produced by `python bench/run.py` (`bench/report.py` renders `artifacts/bench/*.json`), measured "
         f"{measured_span(parts)}: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM, no GPU, torch default "

@@ -6,8 +6,8 @@
 
 Parts, in run order: e2e (default recipe from a clean copy; the copy is reused by the others),
 quality (ladder + CPT ablations), throughput (each trainer stage against a bare TRL script), cache,
-overhead (bare TRL vs dvc vs Prefect flow), startup (imports, CLI), gpu (dry run of the GPU configuration + CPU smoke run of
-its code path), report (README table). Pipeline runs happen in scratch copies under
+overhead (bare TRL vs dvc vs Prefect flow), startup (imports, CLI), gpu (the GPU check's --cpu-smoke run,
+bench/gpu_check.py: its code path at toy size; the GPU run itself is bench/gpu_check.sh on a GPU), report (README table). Pipeline runs happen in scratch copies under
 $BENCH_SCRATCH (default /tmp/posttrain-bench), never in this checkout.
 """
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"choose --all or --only from {', '.join(PARTS)} (unknown: {unknown})")
 
     # Imported after BENCH_RESULTS is set (bench.common reads it).
-    from bench import cache, e2e, gpu_suite, overhead, quality, report, startup, throughput
+    from bench import cache, e2e, gpu_check, overhead, quality, report, startup, throughput
     from bench.common import RESULTS, log
 
     if args.all:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         elif part == "startup":
             startup.main([])
         elif part == "gpu":
-            gpu_suite.main()
+            gpu_check.main(["--cpu-smoke"])
         elif part == "report":
             report.main(["--print"] if args.no_readme else [])
 

@@ -70,6 +70,18 @@ class ComputeConfig(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # 0 = let the stage pick (all cores, at most 8, for small CPU machines).
     num_threads: NonNegInt = 0
+    # GPU defaults (posttrain.runtime.resolve_runtime; docs/gpu.md). null = decided from the device:
+    # TF32 matmuls: on with CUDA (Ampere or newer), off on CPU, where it does not exist.
+    tf32: bool | None = None
+    # Fused layer kernels. auto: Liger's (RMSNorm, RoPE, SwiGLU) with CUDA where liger-kernel is
+    # installed, else none; liger: required (refused where not installed); hub: transformers'
+    # `use_kernels` (TRL 1.16's replacement for `use_liger_kernel`; needs `kernels` and the Hub or its cache).
+    kernels: Literal["auto", "liger", "hub", "none"] = "auto"
+    # torch.compile the model inside the Trainer (its first steps then include the compilation).
+    compile: bool = False
+    # Dense bf16 peak of the device in TFLOP/s for MFU (posttrain.training.flops); null = the table
+    # for known GPUs, none on CPU.
+    peak_tflops: Annotated[float, Field(gt=0.0)] | None = None
     # "accelerate" wraps each trainer stage in `accelerate launch --config_file <accelerate_config>`.
     launcher: Literal["python", "accelerate"] = "python"
     accelerate_config: str | None = None
@@ -82,8 +94,12 @@ class ComputeConfig(Strict):
 
 
 class TokenizerConfig(Strict):
-    """Used only when model.base is 'scratch': a BPE tokenizer trained on the pipeline's own data."""
+    """Used only when model.base is 'scratch': a BPE tokenizer trained on the pipeline's own data,
+    or (`path`) a real tokenizer read from a local folder, e.g. SmolLM2's, for a model of realistic shape."""
 
+    # A local folder with tokenizer files (tokenizer.json, tokenizer_config.json); relative to the
+    # project root. Set: vocab_size and min_frequency are not used (the folder's vocabulary is).
+    path: str | None = None
     vocab_size: Annotated[int, Field(ge=32, le=1_000_000)] = 96
     min_frequency: PositiveInt = 2
     # Domains whose train splits the tokenizer (and pretrain's evaluation) reads; null = every domain.
@@ -132,6 +148,10 @@ class ModelConfig(Strict):
     # 'chatml' (built-in, with generation markers for assistant-only loss) or a Jinja file path.
     # None: no template; prompts are plain text.
     chat_template: str | None = None
+    # Attention kernel passed to every model load (transformers' `attn_implementation`): eager, sdpa,
+    # flex_attention, flash_attention_2/3, or a Hub kernel `org/name`. null: sdpa with CUDA,
+    # transformers' own default on CPU. One that is not installed is refused by name (posttrain.runtime).
+    attn_implementation: str | None = None
 
     @field_validator("chat_template")
     @classmethod
@@ -139,6 +159,15 @@ class ModelConfig(Strict):
         if value is not None and not value.strip():
             raise ValueError("empty; expected 'base', 'chatml' or a path to a Jinja file")
         return value
+
+    @model_validator(mode="after")
+    def _tokenizer_folder_for_scratch(self) -> ModelConfig:
+        if self.tokenizer.path is not None and self.base != "scratch":
+            raise ValueError(
+                f"tokenizer.path: {self.tokenizer.path!r} is used only with base 'scratch' (a pretrained base "
+                f"{self.base!r} brings its own tokenizer); expected null"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- data
@@ -333,6 +362,11 @@ class MixtureConfig(Strict):
     # null: the static weights above. Else the training stage re-estimates proportions online
     # (formats text and prompt_completion only).
     adaptive: AdaptiveMixingConfig | None = None
+    # Items joined into one row (posttrain.data.mixing.group_rows): texts concatenated, chat items as one
+    # multi-turn conversation, prompt formats with the earlier items as few-shot context before the last
+    # item's prompt. `total` counts rows, so total x group items are drawn. A GPU recipe uses it to make
+    # rows as long as its max_length from the built-in domains' short items.
+    group: PositiveInt = 1
 
     @model_validator(mode="after")
     def _adaptive_needs_sft_format(self) -> MixtureConfig:
@@ -340,6 +374,11 @@ class MixtureConfig(Strict):
             raise ValueError(
                 f"adaptive: set for format {self.format!r}; online mixing runs in the SFTTrainer stages, "
                 "expected format text or prompt_completion"
+            )
+        if self.adaptive is not None and self.group > 1:
+            raise ValueError(
+                f"adaptive: set with group {self.group}; online mixing re-draws single items per domain, "
+                "expected group: 1"
             )
         return self
 
@@ -433,10 +472,12 @@ class TrainStageConfig(Strict):
     trainer: TrainerArgs = TrainerArgs()
     schedule: ScheduleConfig = ScheduleConfig()
     max_length: PositiveInt = 64
-    # Memory levers. None: TRL's default (forced off on CPU, where it only slows a small model).
+    # Memory levers. None: off, unless with CUDA the step would not fit without it (an estimate,
+    # posttrain.training.gpu_defaults); on CPU always off (it only slows a small model there).
     gradient_checkpointing: bool | None = None
-    # Pack several examples into each max_length row (SFTTrainer stages only: pretrain, cpt, sft).
-    packing: bool = False
+    # Pack several examples into each max_length row, padding-free (TRL's BFD; SFTTrainer stages
+    # only: pretrain, cpt, sft). None: on with CUDA for those stages, off on CPU.
+    packing: bool | None = None
     # null: full fine-tuning; else train a LoRA adapter (see LoRAConfig.handoff for what is written).
     lora: LoRAConfig | None = None
     # A training example longer than max_length: cut it, or stop the stage.

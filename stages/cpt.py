@@ -27,7 +27,7 @@ STAGE = "cpt"
 def run(params: Params, layout: Layout) -> StageResult:
     spec = stage_spec(params, layout.root, STAGE)
     section = params.cpt
-    runtime = setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
 
     # 1. The pretrain model, its files checked against their lineage hashes.
     parent = layout.model(spec.parents[0])

@@ -29,7 +29,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     from trl import DPOConfig, DPOTrainer  # lazy: trl alone costs ~8 s to import
 
     section = params.dpo
-    runtime = setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
     domains = data.mixture_domains(params.mixtures[STAGE].weights)
 
     # 1. The sft model as the policy (`dpo.lora`: a LoRA adapter on it) and the frozen reference: a second
@@ -37,7 +37,13 @@ def run(params: Params, layout: Layout) -> StageResult:
     parent = layout.model(spec.parents[0])
     loaded = loading.load_for_training(layout, STAGE, parent, params, runtime)
     trust = params.model.trust_remote_code
-    reference = None if loaded.adapter else loading.load_stage_model(parent, trust_remote_code=trust).model
+    reference = (
+        None
+        if loaded.adapter
+        else loading.load_stage_model(
+            parent, trust_remote_code=trust, attn_implementation=runtime.attn_implementation
+        ).model
+    )
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # 2. Preference pairs: the mixture's offline pairs, or on-policy pairs from the sft model's samples.

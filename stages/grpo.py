@@ -34,7 +34,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer  # lazy: trl alone costs ~8 s to import
 
     section = params.grpo
-    runtime = setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
     domains = data.mixture_domains(params.mixtures[STAGE].weights)
     # Unknown names were refused at validation; this builds the guarded callables (errors name the function).
     reward_funcs, reward_weights = rewards.build_rewards(section.rewards)

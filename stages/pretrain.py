@@ -1,8 +1,9 @@
 """Stage `pretrain`: bootstrap the base model.
 
 model.base: scratch   train a BPE tokenizer on the train splits of model.tokenizer.domains
-                      (default: every domain), build a tiny Llama from model.architecture, and
-                      train it on the `pretrain` mixture (text)
+                      (default: every domain), or read a real one from model.tokenizer.path, build
+                      a Llama from model.architecture (random weights), and train it on the
+                      `pretrain` mixture (text)
 model.base: <id/dir>  load that model with from_pretrained and write it out unchanged (no
                       training): the next stages start from it, lineage.json says so
 
@@ -22,7 +23,7 @@ from posttrain.config import Params
 from posttrain.errors import DataError
 from posttrain.io import sha256_file
 from posttrain.layout import Layout
-from posttrain.lineage import parent_entry
+from posttrain.lineage import file_hashes, parent_entry
 from posttrain.models import build, chat_template
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import Runtime, setup_runtime
@@ -51,19 +52,26 @@ def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
 
 def run(params: Params, layout: Layout) -> StageResult:
     section = params.pretrain
-    runtime = setup_runtime(params.compute, params.seed)
+    runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
     domains = params.pretrain_domains()
     if params.model.base != "scratch":
         return use_given_base(params, layout, runtime)
 
-    # 1. Tokenizer and model from scratch (seeded by setup_runtime, so the init is reproducible).
-    tokenizer = build.train_tokenizer(
-        prepared_texts(layout, domains),
-        params.model.tokenizer,
-        max_length=params.model.architecture.max_position_embeddings,
-        extra_special=chat_template.special_tokens_of(params.model.chat_template or ""),
-    )
-    model = build.build_scratch_model(params.model.architecture, tokenizer)
+    # 1. Tokenizer (trained on the prepared data, or a real one from model.tokenizer.path) and a model
+    #    from scratch (seeded by setup_runtime, so the init is reproducible).
+    folder = params.model.tokenizer.path
+    if folder:
+        tokenizer = build.load_tokenizer_folder(folder, layout.root)
+        tokenizer_data = file_hashes(layout.root / folder)
+    else:
+        tokenizer = build.train_tokenizer(
+            prepared_texts(layout, domains),
+            params.model.tokenizer,
+            max_length=params.model.architecture.max_position_embeddings,
+            extra_special=chat_template.special_tokens_of(params.model.chat_template or ""),
+        )
+        tokenizer_data = {d: sha256_file(layout.prepared_split(d, "train")) for d in domains}
+    model = build.build_scratch_model(params.model.architecture, tokenizer, runtime.attn_implementation)
     build.install_template(model, tokenizer, params.model, layout.root)
     log.info("scratch model: %d parameters, vocabulary %d", build.count_parameters(model), len(tokenizer))
 
@@ -78,7 +86,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         # The tokenizer is trained on the prepared data, so it and the architecture define the run too.
         key_inputs={
             "model": params.model.model_dump(mode="json"),
-            "tokenizer_data": {d: sha256_file(layout.prepared_split(d, "train")) for d in domains},
+            "tokenizer_data": tokenizer_data,
         },
         eval_domains=domains,
         lineage_extra={"base": "scratch", "model": params.model.model_dump(mode="json")},

@@ -33,7 +33,7 @@ STAGE = "sft"
 def run(params: Params, layout: Layout, stage: str = STAGE) -> StageResult:
     spec = stage_spec(params, layout.root, stage)
     section = params.stage_section(stage)
-    runtime = setup_runtime(params.compute, params.stage_seed(stage))
+    runtime = setup_runtime(params.compute, params.stage_seed(stage), params.model.attn_implementation)
 
     # 1. The parent model (`sft.parent`, cpt by default), its files checked against their lineage hashes.
     parent = layout.model(spec.parents[0])

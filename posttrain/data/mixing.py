@@ -19,7 +19,7 @@ from typing import Any
 
 from posttrain.config import TRAINING_STAGES, MixtureConfig
 from posttrain.data.domains import Record, is_verifiable, wrong_answer
-from posttrain.data.formats import canonical_json, full_conversation, is_conversational
+from posttrain.data.formats import canonical_json, decode_messages, full_conversation, is_conversational
 from posttrain.errors import DataError
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -178,6 +178,43 @@ def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random
     return rows
 
 
+def _solved(fmt: str, row: dict[str, str], chat: bool) -> str | list[dict[str, str]]:
+    """A row as worked context for a later item: its prompt followed by its (preferred) answer."""
+    answer = {"prompt_completion": "completion", "preference": "chosen"}.get(fmt)
+    if chat:
+        reply = decode_messages(row[answer]) if answer else [{"content": row["answer"], "role": "assistant"}]
+        return decode_messages(row["prompt"]) + reply
+    return row["prompt"] + (row[answer] if answer else row["answer"])
+
+
+def group_rows(fmt: str, rows: list[dict[str, str]], group: int, chat: bool) -> list[dict[str, str]]:
+    """Join each run of `group` consecutive rows into one row (`mixtures.<stage>.group`).
+
+    text: the texts, one per line; conversational: one multi-turn conversation; the prompt formats
+    (prompt_completion, preference, prompt_answer): the earlier rows, solved, as few-shot context
+    before the last row's prompt, whose completion / chosen and rejected / answer the row keeps. A
+    grouped row's id is its first item's id + the number of items joined after it; its domain the last's.
+    """
+    if group == 1:
+        return rows
+    out = []
+    for start in range(0, len(rows), group):
+        chunk = rows[start : start + group]
+        *context, last = chunk
+        row = {**last, "id": f"{chunk[0]['id']}+{len(chunk) - 1}"}
+        if fmt == "text":
+            row["text"] = "\n".join(r["text"] for r in chunk)
+        elif fmt == "conversational":
+            row["messages"] = canonical_json([m for r in chunk for m in decode_messages(r["messages"])])
+        elif chat:
+            turns = [m for r in context for m in _solved(fmt, r, chat)]
+            row["prompt"] = canonical_json(turns + decode_messages(last["prompt"]))
+        else:
+            row["prompt"] = "".join(f"{_solved(fmt, r, chat)}\n" for r in context) + last["prompt"]
+        out.append(row)
+    return out
+
+
 def build_mixture(
     stage: str,
     config: MixtureConfig,
@@ -195,11 +232,11 @@ def build_mixture(
             raise DataError(
                 f"mixtures.{stage}.replay.from_stage: mixture {config.replay.from_stage!r} is not built yet"
             )
-        replay_n = round(config.total * config.replay.fraction)
+        replay_n = round(config.total * config.group * config.replay.fraction)
         # String seeds are hashed with sha512 by `random`: stable across runs and Python versions.
         replay_rng = random.Random(f"{config.seed}:{stage}:replay")
         replay_records, replay_repeats = sample_items(source.records, replay_n, replay_rng)
-    own_n = config.total - replay_n
+    own_n = config.total * config.group - replay_n  # items: `group` of them make one row
 
     targets = tempered_proportions(config.weights, config.temperature)
     counts = allocate(own_n, targets)
@@ -224,6 +261,8 @@ def build_mixture(
     records = chosen + replay_records
     rng.shuffle(records)
     rows = _format_rows(stage, config.format, records, random.Random(f"{config.seed}:{stage}:rejected"))
+    chat = config.format != "text" and any(is_conversational(r) for r in records)
+    rows = group_rows(config.format, rows, config.group, chat)
 
     replay_counts = dict(sorted(Counter(r["domain"] for r in replay_records).items()))
     output_counts = dict(sorted(Counter(r["domain"] for r in records).items()))
@@ -259,4 +298,6 @@ def build_mixture(
         "output_proportions": {d: round(c / len(records), 6) for d, c in output_counts.items()} if records else {},
         "ids": [r["id"] for r in records],
     }
+    if config.group > 1:  # only then: a group-1 manifest stays byte-identical to those written before the key existed
+        manifest["group"] = config.group
     return Mixture(stage=stage, records=records, rows=rows, columns=FORMAT_COLUMNS[config.format], manifest=manifest)

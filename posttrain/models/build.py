@@ -100,7 +100,35 @@ def train_tokenizer(
     return wrapped
 
 
-def build_scratch_model(cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_tokenizer_folder(path: str, root: Path) -> PreTrainedTokenizerBase:
+    """`model.tokenizer.path`: a real tokenizer from a local folder (relative to `root`), for a scratch model
+    of realistic shape (vocabulary, special tokens). Never a hub id: a scratch recipe runs offline."""
+    # lazy: transformers takes seconds to import; only model code paths need it
+    from transformers import AutoTokenizer
+
+    folder = Path(path) if Path(path).is_absolute() else root / path
+    if not folder.is_dir():
+        raise StageError(
+            f"model.tokenizer.path: {path!r} is not a folder (looked in {folder}); expected a local folder with "
+            "tokenizer.json and tokenizer_config.json, e.g. models/smollm2-135m-instruct (scripts/fetch_smollm2.py)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise StageError(f"model.tokenizer.path: cannot load a tokenizer from {folder} ({error})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions are masked out anyway
+    return tokenizer
+
+
+def attention_kwargs(attn_implementation: str | None) -> dict[str, Any]:
+    """from_pretrained / from_config keyword for the runtime's attention (none: transformers' default)."""
+    return {"attn_implementation": attn_implementation} if attn_implementation else {}
+
+
+def build_scratch_model(
+    cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """A randomly initialised LlamaForCausalLM sized by `cfg`, its vocabulary that of `tokenizer`."""
     # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -121,8 +149,31 @@ def build_scratch_model(cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerB
         bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     _set_generation_ids(model, tokenizer)
     return model
+
+
+def apply_kernels(model: PreTrainedModel, kernels: str) -> None:
+    """Fused layer kernels on the model instance (`Runtime.kernels`, resolved from compute.kernels).
+
+    liger  liger-kernel's RMSNorm, RoPE and SwiGLU kernels, the call TRL's deprecated `use_liger_kernel`
+           made; its fused linear cross-entropy stays off, since TRL 1.16 computes SFT's and DPO's loss
+           through its own chunked LM head (trl.trainer.utils.add_fused_lm_head), never full logits.
+    hub    transformers' `use_kernels` (TRL 1.16's replacement: `model_init_kwargs={"use_kernels": True}`,
+           which TRL ignores for a model object like ours, so it is applied to the object here).
+    """
+    if kernels == "none":
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
+    if kernels == "liger":
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # lazy: optional, CUDA only
+
+        _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
+    else:
+        base.set_use_kernels(True)
+    log.info("kernels: %s applied to %s", kernels, type(base).__name__)
 
 
 # --------------------------------------------------------------------------- pretrained bases
@@ -175,7 +226,9 @@ def load_base(cfg: ModelConfig, root: Path | None = None) -> LoadedModel:
 # --------------------------------------------------------------------------- stage models
 
 
-def load_full_model(model_dir: Path, *, trust_remote_code: bool = False) -> LoadedModel:
+def load_full_model(
+    model_dir: Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> LoadedModel:
     """Load a full model folder (not an adapter) written by a stage, after checking its content hashes.
 
     Raises StageError when a file differs from its lineage record (both hashes shown) or when the
@@ -189,7 +242,10 @@ def load_full_model(model_dir: Path, *, trust_remote_code: bool = False) -> Load
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         # safetensors only: a pickle checkpoint (pytorch_model.bin) can run code when unpickled.
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
+            model_dir,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **attention_kwargs(attn_implementation),
         )
     except (OSError, ValueError) as error:
         raise StageError(

@@ -36,15 +36,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_stage_model(model_dir: Path, *, trust_remote_code: bool = False) -> LoadedModel:
+def load_stage_model(
+    model_dir: Path, *, trust_remote_code: bool = False, attn_implementation: str | None = None
+) -> LoadedModel:
     """Load a model folder written by a stage, after checking its content hashes.
 
     A LoRA adapter passed on by its stage comes back merged into its base: whoever only uses the
     model needs no PEFT wrapper. Raises StageError when a file differs from its lineage record.
+    `attn_implementation`: the runtime's (a model that trains beside it, e.g. DPO's reference).
     """
     if is_adapter_folder(model_dir):
         return load_merged(model_dir, trust_remote_code=trust_remote_code)
-    return load_full_model(model_dir, trust_remote_code=trust_remote_code)
+    return load_full_model(model_dir, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
 
 
 def load_for_training(layout: Layout, stage: str, parent: Path, params: Params, runtime: Runtime) -> LoadedModel:
@@ -60,7 +63,7 @@ def load_for_training(layout: Layout, stage: str, parent: Path, params: Params, 
                 f"expected {stage}.lora to be set (the adapter is then trained further on the same base), or the "
                 "previous stage to use lora.handoff: merge"
             )
-        return load_full_model(parent, trust_remote_code=trust)
+        return load_full_model(parent, trust_remote_code=trust, attn_implementation=runtime.attn_implementation)
 
     # lazy: peft takes 6-7 s to import; full fine-tuning never needs it.
     from peft import PeftModel, get_peft_model

@@ -122,8 +122,9 @@ def peft_lora_config(lora: LoRAConfig) -> Any:
 def load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, trust: bool) -> build.LoadedModel:
     """The full model an adapter trains on: as the stage wrote it, or 4/8-bit for QLoRA."""
     check_quantization(stage, lora, runtime)
+    attention = build.attention_kwargs(runtime.attn_implementation)
     if lora.quantization is None:
-        return build.load_full_model(folder, trust_remote_code=trust)
+        return build.load_full_model(folder, trust_remote_code=trust, attn_implementation=runtime.attn_implementation)
     # lazy: torch, peft, transformers are heavy to import; only this path needs them
     import torch
     from peft import prepare_model_for_kbit_training
@@ -145,7 +146,7 @@ def load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, trus
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=quant, dtype=compute_dtype, device_map={"": local_rank},
-        use_safetensors=True, trust_remote_code=trust,
+        use_safetensors=True, trust_remote_code=trust, **attention,
     )  # fmt: skip
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)

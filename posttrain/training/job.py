@@ -33,7 +33,7 @@ from posttrain.errors import ParamsError, StageError, resource_error
 from posttrain.io import json_hash
 from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
-from posttrain.models.build import count_parameters
+from posttrain.models.build import apply_kernels, count_parameters
 from posttrain.runtime import Runtime, is_main_process, world_size
 from posttrain.spec import StageSpec
 from posttrain.stage import StageResult, flat_metrics
@@ -48,6 +48,7 @@ from posttrain.training.checkpoints import (
     tokens_at,
 )
 from posttrain.training.data import load_validation_sets
+from posttrain.training.flops import ModelShape, device_peak, throughput_metrics, trainer_passes
 from posttrain.training.outputs import write_model_output
 from posttrain.training.trl_config import trl_config, with_schedule
 
@@ -102,6 +103,9 @@ class TrainingJob:
     adapter: AdapterSetup | None = None
     # Run on the trained model by global rank 0, in order; what they return is merged into metrics.json.
     measure: list[MeasureHook] = field(default_factory=list)
+    # Seconds of the optimizer updates alone within trainer.train(), when a stage splits its time (GRPO:
+    # generation and rewards apart); called after training. Adds update_mfu to the MFU fields (flops.py).
+    update_seconds: Callable[[], float | None] | None = None
 
 
 def peak_gpu_mb(runtime: Runtime) -> float | None:
@@ -157,7 +161,9 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     online = OnlineMixing.for_stage(
         stage, params.mixtures.get(stage), layout, section.trainer.max_steps, runtime.seed, job.tokenizer
     )
-    config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
+    shape = ModelShape.of(job.model)
+    config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, shape, **job.config_fields)
+    apply_kernels(job.model, runtime.kernels)
     if online:
         config.max_steps = online.main_steps
     domains = job.eval_domains or list(params.data.domains)
@@ -224,6 +230,13 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     logged_tokens = max((int(e["num_tokens"]) for e in state.log_history if "num_tokens" in e), default=0)
     tokens_seen = state.num_input_tokens_seen or logged_tokens
     tokens_run = tokens_seen - (tokens_at(resume) if state.num_input_tokens_seen else 0)
+    train_passes, extra_forwards = trainer_passes(trainer)
+    update_seconds = job.update_seconds() if job.update_seconds else None
+    throughput = throughput_metrics(
+        shape, section.max_length, tokens_run, training_seconds, device_peak(runtime.device, runtime.device_name,
+        runtime.peak_tflops), train_passes=train_passes, extra_forwards=extra_forwards, update_seconds=update_seconds,
+        devices=config.world_size,
+    )  # fmt: skip
     metrics: dict[str, Any] = {
         "stage": stage,
         "steps": state.global_step,
@@ -247,9 +260,26 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "train_examples": len(job.train_dataset),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_mb": peak_gpu_mb(runtime),
+        # Model FLOPs per token, achieved TFLOP/s and MFU over the same training seconds (posttrain.training.flops).
+        **throughput,
         "device": runtime.device,
+        "device_name": runtime.device_name,
         "precision": runtime.precision,
         "threads": runtime.num_threads,
+        # The GPU defaults as resolved (docs/gpu.md); TRL's own names.
+        "gpu_settings": {
+            "tf32": runtime.tf32,
+            "attn_implementation": runtime.attn_implementation,
+            "kernels": runtime.kernels,
+            "torch_compile": runtime.compile,
+            "packing": bool(getattr(config, "packing", False)),
+            "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "activation_checkpointing": bool(
+                config.activation_checkpointing
+                if getattr(config, "activation_checkpointing", None) is not None
+                else getattr(config, "gradient_checkpointing", False)
+            ),
+        },
         "checkpoints": ckpt_shown,
         "world_size": config.world_size,
         "averaged_checkpoints": averaged,

@@ -74,19 +74,30 @@ def write_model_output(
     return StageResult(metrics=flat_metrics(metrics), model_dir=final, artifacts=artifacts)
 
 
+def pyplot() -> Any | None:
+    """matplotlib's pyplot (Agg backend), or None where matplotlib is not installed: a lean GPU machine
+    (docs/gpu.md) trains without it; the plot's JSON rows are still written, only the PNG is skipped."""
+    try:
+        # lazy: matplotlib costs ~1 s to import and only stages with a series draw.
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: plot images skipped (their JSON rows are written)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
+
+    return plt
+
+
 def write_eval_plot(stage: str, series: list[dict[str, Any]], layout: Layout) -> list[Path]:
     """PNG of validation loss and exact match per domain over steps, plus the rows as JSON for `dvc plots`."""
     if not series:
         return []
-    # lazy: matplotlib costs ~1 s to import and only stages with a series draw.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # lazy: matplotlib costs ~1 s to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     data_path = layout.plots / f"{stage}_continual_eval.json"
     write_json_atomic(data_path, series)
+    plt = pyplot()
+    if plt is None:
+        return [data_path]
     domains = sorted({row["domain"] for row in series})
     fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 4))
     for domain in domains:
@@ -113,15 +124,11 @@ def write_proportions_plot(name: str, title: str, history: list[dict[str, Any]],
     JSON, as `<name>.png` / `<name>.json` under artifacts/plots (curriculum arms, online mixture weights)."""
     if not history:
         return []
-    # lazy: matplotlib costs ~1 s to import and only stages with a trajectory draw.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    # lazy: matplotlib costs ~1 s to import; only plotting needs it
-    import matplotlib.pyplot as plt
-
     data_path = layout.plots / f"{name}.json"
     write_json_atomic(data_path, history)
+    plt = pyplot()
+    if plt is None:
+        return [data_path]
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in sorted(history[0]["p"]):
         ax.plot([r["step"] for r in history], [r["p"][arm] for r in history], label=arm)

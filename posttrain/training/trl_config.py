@@ -16,6 +16,7 @@ from typing import Any
 from posttrain.config import ScheduleConfig, TrainStageConfig
 from posttrain.errors import ParamsError
 from posttrain.runtime import Runtime
+from posttrain.training.flops import ModelShape, training_memory_gb
 from posttrain.training.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -35,19 +36,58 @@ def unknown_trainer_keys(config_cls: type, stage: str, trainer: dict[str, Any]) 
     return lines
 
 
+# Share of the GPU's memory the estimated step may use before gradient checkpointing turns on by default.
+MEMORY_HEADROOM = 0.9
+
+
+def memory_levers(
+    stage: str,
+    section: TrainStageConfig,
+    runtime: Runtime,
+    *,
+    packable: bool,
+    estimated_gb: float | None = None,
+    config_name: str = "config",
+) -> dict[str, Any]:
+    """Packing and activation checkpointing of a stage: params first, else the device's default (pure).
+
+    packing      `<stage>.packing`; null: on with CUDA for the SFTTrainer stages (`packable`: TRL's config
+                 has packing), as TRL's BFD, which makes the batches padding-free; off on CPU.
+    checkpoint   `<stage>.gradient_checkpointing`; null: off, except with CUDA when the step's estimated
+                 memory (`estimated_gb`, flops.training_memory_gb) exceeds MEMORY_HEADROOM of the GPU's.
+                 On CPU Runtime.trainer_fields already turns it off.
+    """
+    fields: dict[str, Any] = {}
+    packing = section.packing if section.packing is not None else (runtime.device == "cuda" and packable)
+    if packing:
+        if not packable:
+            raise ParamsError(f"{stage}.packing: got true, but TRL's {config_name} has no packing; expected false")
+        fields["packing"] = True
+        fields["packing_strategy"] = "bfd"  # best-fit decreasing: padding-free batches (TRL sets padding_free)
+    if section.gradient_checkpointing is not None:
+        fields["activation_checkpointing"] = section.gradient_checkpointing
+    elif runtime.device == "cuda":
+        limit = MEMORY_HEADROOM * runtime.memory_gb if runtime.memory_gb else None
+        fields["activation_checkpointing"] = bool(limit and estimated_gb and estimated_gb > limit)
+    return fields
+
+
 def trl_config(
     config_cls: type,
     stage: str,
     section: TrainStageConfig,
     runtime: Runtime,
     output_dir: Path,
+    shape: ModelShape | None = None,
     **stage_fields: Any,
 ) -> Any:
     """Build `config_cls` (SFTConfig, DPOConfig, GRPOConfig, ...) for `stage`.
 
     Precedence, lowest first: our defaults (no reporting, step checkpoints, runtime device and
-    precision), the stage's own fields (`stage_fields`, e.g. beta for DPO), then every key of
-    `<stage>.trainer` in params.yaml, which is passed through as is so TRL's own checks run.
+    precision, the device's packing and checkpointing defaults from `memory_levers`), the stage's own
+    fields (`stage_fields`, e.g. beta for DPO), then every key of `<stage>.trainer` in params.yaml,
+    which is passed through as is so TRL's own checks run. `shape` (the model's, flops.ModelShape)
+    feeds the memory estimate behind the checkpointing default with CUDA.
     """
     known = {f.name for f in dataclasses.fields(config_cls)}
     user = section.trainer.model_dump()
@@ -71,16 +111,25 @@ def trl_config(
     }
     if "max_length" in known:
         kwargs["max_length"] = section.max_length
-    if section.gradient_checkpointing is not None:
-        kwargs["activation_checkpointing"] = section.gradient_checkpointing
-    if section.packing:
-        if "packing" not in known:
-            raise ParamsError(
-                f"{stage}.packing: got true, but TRL's {config_cls.__name__} has no packing; expected false"
-            )
-        kwargs["packing"] = True
+    estimated_gb = None
+    if shape is not None and runtime.device == "cuda" and section.gradient_checkpointing is None:
+        pairs = 2 if config_cls.__name__ == "DPOConfig" else 1  # chosen and rejected in one batch
+        # GRPO's rows are prompt (max_length at most) + sampled completion.
+        length = section.max_length + int(stage_fields.get("max_completion_length") or 0)
+        micro_batch = int(user.get("per_device_train_batch_size", 1)) * length * pairs
+        estimated_gb = training_memory_gb(shape, micro_batch, reference_copies=int(config_cls.__name__ == "DPOConfig"))
+    kwargs.update(
+        memory_levers(
+            stage, section, runtime, packable="packing" in known, estimated_gb=estimated_gb,
+            config_name=config_cls.__name__,
+        )
+    )  # fmt: skip
     kwargs.update(stage_fields)
     kwargs.update(user)
+    renamed = "activation_checkpointing" not in known and "gradient_checkpointing" in known
+    if "activation_checkpointing" in kwargs and renamed:
+        # An older transformers (e.g. 5.17 on the lent GPU machine) may know the switch by its old name only.
+        kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
     if kwargs.get("use_vllm"):
         kwargs["use_vllm"] = vllm_usable(stage, runtime)
     try:

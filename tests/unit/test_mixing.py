@@ -200,3 +200,42 @@ def test_mix_refuses_tampered_prepared_data(tmp_path: Path, tiny_params: dict[st
     io.write_parquet(io.read_parquet(path)[1:], path, ["id", "domain", "prompt", "answer", "text", "verifier"])
     with pytest.raises(DataError, match=r"add/train.parquet: content hash .* differs from prepare's manifest"):
         mix.run(params, layout)
+
+
+def test_group_joins_items_into_long_rows(train) -> None:
+    """`group: 3`: total rows of 3 items each; the prompt formats put the earlier items, solved, before the last."""
+    text = build_mixture("cpt", mixture(weights={"add": 1.0}, total=10, group=3), train)
+    assert len(text.rows) == 10 and len(text.records) == 30 and text.manifest["group"] == 3
+    first = text.records[:3]
+    assert text.rows[0]["text"] == "\n".join(r["text"] for r in first)
+    assert text.rows[0]["id"] == f"{first[0]['id']}+2"
+    answers = build_mixture("grpo", mixture(weights={"add": 1.0}, total=4, format="prompt_answer", group=3), train)
+    a, b, c = answers.records[:3]
+    assert answers.rows[0]["prompt"] == f"{a['prompt']}{a['answer']}\n{b['prompt']}{b['answer']}\n{c['prompt']}"
+    assert (answers.rows[0]["answer"], answers.rows[0]["verifier"]) == (c["answer"], c["verifier"])
+    prefs = build_mixture("dpo", mixture(weights={"add": 1.0}, total=4, format="preference", group=2), train)
+    assert prefs.rows[0]["chosen"] == prefs.records[1]["answer"] != prefs.rows[0]["rejected"]
+    # One item per row (the default) leaves rows and manifest as they always were.
+    single = build_mixture("cpt", mixture(weights={"add": 1.0}, total=10), train)
+    assert "group" not in single.manifest and [r["text"] for r in single.rows] == [r["text"] for r in single.records]
+
+
+def test_group_of_chat_items_is_one_multi_turn_conversation() -> None:
+    from posttrain.data.formats import decode_messages
+
+    chat = {"add": generate("add", AdditionDomain(kind="addition", digits=2, n_items=50, chat=True), seed=0)}
+    sft = build_mixture("sft", mixture(weights={"add": 1.0}, total=5, format="conversational", group=4), chat)
+    turns = decode_messages(sft.rows[0]["messages"])
+    assert [t["role"] for t in turns] == ["user", "assistant"] * 4
+    assert turns[-1]["content"] == sft.records[3]["answer"]
+    grpo = build_mixture("grpo", mixture(weights={"add": 1.0}, total=5, format="prompt_answer", group=3), chat)
+    prompt = decode_messages(grpo.rows[0]["prompt"])
+    assert [t["role"] for t in prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert grpo.rows[0]["answer"] == grpo.records[2]["answer"]
+
+
+def test_group_with_online_mixing_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="online mixing re-draws single items per domain, expected group: 1"):
+        MixtureConfig(weights={"add": 1.0}, group=2, adaptive={})
