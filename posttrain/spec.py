@@ -217,17 +217,24 @@ def dep_path(path: str, root: Path) -> str:
         return str(full.resolve())
 
 
-def _training_spec(params: Params, name: str) -> StageSpec:
+def _training_spec(params: Params, name: str, root: Path) -> StageSpec:
     kind, variant = split_name(name)
     parent = params.parent_of(name)
     mixture = f"mixtures.{name}"
     if kind == "pretrain":
         # Only the tokenizer's domains: a domain added later (e.g. for CPT) must not rerun the base model.
         data = tuple(f"{PREPARED}/{d}" for d in params.pretrain_domains())
+        tokenizer = params.model.tokenizer.path if params.model.base == "scratch" else None
+        data += (
+            (dep_path(tokenizer, root),)
+            if tokenizer and (Path(tokenizer) if Path(tokenizer).is_absolute() else root / tokenizer).exists()
+            else ()
+        )
         keys: tuple[str, ...] = ("seed", "compute", "model", mixture, kind)
     else:
         data = (PREPARED,)
-        keys = ("seed", "compute", "model.trust_remote_code", "data.domains", mixture, kind)
+        # `model`: how every stage loads its input (attention kernel, remote code), not only pretrain's base.
+        keys = ("seed", "compute", "model", "data.domains", mixture, kind)
     if variant:
         keys = (*keys, f"variants.{kind}.{variant}")
     parents = (parent,) if parent else ()
@@ -276,7 +283,7 @@ def recipe_specs(params: Params, root: Path) -> dict[str, StageSpec]:
     chain = params.chain()
     for name in chain:
         if split_name(name)[0] in TRAINING_STAGES:
-            specs[name] = _training_spec(params, name)
+            specs[name] = _training_spec(params, name, root)
     if "merge" in chain:
         merged = params.merge_inputs()
         specs["merge"] = StageSpec(

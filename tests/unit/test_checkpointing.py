@@ -43,7 +43,7 @@ def test_key_covers_code_files_and_the_stage_params_only(tmp_path):
         "compute",
         "data.domains",
         "mixtures.sft",
-        "model.trust_remote_code",
+        "model",
         "seed",
         "sft",
     ]
