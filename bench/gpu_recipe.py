@@ -31,9 +31,10 @@ if __package__ in (None, ""):  # run as `python bench/<script>.py`: make `bench`
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import PYTHON, REPO, STAGE_ORDER, log, machine_info, now, project_env
+from bench.common import PYTHON, REPO, log, machine_info, now, project_env
 from bench.throughput import TARGET_RATIO, parse_steps, summarise
-from posttrain.config import set_override
+from posttrain.config import parse_params, set_override
+from posttrain.spec import recipe_specs
 
 TRAINER_STAGES = ("sft", "dpo", "grpo")
 
@@ -69,21 +70,20 @@ def metrics_of(root: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def recipe_runs(params: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
-    """(name, stage module, extra args) in DAG order: dvc.yaml's stages, sft's variants right after sft."""
+def recipe_runs(params: dict[str, Any], root: Path) -> list[tuple[str, str, str, list[str]]]:
+    """(name, stage module, log tag, extra args) of the stages the recipe runs, in run order (its StageSpecs)."""
     runs = []
-    for stage in STAGE_ORDER:
-        runs.append((stage, stage, []))
-        if stage == "sft":
-            runs += [(f"sft@{v}", "sft", ["--variant", v]) for v in ((params.get("variants") or {}).get("sft") or {})]
+    for s in recipe_specs(parse_params(params), root).values():
+        tag = f"{s.kind}-{s.variant}" if s.variant else s.kind  # a file name: letters, digits, '-' only
+        runs.append((s.name, s.kind, tag, ["--variant", s.variant] if s.variant else []))
     return runs
 
 
 def run_recipe(root: Path, params: dict[str, Any], out: Path, result: dict[str, Any], save: Any) -> None:
     result["recipe"] = {"stages": {}}
-    for name, stage, extra in recipe_runs(params):
+    for name, stage, tag, extra in recipe_runs(params, root):
         log(f"recipe: {name}")
-        wall = run_stage_process(root, stage, out, name.replace("@", "-"), *extra)
+        wall = run_stage_process(root, stage, out, tag, *extra)
         m = metrics_of(root, name)
         result["recipe"]["stages"][name] = {
             "wall_seconds": wall,
