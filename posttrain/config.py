@@ -751,6 +751,10 @@ class PromotionConfig(Strict):
     min_improvement: float = 0.0
     # Scores from different generation engines (eval.json `engine`) are not compared unless this is set.
     allow_engine_mismatch: bool = False
+    # Widen every comparison by the seed spread of that difference (artifacts/metrics/seeds.json, `posttrain
+    # seeds N`): the rules then judge the recipe, "would another seed's run be this good", not this run's
+    # models. Off by default: promotion serves this run's model, and the test items are its uncertainty.
+    seed_spread: bool = False
 
     def regression_margin(self, domain: str) -> float:
         return self.max_regression_per_domain.get(domain, self.max_regression)

@@ -600,13 +600,7 @@ def _promote_locked(
         gates = [Gate("evaluated", "fail", f"version {_ver(target)} ('{stage}') has no evaluation; run evaluate "
                       "with its model in the workspace (evaluate.models)")]  # fmt: skip
     else:
-        summary = seeds.current_summary(layout.root)
-        spread = (lambda c, a, d: seeds.difference_spread(summary, c, a, d)) if summary else None
-        seed_std = (
-            seeds.spread(summary, stage, params.promotion.compare_domain)
-            if summary and params.promotion.compare_domain
-            else None
-        )
+        spread, seed_std = _seed_terms(params, layout, stage)
         served = None
         if champion is not None:
             served = Champion(
@@ -665,6 +659,19 @@ def _promote_locked(
     return result
 
 
+def _seed_terms(params: Params, layout: Layout, stage: str) -> tuple[Any, float | None]:
+    """(seed spread of a difference, seed std of the candidate on compare_domain) from seeds.json, when
+    `promotion.seed_spread` asks the rules to judge the recipe rather than this run's models alone."""
+    summary = seeds.current_summary(layout.root) if params.promotion.seed_spread else None
+    if summary is None:
+        return None, None
+    domain = params.promotion.compare_domain
+    return (
+        lambda c, a, d: seeds.difference_spread(summary, c, a, d),
+        seeds.spread(summary, stage, domain) if domain else None,
+    )
+
+
 def gate_verdict(params: Params, root: Path) -> PromotionResult:
     """The end of `posttrain run`: `promote` when tracking is on; otherwise the same rules on the workspace's
     eval.json (no champion to compare with), printed, nothing changed."""
@@ -677,8 +684,7 @@ def gate_verdict(params: Params, root: Path) -> PromotionResult:
     if report is None:
         gates = [Gate("evaluated", "fail", f"{layout.metrics('eval')} does not exist; run the evaluate stage first")]
     else:
-        summary = seeds.current_summary(layout.root)
-        spread = (lambda c, a, d: seeds.difference_spread(summary, c, a, d)) if summary else None
+        spread, _ = _seed_terms(params, layout, stage)
         gates = gates_for(params.promotion, report, stage, None, spread)
     verdict: Verdict = decide(gates, params.promotion)
     shown = {"promote": "passes every gate", "refuse": "REFUSED", "inconclusive": "INCONCLUSIVE"}[verdict.status]

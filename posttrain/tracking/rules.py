@@ -10,8 +10,11 @@ Candidate (`promotion.candidate`): a named stage, or the best of several evaluat
 Every comparison is a difference of exact match d = candidate - other on one domain, with an interval
 [low, high]: a paired percentile bootstrap over the test items when both were scored on the same items
 (one report, or two reports of the same prepared data), else the two CIs' facing sides combined in
-quadrature; widened on both sides by the seed spread where a seed sweep measured it (the standard
-deviation over seeds of that same difference). Each gate is pass, fail or inconclusive:
+quadrature. The models compared are this run's, scored on one set of test items: the items are the
+uncertainty. With `promotion.seed_spread` (and a seed sweep, `posttrain seeds N`) the interval is also
+widened on both sides by the standard deviation over seeds of that same difference: the rules then judge
+the recipe ("would another seed's run be this good?"), not only the models at hand. Each gate is pass,
+fail or inconclusive:
 
 - thresholds: `min_exact_match[domain]` and `max_forgetting[domain]` on the candidate's own scores;
 - lineage: against every evaluated model it descends from, on each gated domain, with the margin
