@@ -42,7 +42,7 @@ import numpy as np
 
 from posttrain.config import PromotionConfig
 from posttrain.errors import PromotionError
-from posttrain.scoring.evaluation import bootstrap_indices, percentile_ci
+from posttrain.scoring.intervals import bootstrap_indices, percentile_ci
 from posttrain.scoring.report import EvalReport, Score
 
 Status = Literal["pass", "fail", "inconclusive"]

@@ -15,7 +15,7 @@ from posttrain.config import PromotionConfig
 from posttrain.errors import ParamsError
 from posttrain.layout import Layout
 from posttrain.scoring import seeds
-from posttrain.scoring.evaluation import mean_ci
+from posttrain.scoring.intervals import mean_ci
 from posttrain.scoring.report import EvalReport, lineage_of
 from posttrain.tracking import rules
 
