@@ -5,8 +5,7 @@
 
 Model: a Llama config of ~0.5B parameters with random weights (throughput does not depend on what
 the weights learned) and the SmolLM2 tokenizer (`--tokenizer`, else .whl/rollout/tokenizer or
-models/smollm2-135m-instruct; where neither exists the smoke builds a word-level one), bf16 on
-CUDA, fp32 on CPU.
+models/smollm2-135m-instruct), bf16 on CUDA; the smoke: a toy Llama with a 512-word tokenizer, fp32.
 
 1. Rollouts: `prompts` x `samples` rollouts (gpu: 32 x 8 = 256) of exactly `new_tokens` tokens
    (gpu: 256; EOS is not a stop token here, so every engine generates the same number) through
@@ -64,18 +63,19 @@ TOKENIZERS = (REPO / ".whl" / "rollout" / "tokenizer", REPO / "models" / "smollm
 
 
 def load_tokenizer(path: Path | None, smoke: bool, vocab: int = 512) -> Any:
-    """The SmolLM2 tokenizer (first of TOKENIZERS that exists, or `path`); the smoke falls back to a
-    word-level tokenizer of `vocab` ids (bench.gpu.word_tokenizer)."""
+    """`path`, else: the SmolLM2 tokenizer (the first of TOKENIZERS that exists) on a GPU, a word-level
+    tokenizer of `vocab` ids for the smoke (bench.gpu.word_tokenizer: a 49k-token output layer would
+    be most of a toy model's time)."""
     from transformers import AutoTokenizer
 
-    found = path or next((p for p in TOKENIZERS if (p / "tokenizer.json").is_file()), None)
-    if found is not None:
-        return AutoTokenizer.from_pretrained(found)
-    if not smoke:
-        raise SystemExit(f"no tokenizer: pass --tokenizer DIR or run bench/rollout_wheels.sh (looked in {TOKENIZERS})")
-    from bench.gpu import word_tokenizer
+    if smoke and path is None:
+        from bench.gpu import word_tokenizer
 
-    return word_tokenizer(vocab)
+        return word_tokenizer(vocab)
+    found = path or next((p for p in TOKENIZERS if (p / "tokenizer.json").is_file()), None)
+    if found is None:
+        raise SystemExit(f"no tokenizer: pass --tokenizer DIR or run bench/rollout_wheels.sh (looked in {TOKENIZERS})")
+    return AutoTokenizer.from_pretrained(found)
 
 
 def build_model(config: dict[str, Any], tokenizer: Any, device: str) -> Any:
