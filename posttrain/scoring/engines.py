@@ -304,8 +304,8 @@ def paged_cache(model: Any, sequence_tokens: list[int]) -> dict[str, Any]:
 
 
 def _page_size_field() -> str:
-    """Tokens per cache block: `page_size` since transformers 5.17's successor, `block_size` up to 5.17
-    (the lent GPU machine's version; 5.23 still accepts it, with a deprecation warning)."""
+    """The name of tokens-per-cache-block: `page_size` in transformers 5.23 (the lock), `block_size` in
+    5.17 (the lent GPU machine's; 5.23 still accepts it, with a deprecation warning)."""
     import dataclasses
 
     from transformers.generation import ContinuousBatchingConfig  # lazy: heavy
