@@ -60,11 +60,12 @@ def recipe_items(items: int) -> tuple[Any, Any, Any]:
     from stages.prepare import prepare
 
     params = load_params(RECIPE)
-    layout = Layout(Path(tempfile.mkdtemp(prefix="engines-cpu-")))
-    # Only `add` is scored: its split is a hash of each item, the same whatever else is prepared.
-    prepare(params.data.model_copy(update={"domains": {"add": params.data.domains["add"]}}), layout)
-    tests = load_test_sets(layout, ["add"], items)
-    train = pd.read_parquet(layout.prepared_split("add", "train"))
+    with tempfile.TemporaryDirectory(prefix="engines-cpu-") as root:
+        layout = Layout(Path(root))
+        # Only `add` is scored: its split is a hash of each item, the same whatever else is prepared.
+        prepare(params.data.model_copy(update={"domains": {"add": params.data.domains["add"]}}), layout)
+        tests = load_test_sets(layout, ["add"], items)
+        train = pd.read_parquet(layout.prepared_split("add", "train"))
     return params, tests["add"], train
 
 
