@@ -64,6 +64,22 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- compute and model
 
 
+class EngineConfig(Strict):
+    """Which engine generates text (posttrain.scoring.engines; docs/generation.md): GRPO rollouts,
+    on-policy DPO samples, continual evaluation and the `evaluate` stage. Set once as
+    `compute.generation`, or per stage as `<stage>.generation` (which then wins as a whole)."""
+
+    # auto: on CUDA the fastest engine installed (vllm, then paged, then hf); on CPU hf.
+    engine: Literal["auto", "hf", "paged", "vllm"] = "auto"
+    # vllm only. colocate: vLLM inside the stage's process, on its GPU; server: requests go to a
+    # running `trl vllm-serve` (vllm_server_url, default http://0.0.0.0:8000).
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    # colocate: vLLM frees its weights and KV cache between generations (the training step needs the memory).
+    vllm_sleep_mode: bool = True
+    vllm_gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.3
+    vllm_server_url: str | None = None
+
+
 class ComputeConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 is emulated, ~7.5x slower there).
@@ -85,6 +101,8 @@ class ComputeConfig(Strict):
     # "accelerate" wraps each trainer stage in `accelerate launch --config_file <accelerate_config>`.
     launcher: Literal["python", "accelerate"] = "python"
     accelerate_config: str | None = None
+    # The generation engine of every stage that does not set its own `<stage>.generation`.
+    generation: EngineConfig = EngineConfig()
 
     @model_validator(mode="after")
     def _launcher_needs_config(self) -> ComputeConfig:
@@ -464,6 +482,19 @@ class LoRAConfig(Strict):
     quantization: Literal["4bit", "8bit"] | None = None
 
 
+# TRL's GRPOConfig fields that the generation engine sets (posttrain.training.trl_config.engine_fields):
+# refused in `<stage>.trainer`, so that one setting decides which engine runs.
+ENGINE_TRAINER_KEYS = (
+    "use_vllm",
+    "use_transformers_continuous_batching",
+    "use_transformers_paged",
+    "vllm_mode",
+    "vllm_enable_sleep_mode",
+    "vllm_gpu_memory_utilization",
+    "vllm_server_base_url",
+)
+
+
 class TrainStageConfig(Strict):
     # The model stage this one trains on; null: the default chain (pretrain > cpt > sft > dpo > grpo,
     # each on the one before). `sft.parent: pretrain` skips cpt, `grpo.parent: sft` skips dpo: a stage
@@ -488,6 +519,20 @@ class TrainStageConfig(Strict):
     # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
     # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
     average_last: NonNegInt = 0
+    # null: compute.generation. The engine of this stage's generation (continual evaluation; DPO's
+    # on-policy samples; GRPO's rollouts and held-out rewards).
+    generation: EngineConfig | None = None
+
+    @model_validator(mode="after")
+    def _engine_not_in_trainer(self) -> TrainStageConfig:
+        set_there = sorted(set(self.trainer.model_extra or {}) & set(ENGINE_TRAINER_KEYS))
+        if set_there:
+            raise ValueError(
+                f"trainer.{set_there[0]}: the generation engine is chosen by <stage>.generation or "
+                "compute.generation (engine: auto | hf | paged | vllm, vllm_mode, vllm_sleep_mode, ...; "
+                "docs/generation.md); expected it unset in trainer"
+            )
+        return self
 
     @model_validator(mode="after")
     def _averaging_needs_constant_lr(self) -> TrainStageConfig:
@@ -680,6 +725,8 @@ class EvaluateConfig(Strict):
     seed: Seed = 0
     # Off unless set: lm-eval scores (with stderr) go into eval.json under `lm_eval`.
     lm_eval: LmEvalConfig | None = None
+    # null: compute.generation. The engine of greedy exact match and pass@k sampling.
+    generation: EngineConfig | None = None
 
 
 # --------------------------------------------------------------------------- tracking and promotion
@@ -954,6 +1001,14 @@ class Params(Strict):
             return section
         overrides = {k: v for k, v in self.variants[base][name].items() if k != "seed"}
         return type(section).model_validate(_deep_merge(section.model_dump(), overrides))
+
+    def generation_for(self, stage: str) -> tuple[EngineConfig, str]:
+        """The engine settings `stage` generates with and their key: `<stage>.generation` where the
+        stage sets it, else `compute.generation`."""
+        own = getattr(self.stage_section(stage), "generation", None)
+        if own is not None:
+            return own, f"{stage}.generation"
+        return self.compute.generation, "compute.generation"
 
     def stage_seed(self, stage: str) -> int:
         """The seed a stage runs with: a variant's own `seed`, else the recipe's `seed`."""

@@ -16,6 +16,7 @@ from posttrain.layout import Layout
 from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.scoring.engines import stage_engine
 from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training import data, measures, preferences
@@ -48,7 +49,10 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 2. Preference pairs: the mixture's offline pairs, or on-policy pairs from the sft model's samples.
     rows, where = data.load_mixture_rows(layout, STAGE, preferences.PAIR_COLUMNS, tokenizer)  # chat pairs: templated
-    rows, pair_metrics = preferences.training_pairs(section, model, tokenizer, rows, params.seed)
+    engine, engine_options = stage_engine(params, STAGE, runtime.device)
+    rows, pair_metrics = preferences.training_pairs(
+        section, model, tokenizer, rows, params.seed, engine, engine_options
+    )
     train_dataset = preferences.pair_dataset(rows, tokenizer, section, where)  # both sides' lengths checked
 
     # 3. Held-out offline pairs (never trained on): the input model's margins now, the trained model's after.

@@ -25,6 +25,7 @@ from posttrain.models.loading import load_stage_model
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring import lm_eval_tasks
+from posttrain.scoring.engines import stage_engine
 from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
 from posttrain.scoring.generation import chat_record
 from posttrain.scoring.lm_eval_tasks import TaskSpec
@@ -101,6 +102,9 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     cfg = params.evaluate
     runtime = setup_runtime(params.compute, params.seed)
+    # One engine for every model: scores made by different engines are not compared (the gate checks).
+    engine, options = stage_engine(params, "evaluate", runtime.device)
+    log.info("evaluate: generation engine %s (setting: %s)", engine, options.engine)
     domains = list(cfg.domains or params.data.domains)
     tests = load_test_sets(layout, domains, cfg.max_items)
     settings = EvalSettings(
@@ -135,7 +139,14 @@ def run(params: Params, layout: Layout) -> StageResult:
         model = loaded.model.to(runtime.device)
         if runtime.precision == "bf16":
             model = model.to(torch.bfloat16)
-        answerer = ModelAnswerer(model, loaded.tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        answerer = ModelAnswerer(
+            model,
+            loaded.tokenizer,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            engine=engine,
+            options=options,
+        )
         results[stage], per_item[stage] = {}, {}
         for domain, frame in tests.items():
             # Conversational items are scored through the model's chat template (the one the pipeline checked).
@@ -162,7 +173,10 @@ def run(params: Params, layout: Layout) -> StageResult:
             "load_seconds": round(
                 time.perf_counter() - started - sum(r["seconds"]["total"] for r in results[stage].values()), 4
             ),
+            # Greedy and sampled generation of this model over every domain: what the engine delivered.
+            "generation": {"engine": engine, **answerer.stats.as_dict()},
         }
+        log.info("%s: generated %s", stage, info[stage]["generation"])
         del loaded, model, answerer
 
     report = build_report(
@@ -174,6 +188,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         models_info=info,
         config=cfg.model_dump(mode="json"),
         prepared_manifest_hash=json_hash(layout.prepared / "manifest.json"),
+        engine=engine,
     )
     if cfg.lm_eval is not None:
         report["lm_eval"] = lm_eval_scores

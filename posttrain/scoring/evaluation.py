@@ -11,18 +11,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from posttrain.errors import DataError
+from posttrain.scoring.engines import GenerationStats
 from posttrain.scoring.generation import generate
 from posttrain.scoring.intervals import bootstrap_indices, mean_ci, percentile_ci, ratio_ci
 from posttrain.scoring.loss import token_losses
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from posttrain.config import EngineConfig
 
 SCHEMA_VERSION = 1
 Verifier = Callable[[str, str], bool]
@@ -58,16 +61,27 @@ class Answerer(Protocol):
 
 @dataclass
 class ModelAnswerer:
-    """A causal LM: batched left-padded generation (posttrain.scoring.generation) and summed token NLL."""
+    """A causal LM: generation through an engine (posttrain.scoring.generation, .engines) and summed
+    token NLL. `stats` accumulates the generation time and tokens of every call (greedy and sampled)."""
 
     model: Any
     tokenizer: Any
     max_new_tokens: int = 8
     batch_size: int = 128
+    engine: str = "hf"
+    options: EngineConfig | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
     def greedy(self, prompts: list[str]) -> list[str]:
         out = generate(
-            self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            engine=self.engine,
+            options=self.options,
+            stats=self.stats,
         )
         return [c[0] for c in out]
 
@@ -83,6 +97,9 @@ class ModelAnswerer:
             temperature=temperature,
             num_return_sequences=n,
             seed=seed,
+            engine=self.engine,
+            options=self.options,
+            stats=self.stats,
         )
 
     def token_losses(self, texts: list[str]) -> tuple[list[float], list[int]]:
@@ -234,8 +251,13 @@ def build_report(
     models_info: dict[str, dict[str, Any]] | None = None,
     config: dict[str, Any] | None = None,
     prepared_manifest_hash: str | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble eval.json from per-model per-domain entries (see docs/eval-schema.md)."""
+    """Assemble eval.json from per-model per-domain entries (see docs/eval-schema.md).
+
+    `engine`: the generation engine every model was scored with (`generation.engine`); a model's own
+    `models_info[stage]["generation"]` (engine, generated tokens, seconds, tokens/s) is kept as given.
+    """
     s = settings
     stages = [st for st in stages if st in results]
     models: dict[str, Any] = {}
@@ -284,11 +306,15 @@ def build_report(
             f = forgetting_by_stage[st].get(d)
             if f:
                 summary[f"{prefix}.forgetting"] = _round(f["value"])
+        rate = (models[st].get("generation") or {}).get("tokens_per_second")
+        if rate is not None:
+            summary[f"{st}.generated_tokens_per_second"] = _round(rate, 2)
 
     return {
         "schema_version": SCHEMA_VERSION,
         "config": config or {},
         "prepared_manifest_hash": prepared_manifest_hash,
+        "generation": {"engine": engine},
         "stages": list(stages),
         "domains": list(domains),
         "models": models,

@@ -1,19 +1,24 @@
-"""Batched text generation shared by evaluation and the training stages' continual evaluation.
+"""Text generation shared by evaluation, the training stages' continual evaluation, on-policy DPO
+pairs and GRPO's held-out rewards.
 
 Prompts are text: plain items as they are, conversational items rendered by `chat_record` through
 the tokenizer's chat template with the generation prompt. The model generates until it emits
-the tokenizer's EOS token (a built-in template's end-of-turn token) or `max_new_tokens` run out. Prompts are left-padded so every row's next
-token sits in the last column, which is what makes batched greedy decoding equal one-by-one greedy
-decoding (position ids come from the attention mask inside `generate`).
+the tokenizer's EOS token (a built-in template's end-of-turn token) or `max_new_tokens` run out.
+Which engine generates (plain `generate`, continuous batching, vLLM) is posttrain.scoring.engines;
+this module turns text into token ids and back, the same for all of them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.data.formats import Message, full_conversation, prompt_turns
 from posttrain.errors import StageError
+from posttrain.scoring.engines import GenerationRequest, GenerationStats, timed_run
+
+if TYPE_CHECKING:
+    from posttrain.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +84,18 @@ def generate(
     temperature: float = 1.0,
     num_return_sequences: int = 1,
     seed: int | None = None,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
+    stats: GenerationStats | None = None,
 ) -> list[list[str]]:
     """Generate completions for `prompts`; returns, per prompt, `num_return_sequences` strings.
 
     Greedy when `do_sample` is False; plain temperature sampling (no top-k/top-p truncation, so
     pass@k measures the model's own distribution) when True. With `seed` set, sampling is
     deterministic and the global RNG state is left untouched. Completions have EOS and padding
-    stripped and are decoded without special tokens.
+    stripped and are decoded without special tokens. `engine` (posttrain.scoring.engines) decides
+    what generates; `stats`, when given, accumulates its wall time and generated tokens.
     """
-    # lazy: torch, transformers are heavy to import; only this path needs them
-    import torch
-    from transformers import GenerationConfig
-
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if batch_size <= 0:
@@ -99,63 +104,22 @@ def generate(
         raise ValueError(f"num_return_sequences must be positive, got {num_return_sequences}")
     if not prompts:
         return []
-
-    pad_id = _pad_id(tokenizer)
     eos_id = tokenizer.eos_token_id
-    config = GenerationConfig(
+    request = GenerationRequest(
         max_new_tokens=max_new_tokens,
+        eos_id=eos_id,
+        pad_id=_pad_id(tokenizer),
         do_sample=do_sample,
-        num_beams=1,
-        num_return_sequences=num_return_sequences,
-        pad_token_id=pad_id,
-        eos_token_id=eos_id,
-        # Explicit, so a model's saved generation_config (top_k=50, max_length, ...) cannot change
-        # what is measured.
-        **({"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}),
+        temperature=temperature,
+        n=num_return_sequences,
+        seed=seed,
+        batch_size=batch_size,
     )
-
-    encoded = encode_prompts(tokenizer, prompts)
-    # Sort by length so each batch needs little padding; results are put back in prompt order.
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[list[str]] = [[] for _ in prompts]
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        # fork_rng: seeding here must not change the caller's (e.g. a Trainer's) random stream.
-        rng_devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    ids = encoded[i]
-                    if ids:
-                        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                        attention_mask[r, width - len(ids) :] = 1
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                )
-                new_tokens = output[:, width:].tolist()
-                for j, ids in enumerate(new_tokens):
-                    # Rows of one prompt are consecutive (generate repeats each prompt in place).
-                    prompt_index = rows[j // num_return_sequences]
-                    # Rows that finished early are filled with pad after their EOS: cutting at the
-                    # first EOS removes both.
-                    if eos_id is not None and eos_id in ids:
-                        ids = ids[: ids.index(eos_id)]
-                    results[prompt_index].append(tokenizer.decode(ids, skip_special_tokens=True))
-    finally:
-        if was_training:
-            model.train()
-    return results
+    sequences = timed_run(engine, model, tokenizer, encode_prompts(tokenizer, prompts), request, options, stats)
+    return [
+        [tokenizer.decode(ids[:-1] if ids and ids[-1] == eos_id else ids, skip_special_tokens=True) for ids in group]
+        for group in sequences
+    ]
 
 
 def answer_budget(tokenizer: Any, answers: list[str]) -> int:

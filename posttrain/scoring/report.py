@@ -60,14 +60,16 @@ class ModelResult(_Open):
     content_hash: str | None = None
     # Every model this one descends from, nearest first (walked through the lineage.json files).
     lineage: list[Ancestor] = []
-    engine: str | None = None
+    # How its answers were generated: {engine, generated_tokens, seconds, tokens_per_second}.
+    generation: dict[str, Any] = {}
     domains: dict[str, DomainResult] = {}
     forgetting: dict[str, Any] = {}
 
 
 class EvalReport(_Open):
     schema_version: int = SCHEMA_VERSION
-    engine: str = DEFAULT_ENGINE
+    # The generation engine every model was scored with: {engine} (posttrain.scoring.engines).
+    generation: dict[str, Any] = {}
     config: dict[str, Any] = {}
     stages: list[str] = []
     domains: list[str] = []
@@ -103,8 +105,10 @@ class EvalReport(_Open):
         return result.correct if result else None
 
     def engine_of(self, stage: str) -> str:
+        """The generation engine that produced `stage`'s answers (`hf` for reports from before engines)."""
         entry = self.models.get(stage)
-        return (entry.engine if entry and entry.engine else None) or self.engine
+        own = entry.generation.get("engine") if entry else None
+        return own or self.generation.get("engine") or DEFAULT_ENGINE
 
     def metric(self, stage: str, metric: str) -> float | None:
         """A domain's exact match, or `mean`: exact match averaged over the domains the stage was scored on."""

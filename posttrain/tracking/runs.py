@@ -54,7 +54,14 @@ log = logging.getLogger("posttrain.tracking.runs")
 PIPELINE_ENV = "POSTTRAIN_PIPELINE_RUN_ID"
 PIPELINE_KEY_TAG = TAG + "pipeline_key"
 # Step series: logged as MLflow metric steps, not as scalars (trajectories of curriculum and online mixing too).
-SERIES_KEYS = ("log_history", "continual_eval", "curriculum_trajectory", "mixing_trajectory", "hybrid_trajectory")
+SERIES_KEYS = (
+    "log_history",
+    "continual_eval",
+    "curriculum_trajectory",
+    "mixing_trajectory",
+    "hybrid_trajectory",
+    "rollout_steps",  # GRPO's per-step time split (posttrain.training.rollout_timing)
+)
 
 
 # --------------------------------------------------------------------------- flattening

@@ -30,6 +30,8 @@ from posttrain.training.data import ValidationSet
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from posttrain.config import EngineConfig
+
 log = logging.getLogger(__name__)
 
 SERIES_FILE = "continual_eval.json"
@@ -40,6 +42,8 @@ def evaluate_domains(
     tokenizer: PreTrainedTokenizerBase,
     sets: dict[str, ValidationSet],
     batch_size: int = 64,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Per domain: mean token loss on `text` + EOS, and greedy exact match of `answer` given `prompt`.
 
@@ -60,7 +64,15 @@ def evaluate_domains(
                 exact: float | None = None
                 if vset.prompts:
                     max_new = answer_budget(tokenizer, vset.answers)
-                    outputs = generate(model, tokenizer, vset.prompts, max_new_tokens=max_new, batch_size=batch_size)
+                    outputs = generate(
+                        model,
+                        tokenizer,
+                        vset.prompts,
+                        max_new_tokens=max_new,
+                        batch_size=batch_size,
+                        engine=engine,
+                        options=options,
+                    )
                     hits = [exact_match(out[0], ans) for out, ans in zip(outputs, vset.answers, strict=False)]
                     exact = sum(hits) / len(hits)
                 results[domain] = {"loss": loss, "exact_match": exact}
@@ -155,16 +167,24 @@ class ContinualEvaluation(TrainerCallback):
     recorded before it was interrupted.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, sets: dict[str, ValidationSet], every: int) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        sets: dict[str, ValidationSet],
+        every: int,
+        engine: str = "hf",
+        options: EngineConfig | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.sets = sets
         self.every = every
+        self.engine, self.options = engine, options  # the stage's generation engine (posttrain.scoring.engines)
         self.series: list[dict[str, Any]] = []
         # Seconds spent scoring inside trainer.train(): subtracted so tokens/s measures training alone.
         self.seconds_in_training = 0.0
 
     def record(self, step: int, model: PreTrainedModel) -> dict[str, dict[str, float | None]]:
-        scores = evaluate_domains(model, self.tokenizer, self.sets)
+        scores = evaluate_domains(model, self.tokenizer, self.sets, engine=self.engine, options=self.options)
         self.series = [row for row in self.series if row["step"] != step]
         for domain, values in scores.items():
             self.series.append({"step": step, "domain": domain, **values})

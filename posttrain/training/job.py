@@ -35,6 +35,7 @@ from posttrain.layout import Layout
 from posttrain.lineage import parent_entry
 from posttrain.models.build import apply_kernels, count_parameters
 from posttrain.runtime import Runtime, is_main_process, world_size
+from posttrain.scoring.engines import stage_engine
 from posttrain.spec import StageSpec
 from posttrain.stage import StageResult, flat_metrics
 from posttrain.training.adaptive_mixing import OnlineMixing
@@ -132,6 +133,8 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             f"({positions})"
         )
     parents = [parent_entry(layout.model(p), layout.root) for p in job.spec.parents]
+    # The stage's generation engine (continual evaluation here; GRPO's rollouts and DPO's samples in their stages).
+    engine, engine_options = stage_engine(params, stage, runtime.device)
     # The key covers code, params and inputs (training.checkpoints): another run's checkpoint is never resumed.
     components = key_components(
         job.spec,
@@ -146,6 +149,8 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
             "threads": runtime.num_threads,
             # More processes = a larger global batch: another run, never resumed from a 1-process checkpoint.
             "world_size": world_size(),
+            # Another engine samples other rollouts and may score continual evaluation differently.
+            "generation_engine": engine,
             # A continued adapter is only as good as its base: the base's hash decides the run too.
             **({"adapter_base": job.adapter.base["content_hash"]} if job.adapter else {}),
             **job.key_inputs,
@@ -168,7 +173,11 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         config.max_steps = online.main_steps
     domains = job.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
-        job.tokenizer, load_validation_sets(layout, domains, section.eval_items, job.tokenizer), section.eval_every
+        job.tokenizer,
+        load_validation_sets(layout, domains, section.eval_items, job.tokenizer),
+        section.eval_every,
+        engine=engine,
+        options=engine_options,
     )
     preemption = Preemption()
     trainer_cls = job.trainer_cls or SFTTrainer
@@ -280,6 +289,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
                 else getattr(config, "gradient_checkpointing", False)
             ),
         },
+        "generation_engine": engine,
         "checkpoints": ckpt_shown,
         "world_size": config.world_size,
         "averaged_checkpoints": averaged,

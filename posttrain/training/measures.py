@@ -18,7 +18,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.config import GRPOStageConfig
+from posttrain.config import EngineConfig, GRPOStageConfig
 from posttrain.io import write_json_atomic
 from posttrain.layout import Layout
 from posttrain.scoring import rewards
@@ -66,11 +66,19 @@ def dpo_hook(
 
 
 def score_policy(
-    model: Any, tokenizer: Any, section: GRPOStageConfig, prompts: list[str], answers: list[str], seed: int
+    model: Any,
+    tokenizer: Any,
+    section: GRPOStageConfig,
+    prompts: list[str],
+    answers: list[str],
+    seed: int,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
 ) -> dict[str, float]:
     """Mean combined reward of greedy and sampled completions, greedy exact match, zero-variance share."""
     budget = section.max_completion_length
-    greedy = [c[0] for c in generate(model, tokenizer, prompts, max_new_tokens=budget)]
+    through = {"engine": engine, "options": options}
+    greedy = [c[0] for c in generate(model, tokenizer, prompts, max_new_tokens=budget, **through)]
     sampled = generate(
         model,
         tokenizer,
@@ -80,6 +88,7 @@ def score_policy(
         temperature=section.temperature,
         num_return_sequences=EVAL_SAMPLES,
         seed=seed,
+        **through,
     )
     flat = [c for group in sampled for c in group]
     flat_answers = [a for a in answers for _ in range(EVAL_SAMPLES)]
@@ -101,14 +110,16 @@ def grpo_hook(
     seed: int,
     layout: Layout,
     stage: str,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
 ) -> MeasureHook:
     """Rewards of `model` on the held-out prompts now; the hook scores the trained model on the same prompts."""
     prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
-    before = score_policy(model, tokenizer, section, prompts, answers, seed)
+    before = score_policy(model, tokenizer, section, prompts, answers, seed, engine, options)
     log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
 
     def measure(run: TrainedRun) -> dict[str, Any]:
-        after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed)
+        after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed, engine, options)
         log.info("%s: output model on %d held-out prompts: %s", stage, len(prompts), after)
         series = training_series(run.final_checkpoint, GRPO_SERIES, prefixes=("rewards/",))
         curve_path = layout.plots / f"{stage}_rewards.json"

@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from posttrain.config import DPOStageConfig
+from posttrain.config import DPOStageConfig, EngineConfig
 from posttrain.data.domains import wrong_answer
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
+from posttrain.scoring.engines import GenerationStats
 from posttrain.scoring.generation import answer_budget, generate
 from posttrain.training.data import check_lengths
 
@@ -89,6 +90,9 @@ def build_on_policy_pairs(
     temperature: float = 1.0,
     seed: int = 0,
     batch_size: int = 128,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
+    stats: GenerationStats | None = None,
 ) -> tuple[list[dict[str, str]], PairCounts]:
     """Pairs for every row of a `preference` mixture, in row order, and how they were made.
 
@@ -110,6 +114,9 @@ def build_on_policy_pairs(
         temperature=temperature,
         num_return_sequences=samples,
         seed=seed,
+        engine=engine,
+        options=options,
+        stats=stats,
     )
     counts = PairCounts()
     pairs: list[dict[str, str]] = []
@@ -133,14 +140,22 @@ def build_on_policy_pairs(
 
 
 def training_pairs(
-    section: DPOStageConfig, model: Any, tokenizer: Any, rows: list[dict[str, str]], seed: int
+    section: DPOStageConfig,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, str]],
+    seed: int,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The DPO stage's training pairs as `section.pairs` says, and metrics on how they were made.
 
-    `offline`: the mixture's rows as they are; `on_policy`: `build_on_policy_pairs` from the model's samples.
+    `offline`: the mixture's rows as they are; `on_policy`: `build_on_policy_pairs` from the model's
+    samples through `engine`, whose generated tokens and tokens/s go into `sampling_generation`.
     """
     pair_counts: dict[str, Any] = {"on_policy": 0, "offline": len(rows)}
     sampling_seconds = 0.0
+    stats = GenerationStats()
     if section.pairs == "on_policy":
         started = time.perf_counter()
         rows, counts = build_on_policy_pairs(
@@ -150,11 +165,19 @@ def training_pairs(
             samples=section.on_policy_samples,
             max_new_tokens=answer_budget(tokenizer, [r["answer"] for r in rows]),
             seed=seed,
+            engine=engine,
+            options=options,
+            stats=stats,
         )
         sampling_seconds = time.perf_counter() - started
         pair_counts = counts.as_dict()
-        log.info("dpo: %s (sampling took %.1f s)", pair_counts, sampling_seconds)
-    return rows, {"pairs": section.pairs, "pair_counts": pair_counts, "sampling_seconds": round(sampling_seconds, 2)}
+        log.info("dpo: %s (sampling took %.1f s; %s)", pair_counts, sampling_seconds, stats.as_dict())
+    return rows, {
+        "pairs": section.pairs,
+        "pair_counts": pair_counts,
+        "sampling_seconds": round(sampling_seconds, 2),
+        "sampling_generation": {"engine": engine, **stats.as_dict()} if section.pairs == "on_policy" else None,
+    }
 
 
 def pair_dataset(rows: Sequence[dict[str, str]], tokenizer: Any, section: DPOStageConfig, where: str) -> Any:

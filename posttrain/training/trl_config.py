@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ScheduleConfig, TrainStageConfig
+from posttrain.config import EngineConfig, ScheduleConfig, TrainStageConfig
 from posttrain.errors import ParamsError
 from posttrain.runtime import Runtime
 from posttrain.training.flops import ModelShape, training_memory_gb
 from posttrain.training.schedules import build_scheduler
-
-log = logging.getLogger(__name__)
 
 
 def unknown_trainer_keys(config_cls: type, stage: str, trainer: dict[str, Any]) -> list[str]:
@@ -130,29 +127,36 @@ def trl_config(
     if "activation_checkpointing" in kwargs and renamed:
         # An older transformers (e.g. 5.17 on the lent GPU machine) may know the switch by its old name only.
         kwargs["gradient_checkpointing"] = kwargs.pop("activation_checkpointing")
-    if kwargs.get("use_vllm"):
-        kwargs["use_vllm"] = vllm_usable(stage, runtime)
     try:
         return config_cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ParamsError(f"{stage}.trainer: TRL's {config_cls.__name__} rejected the settings: {error}") from None
 
 
-def vllm_usable(stage: str, runtime: Runtime) -> bool:
-    """`<stage>.trainer.use_vllm: true` holds only with CUDA and vLLM; otherwise TRL's own generation runs.
+def engine_fields(engine: str, options: EngineConfig, paged_cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GRPOConfig fields that make TRL's GRPOTrainer generate its rollouts with `engine`
+    (posttrain.scoring.engines; resolved there, so an engine that is not installed never gets here).
 
-    vLLM is an optional extra (`pip install -e .[vllm]`); a recipe written for a GPU cluster must
-    still run on a laptop, so its absence is a warning, not an error.
+    hf is TRL's default path (`generate`); paged is TRL's `use_transformers_continuous_batching`
+    (transformers' `generate_batch`) with the KV cache sized by `paged_cache`
+    (posttrain.scoring.engines.paged_cache); vllm is TRL's `use_vllm` in `vllm_mode`, with sleep
+    mode in colocate when `vllm_sleep_mode` is set.
     """
-    # lazy: trl takes ~8 s to import; only trainer paths need it
-    from trl.import_utils import is_vllm_available
-
-    missing = [why for why, absent in (("no CUDA device", runtime.device != "cuda"),
-                                       ("vllm not installed", not is_vllm_available())) if absent]  # fmt: skip
-    if missing:
-        log.warning("%s.trainer.use_vllm: %s; falling back to ordinary generation", stage, " and ".join(missing))
-        return False
-    return True
+    if engine == "hf":
+        return {}
+    if engine == "paged":
+        return {"use_transformers_continuous_batching": True, "transformers_continuous_batching_config": paged_cache}
+    if engine == "vllm":
+        fields: dict[str, Any] = {
+            "use_vllm": True,
+            "vllm_mode": options.vllm_mode,
+            "vllm_gpu_memory_utilization": options.vllm_gpu_memory_utilization,
+            "vllm_enable_sleep_mode": options.vllm_sleep_mode and options.vllm_mode == "colocate",
+        }
+        if options.vllm_server_url:
+            fields["vllm_server_base_url"] = options.vllm_server_url
+        return fields
+    raise ValueError(f"unknown engine {engine!r}")
 
 
 def with_schedule(trainer_cls: type) -> type:

@@ -134,7 +134,7 @@ def write_eval(
     lineage.json, the prepared data's hash and the generation engine."""
     data = {
         "schema_version": 1,
-        "engine": engine,
+        "generation": {"engine": engine},
         "config": {"confidence": 0.95, "bootstrap_samples": 1000, "seed": 0},
         "prepared_manifest_hash": json_hash(layout.prepared / "manifest.json"),
         "stages": list(models),

@@ -94,16 +94,25 @@ def test_shipped_accelerate_configs_load_with_accelerate(name, kind, processes):
         assert config.num_machines == 2 and config.main_process_ip and config.machine_rank == 0
 
 
-def test_grpo_vllm_switch_falls_back_without_cuda_or_vllm(tmp_path, caplog):
+def test_grpo_engine_sets_trl_s_generation_switches(tmp_path):
+    """The engine chosen in grpo.generation reaches TRL's GRPOConfig as its own switches; vLLM is refused
+    by name on this CPU machine (no CUDA, not installed) instead of silently falling back."""
     from trl import GRPOConfig
 
-    raw = tiny_raw(TRAINING, grpo={"trainer": {"use_vllm": True, "vllm_mode": "colocate"}})
-    params = parse_params(raw)
+    from posttrain.scoring.engines import stage_engine
+    from posttrain.training.trl_config import engine_fields
+
     runtime = setup_runtime(ComputeConfig(device="cpu", num_threads=1), seed=0)
-    config = trl_config(GRPOConfig, "grpo", params.grpo, runtime, tmp_path)
-    assert config.use_vllm is False  # ordinary generation on this CPU machine
-    assert "grpo.trainer.use_vllm: no CUDA device" in caplog.text
-    assert config.vllm_mode == "colocate"  # the rest of the user's settings pass through untouched
+    params = parse_params(tiny_raw(TRAINING, grpo={"generation": {"engine": "paged"}}))
+    engine, options = stage_engine(params, "grpo", runtime.device)
+    cache = {"num_blocks": 8, "page_size": 32}
+    config = trl_config(GRPOConfig, "grpo", params.grpo, runtime, tmp_path, **engine_fields(engine, options, cache))
+    assert config.use_transformers_continuous_batching is True and config.use_vllm is False
+    assert config.transformers_continuous_batching_config == cache
+    hf = trl_config(GRPOConfig, "grpo", parse_params(tiny_raw(TRAINING)).grpo, runtime, tmp_path)
+    assert hf.use_transformers_continuous_batching is False and hf.use_vllm is False  # TRL's generate
+    with pytest.raises(ParamsError, match="grpo.generation.engine: engine 'vllm' is not available"):
+        stage_engine(parse_params(tiny_raw(TRAINING, grpo={"generation": {"engine": "vllm"}})), "grpo", "cpu")
 
 
 # --------------------------------------------------------------------------- a real DDP run

@@ -127,6 +127,42 @@ def test_grpo_stage_writes_model_lineage_and_reward_metrics(project, grpo_result
     assert layout.plots / "grpo_rewards.json" in grpo_result.artifacts
 
 
+def test_grpo_logs_the_generation_reward_update_split(project, grpo_result) -> None:
+    """Every optimizer step's time split (posttrain.training.rollout_timing), checked against TRL's own
+    log of the same steps, and where it lands: metrics.json, the stage result (MLflow scalars) and
+    the MLflow step series."""
+    from posttrain.tracking.runs import series_metrics
+
+    _, layout = project
+    metrics = json.loads(layout.metrics("grpo").read_text())
+    rows, summary = metrics["rollout_steps"], metrics["rollout_timing"]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    lengths = {
+        e["step"]: e["completions/mean_length"] for e in metrics["reward_curve"] if "completions/mean_length" in e
+    }
+    for row in rows:
+        # One generation batch per step: 8 rows per device = 2 prompts x 4 generations.
+        assert row["completions"] == 8 and row["generation_seconds"] > 0 and row["reward_seconds"] > 0
+        # Our count of generated tokens is TRL's logged mean completion length x completions.
+        assert row["generated_tokens"] == round(lengths[row["step"]] * row["completions"])
+        assert row["generation_tokens_per_second"] == pytest.approx(
+            row["generated_tokens"] / row["generation_seconds"], rel=1e-3
+        )
+        parts = sum(row[f"{p}_seconds"] for p in ("generation", "reward", "scoring", "update"))
+        assert parts == pytest.approx(row["step_seconds"], abs=1e-5)
+    assert summary["engine"] == "hf" and metrics["generation_engine"] == "hf"
+    assert summary["steps"] == STEPS and summary["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
+    assert sum(summary["share"].values()) == pytest.approx(1.0, abs=1e-3) and summary["share"]["generation"] > 0
+    assert grpo_result.metrics["rollout_timing.share.generation"] == summary["share"]["generation"]
+    assert grpo_result.metrics["rollout_timing.generation_tokens_per_second"] > 0
+    names = {name for name, _, _ in series_metrics(metrics)}
+    assert {
+        "rollout_steps/generation_seconds",
+        "rollout_steps/update_seconds",
+        "rollout_steps/generated_tokens",
+    } <= names
+
+
 def test_grpo_stage_fails_naming_a_raising_reward(project, grpo_result, monkeypatch) -> None:
     from posttrain.scoring import rewards
     from stages import grpo

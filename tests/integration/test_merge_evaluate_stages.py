@@ -181,6 +181,13 @@ def test_evaluate_stage_end_to_end(project, tiny_params):
     assert report["forgetting"]["forgetting"]["sft"]["add"]["value"] == -1.0
     assert report["forgetting"]["forgetting"]["pretrain"]["add"] is None
     assert result.metrics == report["summary"] and result.metrics["sft.rev.exact_match"] == 1.0
+    # The engine that generated (compute.generation.engine auto on CPU: hf), top level and per model,
+    # with what it generated; the generated tokens/s also reach the stage's metrics (MLflow).
+    assert report["generation"] == {"engine": "hf"}
+    for stage in ("pretrain", "sft", "grpo"):
+        generation = report["models"][stage]["generation"]
+        assert generation["engine"] == "hf" and generation["generated_tokens"] > 0 and generation["seconds"] > 0
+        assert result.metrics[f"{stage}.generated_tokens_per_second"] == round(generation["tokens_per_second"], 2)
     for name in (
         "eval_scores.png",
         "eval_scores.csv",
@@ -192,6 +199,32 @@ def test_evaluate_stage_end_to_end(project, tiny_params):
         assert (project.plots / name).stat().st_size > 0, name
     gap = pd.read_csv(project.plots / "stability_gap.csv")
     assert set(gap["stage"]) == {"sft"} and len(gap) == 6
+
+
+def test_evaluate_with_paged_scores_as_hf_item_for_item(project, tiny_params):
+    """The same models and items through continuous batching: the same exact match per item (greedy is
+    an argmax; posttrain.scoring.engines), the engine recorded in eval.json."""
+    from stages import evaluate
+
+    section = {"models": ["pretrain", "sft"], "domains": ["add", "rev"], "batch_size": 8, "max_new_tokens": 6,
+               "pass_at_k": {"n": 2, "k": [1], "max_items": 2}, "bootstrap_samples": 50}  # fmt: skip
+    reports = {}
+    for engine in ("hf", "paged"):
+        params = params_for(tiny_params, evaluate={**section, "generation": {"engine": engine}})
+        evaluate.run(params, project)
+        reports[engine] = json.loads(project.metrics("eval").read_text())
+    assert reports["paged"]["generation"]["engine"] == "paged"
+    assert reports["paged"]["config"]["generation"]["engine"] == "paged"  # the setting, as written
+    for stage in ("pretrain", "sft"):
+        assert reports["paged"]["models"][stage]["generation"]["engine"] == "paged"
+        for domain in ("add", "rev"):
+            hf, paged = (reports[e]["models"][stage]["domains"][domain] for e in ("hf", "paged"))
+            # Mean and bootstrap CI (the same resampled items for both): equal per-item hits give equal CIs.
+            assert paged["exact_match"] == hf["exact_match"], (stage, domain)
+            assert paged["loss"] == hf["loss"]  # no generation in the loss
+    # Item for item on the completions themselves: tests/unit/test_engines.py.
+    assert reports["paged"]["forgetting"]["scores"] == reports["hf"]["forgetting"]["scores"]
+    assert reports["paged"]["forgetting"]["scores"]["sft"] == {"add": 1.0, "rev": 1.0}
 
 
 def test_evaluate_stage_names_missing_model(project, tiny_params, tmp_path):

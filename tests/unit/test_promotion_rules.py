@@ -186,7 +186,7 @@ def test_champion_gate_pass_fail_inconclusive_and_engines() -> None:
     assert statuses(rules.champion_gate(rule, worse, "grpo", champion)) == {"beats_champion.add": "fail"}
     assert statuses(rules.champion_gate(rule, same, "grpo", champion)) == {"beats_champion.add": "inconclusive"}
     assert statuses(rules.champion_gate(rule, better, "grpo", None)) == {"beats_champion.add": "pass"}  # first champion
-    paged = better.model_copy(update={"engine": "paged"})
+    paged = better.model_copy(update={"generation": {"engine": "paged"}})
     (gate,) = rules.champion_gate(rule, paged, "grpo", champion)
     assert gate.status == "fail" and "engine 'paged'" in gate.detail and "'hf'" in gate.detail
     allowed = promotion(compare_domain="add", allow_engine_mismatch=True)
