@@ -43,7 +43,7 @@ from posttrain.layout import Layout
 from posttrain.lineage import git_state, library_versions, read_lineage
 from posttrain.stage import flatten, is_number
 from posttrain.tracking import registry
-from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, retry_locked
+from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, record_wait_seconds, retry_locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -315,7 +315,15 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
 
     started = time.perf_counter()
     root = layout.root
-    client = connect(params, root)
+    try:
+        # The stage's work is done: a tracking server that is restarting is waited for, within bounds.
+        client = connect(params, root, wait=record_wait_seconds())
+    except TrackingError as error:
+        raise TrackingError(
+            f"the stage finished, but {error} Its outputs are written and not recorded, so DVC does not lock "
+            f"them: rerun it (dvc repro {stage}) once the server answers; a trainer stage resumes its final "
+            "checkpoint and trains 0 steps"
+        ) from None
     try:
         experiment = experiment_id(client, params)
         parent = _pipeline_run(client, experiment, params, root, pipeline_key(params, root))
