@@ -19,7 +19,7 @@ from posttrain.config import TRAINING_STAGES, Params, load_params
 from posttrain.data import userdeps
 from posttrain.errors import ParamsError, PipelineError
 from posttrain.layout import find_root
-from posttrain.pipeline import dag
+from posttrain.pipeline import dag, services
 from posttrain.pipeline.workspace import pipeline_lock
 
 app = typer.Typer(
@@ -477,9 +477,6 @@ def services_up(
     state_dir: StateDirOption = None,
 ) -> None:
     """Start what is not running (idempotent), make the S3 store this workspace's DVC remote, write team.env."""
-    # lazy: the services module imports boto3, psycopg2 and dvc only when they are used
-    from posttrain.pipeline import services
-
     project = _root(root)
     try:
         services.up(project, services.state_dir(project, state_dir), auth=not no_auth, echo=typer.echo)
@@ -494,8 +491,6 @@ def services_status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Which services run, their URLs and process ids (no secrets); exit 1 when any is down."""
-    from posttrain.pipeline import services
-
     try:
         folder = services.state_dir(_root(root), state_dir)
         found = services.status(folder)
@@ -519,8 +514,6 @@ def services_down(
     state_dir: StateDirOption = None,
 ) -> None:
     """Stop the services (their data stays for the next `up`, except moto's S3 objects, kept in memory)."""
-    from posttrain.pipeline import services
-
     try:
         folder = services.state_dir(_root(root), state_dir)
         stopped = services.down(folder, purge=purge)
