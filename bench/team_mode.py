@@ -74,7 +74,7 @@ def render(data: dict[str, Any]) -> str:
             f"| `{test['module'].rsplit('.', 1)[-1]}::{test['test']}` | {test['outcome']} | {test['seconds']:.0f} |"
         )
     lines += ["", "| figure | value |", "|---|---:|"]
-    lines += [f"| {name} | {value} |" for name, value in sorted(data["figures"].items())]
+    lines += [f"| {name} | {str(value).replace('|', '/')} |" for name, value in sorted(data["figures"].items())]
     return "\n".join(lines)
 
 

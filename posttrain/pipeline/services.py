@@ -404,7 +404,11 @@ def stop_postgres(state: State) -> None:
 
 def restart_postgres(state: State) -> None:
     """pg_ctl restart (fast shutdown: open connections are cut, as in a real database restart)."""
-    done = _pg([pg_tool("pg_ctl"), "restart", "-D", str(_pg_folder(state) / "data"), "-m", "fast", "-w", "-t", "90"])
+    folder = _pg_folder(state)
+    # -l again: without it the new server would write to (and hold open) our captured stdout.
+    done = _pg(
+        [pg_tool("pg_ctl"), "restart", "-D", str(folder / "data"), "-l", str(folder / "postgres.log"), "-m", "fast", "-w", "-t", "90"]
+    )  # fmt: skip
     if done.returncode != 0:
         raise ServicesError(f"pg_ctl restart failed: {done.stderr.strip()}")
     state.pids["postgres"] = _pg_pid(state) or 0
