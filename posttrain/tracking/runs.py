@@ -403,7 +403,13 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
             raise
     except MlflowException as error:
         raise TrackingError(
-            f"stage {stage}: recording in MLflow ({redact(client.tracking_uri)}) failed: {redact(str(error))}"
+            f"recording in MLflow ({redact(client.tracking_uri)}) failed: {redact(str(error))}"
+            # The server proxies artifacts: its 5xx there means the store behind it (S3) failed, not MLflow.
+            + (
+                "; the server could not store the artifacts: check its artifact store (S3) and its log"
+                if "mlflow-artifacts" in str(error)
+                else ""
+            )  # fmt: skip
         ) from None
     log.info(
         "stage %s: recorded in MLflow run %s (parent %s)%s in %.2f s",

@@ -181,7 +181,7 @@ def test_s3_unreachable_at_upload_registers_no_half_version_and_the_rerun_does(
     failed_after = time.monotonic() - killed
     text = log.read_text()
     uri = team.client_env()["MLFLOW_TRACKING_URI"]
-    assert "error: stage dpo:" in text and uri in text, text[-4000:]
+    assert "error: stage dpo:" in text and uri in text and "check its artifact store (S3)" in text, text[-4000:]
     figure("S3 killed during dpo: the stage's error", _error_line(text, "dpo"))
     now = {(v.name, str(v.version)) for v in all_versions(team.mlflow())}
     figure("S3 killed during dpo: versions registered without their artifacts", len(now - versions))

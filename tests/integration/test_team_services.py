@@ -269,7 +269,7 @@ def test_no_credentials_in_runs_registry_lineage_logs_or_dvc_lock(team: Team, tw
             f"version {version.name}/{version.version}", json.dumps([version.tags, version.description, version.source])
         )
     # Everything in the S3 store: MLflow's artifacts (models, metrics, cards) and the DVC remote.
-    s3 = services.s3_client(team.state(), secrets)
+    s3 = services.s3_client(team.state(), team.secrets())
     for bucket in (services.MLFLOW_BUCKET, services.DVC_BUCKET):
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
             for item in page.get("Contents", []):
