@@ -563,6 +563,8 @@ def _choose_ports(state: State) -> None:
 def up(root: Path | None, folder: Path, auth: bool = True, echo: Any = print) -> State:
     """Start every service that is not running (see the module docstring); configure `root`'s DVC remote."""
     folder.mkdir(parents=True, exist_ok=True)
+    if _pg_user():  # PostgreSQL's own user must pass through to postgres/ (whatever the umask made)
+        folder.chmod(folder.stat().st_mode | 0o011)
     state = load_state(folder)
     if _running(state, "mlflow") and state.auth != auth:
         raise ServicesError(

@@ -73,7 +73,7 @@ def _locked(root: Path) -> set[str]:
 def _error_line(text: str, stage: str) -> str:
     """The stage's own error line (posttrain.pipeline.entry), shortened for the figures table."""
     line = next(line for line in text.splitlines() if line.startswith(f"error: stage {stage}:"))
-    return line[:300] + (" ..." if len(line) > 300 else "")
+    return line if len(line) <= 320 else f"{line[:160]} ... {line[-160:]}"
 
 
 def _runs(team: Team, stage: str) -> list:
