@@ -121,7 +121,7 @@ def check_tracking_server(
         except (urllib.error.URLError, OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
             waited = time.perf_counter() - started
-            if waited + delay > wait:
+            if waited >= wait:
                 waiting = f"; waited {waited:.0f} s ({WAIT_ENV}={wait:g})" if wait else ""
                 raise TrackingError(
                     f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached "
@@ -131,9 +131,9 @@ def check_tracking_server(
                 ) from None
             log.warning(
                 "MLflow tracking server %s cannot be reached (%s); trying again in %.0f s (waiting up to %.0f s, %s)",
-                redact(uri), reason, delay, wait, WAIT_ENV,
+                redact(uri), reason, min(delay, wait - waited), wait, WAIT_ENV,
             )  # fmt: skip
-            time.sleep(delay)
+            time.sleep(min(delay, wait - waited))  # the last try comes at the deadline, not before it
             delay = min(delay * 2, 15.0)
     # Later calls fail within minutes, not the default ~2 minutes of retries per request.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
