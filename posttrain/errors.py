@@ -48,6 +48,10 @@ class TrackingError(PipelineError):
     """MLflow cannot be used as configured (unreachable server, failed write); says what to change."""
 
 
+class ServicesError(PipelineError):
+    """The local team services (`posttrain services`) cannot be started, reached or stopped as asked."""
+
+
 class SeedsError(PipelineError):
     """The seed sweep (`posttrain seeds N`) could not be queued, run or read back."""
 

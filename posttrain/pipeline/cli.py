@@ -20,7 +20,7 @@ from posttrain.config import TRAINING_STAGES, Params, load_params
 from posttrain.data import userdeps
 from posttrain.errors import ParamsError, PipelineError
 from posttrain.layout import find_root
-from posttrain.pipeline import dag
+from posttrain.pipeline import dag, services
 from posttrain.pipeline.workspace import pipeline_lock
 
 app = typer.Typer(
@@ -458,6 +458,74 @@ def clean(
 
     removed = checkpoints.clean(_root(root) / "checkpoints", keep=keep or checkpoints.KEEP_KEYS, everything=all_)
     typer.echo("\n".join(f"removed {path}" for path in removed) or "nothing to remove")
+
+
+services_app = typer.Typer(
+    help="Team services on this machine (docs/team-mode.md): PostgreSQL, an S3 store (moto), the MLflow and "
+    "Prefect servers and a Prefect worker, on 127.0.0.1.",
+    no_args_is_help=True,
+)
+app.add_typer(services_app, name="services")
+StateDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir", help="Folder of the service set (default: $POSTTRAIN_SERVICES_DIR, else <root>/.services)."
+    ),
+]
+
+
+@services_app.command("up")
+def services_up(
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Run the MLflow server without its basic-auth app.")
+    ] = False,
+    root: RootOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Start what is not running (idempotent), make the S3 store this workspace's DVC remote, write team.env."""
+    project = _root(root)
+    try:
+        services.up(project, services.state_dir(project, state_dir), auth=not no_auth, echo=typer.echo)
+    except PipelineError as error:
+        _fail(str(error))
+
+
+@services_app.command("status")
+def services_status(
+    root: RootOption = None,
+    state_dir: StateDirOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Which services run, their URLs and process ids (no secrets); exit 1 when any is down."""
+    try:
+        folder = services.state_dir(_root(root), state_dir)
+        found = services.status(folder)
+    except PipelineError as error:
+        _fail(str(error))
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+    else:
+        for line in services.describe(services.load_state(folder)):
+            typer.echo(line)
+    if not all(info["running"] for info in found.values()):
+        raise typer.Exit(1)
+
+
+@services_app.command("down")
+def services_down(
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete the state folder: databases, S3 contents, secrets.")
+    ] = False,
+    root: RootOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Stop the services (their data stays for the next `up`, except moto's S3 objects, kept in memory)."""
+    try:
+        folder = services.state_dir(_root(root), state_dir)
+        stopped = services.down(folder, purge=purge)
+    except PipelineError as error:
+        _fail(str(error))
+    typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}" + (f"; deleted {folder}" if purge else ""))
 
 
 def main() -> None:  # pragma: no cover - `python -m posttrain.pipeline.cli`

@@ -61,12 +61,40 @@ def check_store_writable(uri: str, source: str) -> None:
             )
 
 
-def check_tracking_server(params: Params, root: Path | None = None, timeout: float = 3.0) -> str | None:
-    """Fail fast, before any training, when a configured http(s) tracking server cannot be reached.
+WAIT_ENV = "POSTTRAIN_TRACKING_WAIT_SECONDS"
+DEFAULT_RECORD_WAIT = 300.0
 
-    Returns the tracking URI (None when tracking is off). Any HTTP answer counts as reachable (a 401
-    or 404 still proves a server is there); only refused connections, DNS failures and timeouts fail.
-    MLflow's own client would retry for about two minutes before giving up.
+
+def record_wait_seconds() -> float:
+    """How long a finished stage waits for an unreachable tracking server before it fails.
+
+    Its training is done (hours, on a GPU): a server restart must not throw it away. Restarting the
+    MLflow server on PostgreSQL took 20-45 s on 2 busy cores (docs/team-mode.md). The environment
+    variable POSTTRAIN_TRACKING_WAIT_SECONDS (default 300) sets it; 0 fails at once.
+    """
+    raw = os.environ.get(WAIT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_RECORD_WAIT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise TrackingError(f"environment variable {WAIT_ENV}={raw!r}: expected a number of seconds >= 0")
+    return value
+
+
+def check_tracking_server(
+    params: Params, root: Path | None = None, timeout: float = 3.0, wait: float = 0.0
+) -> str | None:
+    """Fail fast, before any training, when a configured http(s) tracking server cannot be reached
+    or refuses our credentials.
+
+    Returns the tracking URI (None when tracking is off). Any HTTP answer to /health counts as
+    reachable; only refused connections, DNS failures and timeouts are retried, for up to `wait`
+    seconds (0: fail at once; MLflow's own client would retry each request for about two minutes).
+    Then one read of the experiment checks the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD,
+    MLFLOW_TRACKING_TOKEN or ~/.mlflow/credentials, as MLflow reads them) against a server with auth.
     """
     if not params.tracking.enabled:
         return None
@@ -82,22 +110,61 @@ def check_tracking_server(params: Params, root: Path | None = None, timeout: flo
         netloc += f":{parts.port}"
     probe = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
     started = time.perf_counter()
-    try:
-        with urllib.request.urlopen(probe, timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        pass  # the server answered
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise TrackingError(
-            f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached "
-            f"({reason}; gave up after {time.perf_counter() - started:.1f} s). Start the server, fix the URI, "
-            "set tracking.tracking_uri: null in params.yaml (and unset MLFLOW_TRACKING_URI) to use the "
-            "local SQLite store, or set tracking.enabled: false to run without tracking."
-        ) from None
+    delay = 1.0
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=timeout):
+                pass
+            break
+        except urllib.error.HTTPError:
+            break  # the server answered
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            reason = getattr(error, "reason", error)
+            waited = time.perf_counter() - started
+            if waited >= wait:
+                waiting = f"; waited {waited:.0f} s ({WAIT_ENV}={wait:g})" if wait else ""
+                raise TrackingError(
+                    f"MLflow tracking server {redact(uri)} (from {source}) cannot be reached "
+                    f"({reason}; gave up after {waited:.1f} s{waiting}). Start the server, fix the URI, "
+                    "set tracking.tracking_uri: null in params.yaml (and unset MLFLOW_TRACKING_URI) to use the "
+                    "local SQLite store, or set tracking.enabled: false to run without tracking."
+                ) from None
+            log.warning(
+                "MLflow tracking server %s cannot be reached (%s); trying again in %.0f s (waiting up to %.0f s, %s)",
+                redact(uri), reason, min(delay, wait - waited), wait, WAIT_ENV,
+            )  # fmt: skip
+            time.sleep(min(delay, wait - waited))  # the last try comes at the deadline, not before it
+            delay = min(delay * 2, 15.0)
     # Later calls fail within minutes, not the default ~2 minutes of retries per request.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    check_credentials(uri, source, params.tracking.experiment)
     return uri
+
+
+def check_credentials(uri: str, source: str, experiment: str) -> None:
+    """A server with auth (e.g. `mlflow server --app-name basic-auth`) that refuses us fails here, before
+    training, naming what to set; the credentials themselves are never part of the message."""
+    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except MlflowException as error:
+        if error.error_code == "UNAUTHENTICATED":
+            given = "were refused" if os.environ.get("MLFLOW_TRACKING_USERNAME") else "are not set"
+            raise TrackingError(
+                f"MLflow tracking server {redact(uri)} (from {source}) requires a login (HTTP 401) and the credentials "
+                f"{given}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                "environment, never in params.yaml"
+            ) from None
+        if error.error_code == "PERMISSION_DENIED":
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "the configured user")
+            raise TrackingError(
+                f"MLflow tracking server {redact(uri)} (from {source}): user '{user}' may not read experiment "
+                f"'{experiment}' (HTTP 403); ask the server's admin for permission"
+            ) from None
+        # Anything else (a missing endpoint on a proxy, ...) shows up where the run is written.
 
 
 def is_locked_error(error: BaseException) -> bool:
@@ -122,14 +189,15 @@ def retry_locked(function: Callable[..., _T], *args: Any, attempts: int = 8, del
     raise AssertionError("unreachable")
 
 
-def connect(params: Params, root: Path) -> MlflowClient:
+def connect(params: Params, root: Path, wait: float = 0.0) -> MlflowClient:
     """A client on the resolved tracking and registry URI; also sets MLflow's global URIs, which
-    `log_model` and `load_model("models:/...")` read."""
+    `log_model` and `load_model("models:/...")` read. `wait`: seconds to wait for a server that
+    cannot be reached (`check_tracking_server`)."""
     # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     import mlflow
     from mlflow import MlflowClient
 
-    uri = check_tracking_server(params, root) or resolve_tracking_uri(params, root)[0]
+    uri = check_tracking_server(params, root, wait=wait) or resolve_tracking_uri(params, root)[0]
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -15,8 +15,9 @@ when it holds that version's content, else the copy logged with the evaluate run
 version carries) with the rules of posttrain.tracking.rules, against its own lineage and the current
 champion of the same registered model, whatever stage the champion came from. Two `promote` commands
 at once are serialised by a lock held in the registry itself (a registered model named
-`<prefix>.promotion-lock`, created and deleted atomically by the tracking store): the second waits,
-then is judged against the champion the first left, and says so.
+`<prefix>.promotion-lock`, created and deleted atomically by the tracking store): the second waits, and
+when the first moved `champion` meanwhile, it refuses (its decision was taken against the old champion)
+and says to run it again.
 
 A store written by an older posttrain holds one registered model per stage (`<prefix>-<stage>`): it is
 refused until `posttrain registry --migrate` copies those versions into the recipe's model (the old
@@ -574,7 +575,19 @@ def promote(
         target = _get_version(client, name, str(version))
         stage = target.tags.get(STAGE_TAG) or "unknown"
         print(f"candidate: version {version} ('{stage}', named by --version)")
+    seen = _alias(client, name, CHAMPION)  # the champion this decision is about to replace
     with promotion_lock(client, name, wait_seconds):
+        now = _alias(client, name, CHAMPION)
+        if (_ver(now) if now else None) != (_ver(seen) if seen else None) and (
+            now is None or _ver(now) != _ver(target)
+        ):
+            # Another promotion moved `champion` while this one waited: a decision taken against the old
+            # champion is not applied (the last writer would silently win); judged again, it may still pass.
+            raise PromotionError(
+                f"another promotion made version {_ver(now) if now else 'none'} the champion of '{name}' while this one "
+                f"waited for the lock (it was {_ver(seen) if seen else 'unset'}); version {_ver(target)} was not "
+                "promoted. Run `posttrain promote` again to judge it against the new champion"
+            )
         return _promote_locked(client, params, layout, name, target, stage, force, reason)
 
 

@@ -42,7 +42,7 @@ from posttrain.scoring.report import EvalReport
 from posttrain.spec import effective_values, mlflow_key, recipe_specs
 from posttrain.stage import flatten, is_number
 from posttrain.tracking import registry
-from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, retry_locked
+from posttrain.tracking.client import TAG, connect, experiment_id, lineage_tags, record_wait_seconds, retry_locked
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -304,7 +304,15 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
 
     started = time.perf_counter()
     root = layout.root
-    client = connect(params, root)
+    try:
+        # The stage's work is done: a tracking server that is restarting is waited for, within bounds.
+        client = connect(params, root, wait=record_wait_seconds())
+    except TrackingError as error:
+        raise TrackingError(
+            f"the stage finished, but {error} Its outputs are written and not recorded, so DVC does not lock "
+            f"them: rerun it (dvc repro {stage}) once the server answers; a trainer stage resumes its final "
+            "checkpoint and trains 0 steps"
+        ) from None
     try:
         experiment = experiment_id(client, params)
         parent = _pipeline_run(client, experiment, params, root, pipeline_key(params, root))
@@ -386,7 +394,13 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
             raise
     except MlflowException as error:
         raise TrackingError(
-            f"stage {stage}: recording in MLflow ({redact(client.tracking_uri)}) failed: {redact(str(error))}"
+            f"recording in MLflow ({redact(client.tracking_uri)}) failed: {redact(str(error))}"
+            # The server proxies artifacts: its 5xx there means the store behind it (S3) failed, not MLflow.
+            + (
+                "; the server could not store the artifacts: check its artifact store (S3) and its log"
+                if "mlflow-artifacts" in str(error)
+                else ""
+            )  # fmt: skip
         ) from None
     log.info(
         "stage %s: recorded in MLflow run %s (parent %s)%s in %.2f s",

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from posttrain.pipeline.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ["run", "status", "validate", "promote", "rollback", "registry", "deploy", "continual"]
+COMMANDS = ["run", "status", "validate", "promote", "rollback", "registry", "deploy", "continual", "services"]
 HEAVY = ("torch", "transformers", "trl", "mlflow", "prefect")
 
 runner = CliRunner()

@@ -250,6 +250,32 @@ def test_a_second_promotion_waits_for_the_lock_and_names_the_holder(project: tup
     assert [m.name for m in client.search_registered_models()] == [NAME]
 
 
+def test_a_promotion_that_waited_while_another_moved_the_champion_refuses(project: tuple[Layout, Params]) -> None:
+    """Two promotions at once: the one that waited decided against the old champion, so it is not applied."""
+    from posttrain.tracking import registry
+
+    layout, params = project
+    other = new_model(layout, params, "grpo", seed=96)
+    new_candidate(layout, params, seed=97, add=0.9, add3=0.5)
+    client = client_for(params)
+    held, outcome = threading.Event(), {}
+
+    def promote() -> None:
+        try:
+            outcome["result"] = registry.promote(params, layout.root, wait_seconds=60)
+        except registry.PromotionError as error:
+            outcome["error"] = str(error)
+
+    with registry.promotion_lock(client, NAME):
+        waiting = threading.Thread(target=promote)
+        waiting.start()
+        held.wait(2)  # the waiting promotion has read "no champion" and is polling the lock
+        client.set_registered_model_alias(NAME, "champion", other)  # what the first promotion did meanwhile
+    waiting.join(60)
+    assert "error" in outcome and f"another promotion made version {other} the champion" in outcome["error"]
+    assert aliases(params)["champion"] == other
+
+
 def test_champion_loads_by_alias_and_generates_text(project: tuple[Layout, Params]) -> None:
     import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer

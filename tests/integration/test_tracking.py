@@ -162,9 +162,9 @@ def test_flow_key_groups_stages_under_one_parent(pipeline: dict[str, Any], monke
     assert parent_id != pipeline["records"]["prepare"].parent_run_id
 
 
-def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
+def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from posttrain.errors import TrackingError
-    from posttrain.tracking.client import check_tracking_server
+    from posttrain.tracking.client import WAIT_ENV, check_tracking_server
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -178,10 +178,15 @@ def test_unreachable_server_fails_fast_with_a_clear_message(tmp_path: Path) -> N
     message = str(caught.value)
     assert f"127.0.0.1:{port}" in message and "cannot be reached" in message and "tracking.tracking_uri" in message
     assert "hunter2" not in message
+    # After the stage, recording waits for the server (a restart must not lose the training), within bounds.
+    monkeypatch.setenv(WAIT_ENV, "3")
     started = time.perf_counter()
-    with pytest.raises(TrackingError):  # record_stage checks too, before writing anything
+    with pytest.raises(TrackingError) as caught:  # record_stage checks too, before writing anything
         record("prepare", params, layout, model=False)
-    assert time.perf_counter() - started < 8
+    assert 3 <= time.perf_counter() - started < 3 + 8
+    message = str(caught.value)
+    assert message.startswith("the stage finished, but MLflow tracking server") and f"127.0.0.1:{port}" in message
+    assert f"{WAIT_ENV}=3" in message and "dvc repro prepare" in message and "hunter2" not in message
 
 
 def test_reachable_server_passes_the_check(tmp_path: Path) -> None:
