@@ -92,6 +92,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         adapter=loaded.adapter,
         metrics_extra={"grpo_domains": domains, "rewards": [s.model_dump() for s in section.rewards]},
         measure=[scores, *hooks, timing_hook(timing, STAGE, engine)],
+        update_seconds=timing.update_seconds,  # MFU of the updates alone (update_mfu), beside the whole step's
     )
     return run_training(job, params, layout, runtime)
 

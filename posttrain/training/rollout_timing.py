@@ -119,6 +119,11 @@ class RolloutTiming(TrainerCallback):
         self._open: dict[str, float] | None = None
         self._started = 0.0
 
+    def update_seconds(self) -> float | None:
+        """Seconds of this run's optimizer updates alone (None before any step): the MFU of GRPO's training
+        part (posttrain.training.flops), apart from generation and rewards."""
+        return sum(s.update_seconds for s in self.steps) if self.steps else None
+
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the block as `name` (generation, reward or rollout) of the open step; outside a step, nothing."""

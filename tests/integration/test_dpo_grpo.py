@@ -153,6 +153,9 @@ def test_grpo_logs_the_generation_reward_update_split(project, grpo_result) -> N
     assert summary["engine"] == "hf" and metrics["generation_engine"] == "hf"
     assert summary["steps"] == STEPS and summary["generated_tokens"] == sum(r["generated_tokens"] for r in rows)
     assert sum(summary["share"].values()) == pytest.approx(1.0, abs=1e-3) and summary["share"]["generation"] > 0
+    # The updates alone have their own MFU figures (posttrain.training.flops) over the same tokens and FLOPs.
+    assert metrics["update_seconds"] == pytest.approx(sum(r["update_seconds"] for r in rows), abs=1e-2)
+    assert metrics["update_seconds"] < metrics["mfu_basis"]["seconds"] and "update_mfu" in metrics
     assert grpo_result.metrics["rollout_timing.share.generation"] == summary["share"]["generation"]
     assert grpo_result.metrics["rollout_timing.generation_tokens_per_second"] > 0
     names = {name for name, _, _ in series_metrics(metrics)}
