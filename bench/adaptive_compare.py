@@ -21,8 +21,8 @@ add/subb/rev. Then per seed (params.seed and the mixture seeds):
   weights) vs `mixtures.sft.adaptive: {method: aioli}` (probes inside the budget). Test loss and exact
   match averaged over the four domains.
 
-Writes artifacts/bench/adaptive_compare.json (every run and the summaries) and adaptive_compare.md (the
-README table).
+Writes artifacts/bench/adaptive_compare.json (every run and the summaries); `python bench/report.py` renders
+its table into docs/adaptive-methods.md.
 """
 
 from __future__ import annotations
@@ -287,15 +287,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--only", nargs="*", default=["curriculum", "hybrid", "mixing"])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--readme", action="store_true", help="render the table into README.md")
     parser.add_argument("--report-only", action="store_true", help="re-render the table from the JSON written before")
     args = parser.parse_args()
     if args.report_only:
         results = json.loads((args.out / "adaptive_compare.json").read_text())
-        table = report(results, results["base_val_exact_match"])
-        (args.out / "adaptive_compare.md").write_text(table["markdown"])
-        if args.readme:
-            render_readme(table["markdown"])
+        print(report(results, results["base_val_exact_match"])["markdown"])
         return
     from posttrain.io import write_json_atomic
     from posttrain.runtime import setup_runtime
@@ -334,19 +330,7 @@ def main() -> None:
     table = report(results, base_val)
     results["summary"] = table["summary"]
     write_json_atomic(out, results)
-    (args.out / "adaptive_compare.md").write_text(table["markdown"])
-    log(f"wrote {out} and {args.out / 'adaptive_compare.md'}")
-    if args.readme:
-        render_readme(table["markdown"])
-
-
-def render_readme(markdown: str) -> None:
-    """Put the table between the `<!-- adaptive:start -->` / `<!-- adaptive:end -->` markers of README.md."""
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- adaptive:start -->", "<!-- adaptive:end -->"
-    head, rest = text.split(start, 1)
-    readme.write_text(f"{head}{start}\n{markdown}{end}{rest.split(end, 1)[1]}")
+    log(f"wrote {out}; `python bench/report.py` renders its table into docs/adaptive-methods.md")
 
 
 def report(results: dict[str, Any], base_val: float) -> dict[str, Any]:

@@ -325,12 +325,21 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     """artifacts/bench/<name>.json with the machine and date attached."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"benchmark": name, "measured_at": now(), "machine": machine_info(), **data}
+    payload = {"benchmark": name, "measured_at": now(), "machine": machine_info(), "code_commit": code_commit(), **data}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     log(f"wrote {path}")
     return path
+
+
+def code_commit() -> str:
+    """The commit of the code a benchmark measures (`+dirty` when tracked files differ from it)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    )
+    return (head.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def load_result(name: str) -> dict[str, Any] | None:

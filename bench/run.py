@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         help="e2e: also time scripts/setup.sh with a fresh venv (on by default with --all)",
     )
     parser.add_argument("--no-setup", action="store_true", help="with --all: skip timing the set-up")
-    parser.add_argument("--no-readme", action="store_true", help="report: print the table instead of writing README")
+    parser.add_argument("--no-readme", action="store_true", help="report: check the tables instead of rewriting them")
     args = parser.parse_args(argv)
     if args.results:
         os.environ["BENCH_RESULTS"] = str(args.results.resolve())
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         elif part == "gpu":
             gpu_check.main(["--cpu-smoke"])
         elif part == "report":
-            report.main(["--print"] if args.no_readme else [])
+            report.main(["--check"] if args.no_readme else [])
 
 
 if __name__ == "__main__":

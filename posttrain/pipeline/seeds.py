@@ -13,6 +13,7 @@ the spread is the training's, on one data set.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from typing import Any
 
 from posttrain.errors import SeedsError
 from posttrain.io import write_json_atomic
+from posttrain.lineage import cpu_model, git_state
 from posttrain.pipeline.dag import dvc_command
 from posttrain.scoring.plots import seeds_plot
 from posttrain.scoring.report import EvalReport
@@ -68,8 +70,13 @@ def run_sweep(root: Path, seeds: list[int], jobs: int = 1) -> tuple[dict[str, An
     failed = [seed for seed in seeds if seed not in results]
     if not results:
         raise SeedsError(f"no experiment of seeds {seeds} produced {EVAL_PATH}; see `dvc queue logs <name>`")
+    git = git_state(root)
     summary = {
         **aggregate(results),
+        # Where the figures come from (docs tables name them): the date, the machine and the code.
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu_model": cpu_model(), "cores": len(os.sched_getaffinity(0))},
+        "code_commit": (git.get("commit") or "unknown")[:7] + ("+dirty" if git.get("dirty") else ""),
         "recipe_hash": workspace_recipe_hash(root),
         "experiments": {str(s): names[s] for s in results},
         "failed_seeds": failed,
