@@ -139,7 +139,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     elif kind == "csv":
         rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
     else:
-        # lazy: pyarrow is heavy to import; only parquet reads/writes need it
         import pyarrow.parquet as pq
 
         rows = pq.read_table(path).to_pylist()
@@ -153,7 +152,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def _read_store(path: Path) -> list[dict[str, Any]]:
     """The rows of an earlier version of the domain's data (JSON Lines; Parquet from before JSON Lines)."""
     if path.suffix == ".parquet":
-        # lazy: pyarrow is heavy to import; only parquet reads need it
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
@@ -300,7 +298,6 @@ def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dic
 
 def ensure_process_pool(name: str) -> None:
     """Create a process work pool named `name` unless it exists (on the configured Prefect server)."""
-    # lazy: prefect is heavy to import; only flow/deployment calls need it
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists

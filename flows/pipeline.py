@@ -82,7 +82,6 @@ def check_prefect_api(timeout: float = 3.0) -> str | None:
     None when no URL is set (Prefect then starts its own ephemeral server on 127.0.0.1). Prefect's
     client would otherwise retry each request with backoff and fail deep inside the flow.
     """
-    # lazy: prefect is heavy to import; only flow/deployment calls need it
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()

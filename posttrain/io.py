@@ -128,7 +128,6 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[
     An explicit schema keeps the columns when there are no rows, and building the table with
     pyarrow (not pandas) keeps pandas index metadata out, so equal rows give equal bytes.
     """
-    # lazy: pyarrow is heavy to import; only parquet reads/writes need it
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -146,7 +145,6 @@ def write_parquet(rows: Sequence[dict[str, Any]], path: Path, columns: Sequence[
 
 def read_parquet(path: Path, columns: Sequence[str] | None = None) -> list[dict[str, str]]:
     """Rows of a parquet file as dicts; a missing file or column is a DataError naming it."""
-    # lazy: pyarrow is heavy to import; only parquet reads/writes need it
     import pyarrow.parquet as pq
 
     if not path.is_file():

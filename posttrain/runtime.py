@@ -160,7 +160,7 @@ def probe_capabilities() -> Capabilities:
     """The visible GPU (name, memory, bf16) and which optional packages are importable."""
     import importlib.util  # lazy: only stages that build a model probe the machine
 
-    import torch  # lazy: see setup_runtime
+    import torch
 
     packages = frozenset(name for name in OPTIONAL_PACKAGES if importlib.util.find_spec(name) is not None)
     if not torch.cuda.is_available():
@@ -180,8 +180,6 @@ def setup_runtime(compute: ComputeConfig, seed: int, attn_implementation: str | 
 
     `attn_implementation`: params' model.attn_implementation (None: sdpa with CUDA, transformers' default on CPU).
     """
-    # lazy: torch/transformers/datasets take seconds to import; this module also serves the cheap
-    # rank queries that posttrain.pipeline.entry asks before deciding whether to relaunch.
     import datasets
     import torch
     from transformers import set_seed

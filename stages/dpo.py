@@ -27,7 +27,7 @@ STAGE = "dpo"
 
 def run(params: Params, layout: Layout) -> StageResult:
     spec = stage_spec(params, layout.root, STAGE)
-    from trl import DPOConfig, DPOTrainer  # lazy: trl alone costs ~8 s to import
+    from trl import DPOConfig, DPOTrainer
 
     section = params.dpo
     runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)

@@ -40,7 +40,6 @@ TEST_COLUMNS = ("id", "domain", "prompt", "answer", "text", "verifier")
 
 def load_test_sets(layout: Layout, domains: list[str], max_items: int) -> dict[str, Any]:
     """First `max_items` rows of each domain's test split (the split order is fixed by `prepare`)."""
-    # lazy: pandas is heavy to import; only this path needs it
     import pandas as pd
 
     sets = {}
@@ -96,7 +95,6 @@ def run_lm_eval(
 
 
 def run(params: Params, layout: Layout) -> StageResult:
-    # lazy: torch, pandas take seconds to import; only model code paths need them
     import pandas as pd
     import torch
 

@@ -45,8 +45,8 @@ def rollout_cache(model: Any, section: GRPOStageConfig) -> dict[str, Any]:
 
 def run(params: Params, layout: Layout) -> StageResult:
     spec = stage_spec(params, layout.root, STAGE)
-    import datasets  # lazy: heavy, and importing a stage module must stay cheap (DVC deps test, docs)
-    from trl import GRPOConfig, GRPOTrainer  # lazy: trl alone costs ~8 s to import
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
 
     section = params.grpo
     runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)

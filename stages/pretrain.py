@@ -40,7 +40,6 @@ STAGE = "pretrain"
 
 def prepared_texts(layout: Layout, domains: list[str]) -> Iterator[str]:
     """The `text` of every domain's train split: what the scratch tokenizer is trained on."""
-    # lazy: pandas is heavy to import; only this path needs it
     import pandas as pd
 
     for domain in domains:

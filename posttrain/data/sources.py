@@ -240,7 +240,6 @@ def load_file(domain: str, config: FileDomain, root: Path, verifier: str) -> tup
 
         rows = csv_rows()
     else:
-        # lazy: pyarrow is heavy to import; only parquet reads/writes need it
         import pyarrow.parquet as pq
 
         try:
@@ -279,7 +278,6 @@ def _require_columns(path: Path | str, mapping: dict[str, str], available: list[
 
 def load_hub(domain: str, config: HubDomain, verifier: str) -> tuple[list[Record], SourceReport]:
     """Records from a HubDomain config via datasets.load_dataset (a hub id, or a local folder)."""
-    # lazy: datasets is heavy to import; only training paths need it
     import datasets  # heavy: imported only when a hub domain exists
 
     label = (

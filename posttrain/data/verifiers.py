@@ -45,7 +45,7 @@ def verify_math(completion: str, answer: str) -> bool:
     """
     import threading  # lazy: stdlib, only the math verifier needs it
 
-    from math_verify import parse, verify  # lazy: heavy optional library (sympy), first use only
+    from math_verify import parse, verify
 
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
     gold = parse(answer, parsing_timeout=timeout)

@@ -36,7 +36,7 @@ GRANULARITIES = ("task", "layer")
 def _answer_batch(tokenizer: Any, prompts: list[list[int]], completions: list[list[int]]) -> tuple[Any, Any, Any]:
     """Right-padded prompt+completion ids, attention mask, and a mask of the positions whose next
     token is a completion token (the logits there are the answer's predictions)."""
-    import torch  # lazy: torch is heavy to import; only merging needs it
+    import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
@@ -53,7 +53,7 @@ def _answer_batch(tokenizer: Any, prompts: list[list[int]], completions: list[li
 
 def _greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy completion ids of each prompt, cut after the first EOS (kept: stopping is an answer too)."""
-    import torch  # lazy: torch is heavy to import; only merging needs it
+    import torch
 
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -96,7 +96,6 @@ def adamerge(
 ) -> dict[str, Any]:
     """Learn the coefficients, write base + sum lambda * task vector to `out_dir` (save_pretrained
     files and the tokenizer of the first model); return the coefficients and the entropy curve."""
-    # lazy: torch, safetensors and transformers are heavy to import; only merging needs them
     import torch
     from safetensors.torch import save_file
     from torch.func import functional_call

@@ -62,7 +62,6 @@ def train_tokenizer(
     Isolating punctuation keeps merges from crossing `=` or `:`, so a prompt such as `12+34=`
     tokenizes to a prefix of `12+34=46`: the prompt/completion boundary is a token boundary.
     """
-    # lazy: tokenizers, transformers are heavy to import; only this path needs them
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,7 +102,6 @@ def train_tokenizer(
 def load_tokenizer_folder(path: str, root: Path) -> PreTrainedTokenizerBase:
     """`model.tokenizer.path`: a real tokenizer from a local folder (relative to `root`), for a scratch model
     of realistic shape (vocabulary, special tokens). Never a hub id: a scratch recipe runs offline."""
-    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoTokenizer
 
     folder = Path(path) if Path(path).is_absolute() else root / path
@@ -130,7 +128,6 @@ def build_scratch_model(
     cfg: ArchitectureConfig, tokenizer: PreTrainedTokenizerBase, attn_implementation: str | None = None
 ) -> PreTrainedModel:
     """A randomly initialised LlamaForCausalLM sized by `cfg`, its vocabulary that of `tokenizer`."""
-    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -168,7 +165,7 @@ def apply_kernels(model: PreTrainedModel, kernels: str) -> None:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
     if kernels == "liger":
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # lazy: optional, CUDA only
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=base, fused_linear_cross_entropy=False, cross_entropy=False)
     else:
@@ -201,7 +198,6 @@ def load_base(cfg: ModelConfig, root: Path | None = None) -> LoadedModel:
     Tests and offline machines set HF_HUB_OFFLINE=1: a hub id that is not cached then fails here
     with a StageError instead of a download.
     """
-    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
@@ -234,7 +230,6 @@ def load_full_model(
     Raises StageError when a file differs from its lineage record (both hashes shown) or when the
     tokenizer does not fit the model. `posttrain.models.loading.load_stage_model` dispatches here.
     """
-    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     lineage = verify_model_folder(model_dir)

@@ -137,7 +137,7 @@ def check_against_lineage(tokenizer: PreTrainedTokenizerBase, lineage: dict[str,
 
 def folder_fingerprint(model_dir: Path) -> str:
     """The fingerprint of the tokenizer saved in a model folder."""
-    from transformers import AutoTokenizer  # lazy: heavy optional library (transformers)
+    from transformers import AutoTokenizer
 
     return fingerprint(AutoTokenizer.from_pretrained(model_dir))
 

@@ -65,7 +65,6 @@ def load_for_training(layout: Layout, stage: str, parent: Path, params: Params, 
             )
         return load_full_model(parent, trust_remote_code=trust, attn_implementation=runtime.attn_implementation)
 
-    # lazy: peft takes 6-7 s to import; full fine-tuning never needs it.
     from peft import PeftModel, get_peft_model
 
     if adapter_input:

@@ -106,7 +106,6 @@ def check_quantization(stage: str, lora: LoRAConfig, runtime: Runtime) -> None:
 
 
 def peft_lora_config(lora: LoRAConfig) -> Any:
-    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -125,7 +124,6 @@ def load_base(folder: Path, stage: str, lora: LoRAConfig, runtime: Runtime, trus
     attention = build.attention_kwargs(runtime.attn_implementation)
     if lora.quantization is None:
         return build.load_full_model(folder, trust_remote_code=trust, attn_implementation=runtime.attn_implementation)
-    # lazy: torch, peft, transformers are heavy to import; only this path needs them
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -166,7 +164,6 @@ def check_same_shape(stage: str, lora: LoRAConfig, adapter_dir: Path) -> None:
 
 def merged_model(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False) -> PreTrainedModel:
     """A fresh, unquantized copy of the base with the adapter merged in (merge_and_unload)."""
-    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft import PeftModel
 
     base = build.load_full_model(base_dir, trust_remote_code=trust_remote_code)
@@ -175,7 +172,6 @@ def merged_model(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = Fa
 
 def load_merged(adapter_dir: Path, *, trust_remote_code: bool = False) -> build.LoadedModel:
     """An adapter folder as a plain model, for stages that only use it (evaluate, merge, references)."""
-    # lazy: transformers takes seconds to import; only model code paths need it
     from transformers import AutoTokenizer
 
     lineage = verify_model_folder(adapter_dir)

@@ -63,7 +63,6 @@ SLERP_DOT_THRESHOLD = 0.9995
 
 
 def _stack_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     return torch.tensor(list(weights), dtype=like.dtype, device=like.device)
@@ -81,7 +80,6 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
 
 
 def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft.utils import merge_utils
 
     deltas = [t - base for t in tensors]
@@ -91,13 +89,11 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights
 def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
     """TIES: magnitude-prune each task vector to `density`, elect the sign by total mass, average
     the weighted entries that agree with it (PEFT's disjoint merge divides by their count)."""
-    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft.utils import merge_utils
 
     deltas = [t - base for t in tensors]
     if density >= 1.0:
         # peft's prune() warns and skips at density 1; do the same without the warning.
-        # lazy: torch takes seconds to import; only model code paths need it
         import torch
 
         stacked = torch.stack(deltas)
@@ -110,7 +106,6 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's RNG for DARE's random masks without disturbing the caller's RNG stream."""
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -134,7 +129,6 @@ def dare(
 ) -> torch.Tensor:
     """DARE: drop each task-vector entry with probability 1-density, rescale survivors by 1/density,
     then combine linearly (`dare_linear`) or with TIES' sign election (`dare_ties`)."""
-    # lazy: peft takes 6-7 s to import; only LoRA paths need it
     from peft.utils import merge_utils
 
     deltas = [t - base for t in tensors]
@@ -155,7 +149,6 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = SLE
     (as mergekit does), so t=0 gives `a` and t=1 gives `b` exactly. Near-parallel (|cos| above
     `dot_threshold`) or zero vectors fall back to linear interpolation.
     """
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     a32, b32 = a.double().flatten(), b.double().flatten()
@@ -184,7 +177,6 @@ def merge_tensor(
     name: str = "",
 ) -> torch.Tensor:
     """Merge one tensor of every model with `method` (computed in float32, returned in input dtype)."""
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     dtype = tensors[0].dtype
@@ -219,7 +211,6 @@ class LazyWeights:
     """The tensors of a save_pretrained folder (single or sharded safetensors), read on demand."""
 
     def __init__(self, folder: Path, stack: ExitStack) -> None:
-        # lazy: heavy; only merging needs it
         from safetensors import safe_open
 
         self.folder = Path(folder)
@@ -412,7 +403,6 @@ def merge_models(
     Returns merge statistics (weights used, tensor and parameter counts, L2 distance of the merged
     model to each input, seconds).
     """
-    # lazy: torch, safetensors are heavy to import; only this path needs them
     import torch
     from safetensors.torch import save_file
 

@@ -375,7 +375,6 @@ def deploy(
     params = _load_or_fail(project)
     schedule = cron or params.orchestration.continual.cron
     try:
-        # lazy: prefect is heavy to import; only flow/deployment calls need it
         from prefect.client.schemas.schedules import CronSchedule
 
         try:

@@ -41,7 +41,6 @@ def dvc_command(*args: str) -> list[str]:
 
 @contextmanager
 def _open_repo(root: str | Path) -> Iterator[Repo]:
-    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -70,7 +69,6 @@ def _name(stage: Any) -> str:
 
 def _pipeline_graph(repo: Repo) -> tuple[Graph, dict[str, str]]:
     """The graph by stage name, and DVC's cwd-relative addressing -> name (to read repo.status())."""
-    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.stage import PipelineStage
 
     graph: Graph = {}
@@ -230,7 +228,6 @@ def apply_overrides(
     Returns the overrides that changed a value (applying the same override twice is a no-op).
     `check(params)` may raise to refuse the new params; the file is then left untouched.
     """
-    # lazy: dvc is heavy to import; only DAG calls need it (keeps `posttrain --help` fast)
     from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 
     overrides = list(overrides)

@@ -86,7 +86,6 @@ def vocab_problem(params: Params) -> str | None:
 
 def trainer_key_problems(params: Params, stages: list[str]) -> list[str]:
     """Unknown trainer keys of `stages`, checked before a run starts (imports trl: ~8 s)."""
-    # lazy: trl takes seconds to import; only `run --set <stage>.trainer.*` needs it
     import trl
 
     from posttrain.training.trl_config import unknown_trainer_keys  # lazy: imports trl and transformers

@@ -48,7 +48,6 @@ def _dvc(root: Path, argv: list[str]) -> None:
 
 def read_experiment_eval(root: Path, name: str) -> EvalReport | None:
     """An experiment's evaluation report, or None when the experiment does not exist or has none (it failed)."""
-    # lazy: DVC's API takes seconds to import; only the sweep reads experiments back
     import dvc.api
     from dvc.exceptions import DvcException
     from scmrepo.exceptions import SCMError

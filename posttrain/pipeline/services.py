@@ -437,7 +437,7 @@ def _create_databases(state: State, secret: dict[str, str]) -> None:
 
 
 def s3_client(state: State, secret: dict[str, str]) -> Any:
-    import boto3  # lazy: only the S3 calls need it
+    import boto3
 
     return boto3.client(
         "s3", endpoint_url=state.url("s3"), region_name="us-east-1",
@@ -613,7 +613,7 @@ def up(root: Path | None, folder: Path, auth: bool = True, echo: Any = print) ->
 def configure_dvc_remote(root: Path, state: State, secret: dict[str, str]) -> str:
     """The workspace's default DVC remote `team` on the S3 store, in .dvc/config.local (git-ignored,
     mode 0600: it holds the S3 keys); the committed .dvc/config is not touched."""
-    from dvc.config import Config  # lazy: dvc is heavy to import; only this command needs it
+    from dvc.config import Config
 
     url = f"s3://{DVC_BUCKET}/store"
     config = Config(dvc_dir=str(root / ".dvc"))

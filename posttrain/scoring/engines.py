@@ -161,7 +161,6 @@ def run_engine(
     The model is put in eval mode and restored; the caller's random state is left untouched (seeded
     sampling forks the RNG), so generating inside a training run does not change that run.
     """
-    # lazy: torch is heavy to import; only this path needs it
     import torch
 
     if not prompt_ids:
@@ -209,7 +208,7 @@ def timed_run(
     out = run_engine(engine, model, tokenizer, prompt_ids, request, options)
     if stats is not None:
         if next(model.parameters()).device.type == "cuda":
-            import torch  # lazy: loaded already by the engine
+            import torch
 
             torch.cuda.synchronize()
         stats.add(time.perf_counter() - started, out)
@@ -217,7 +216,7 @@ def timed_run(
 
 
 def _generation_config(request: GenerationRequest) -> Any:
-    from transformers import GenerationConfig  # lazy: heavy
+    from transformers import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=request.max_new_tokens,
@@ -236,7 +235,7 @@ def _hf(model: Any, prompt_ids: list[list[int]], request: GenerationRequest) -> 
     """Left-padded batches, sorted by length (little padding); each row's next token sits in the last
     column, so batched greedy decoding equals one-by-one greedy decoding (position ids come from the
     attention mask inside `generate`)."""
-    import torch  # lazy: loaded already by run_engine
+    import torch
 
     config = _generation_config(request)
     device = next(model.parameters()).device
@@ -266,7 +265,7 @@ def _paged(model: Any, prompt_ids: list[list[int]], request: GenerationRequest) 
     TRL's GRPO does): transformers 5.17 (the lent GPU machine's) ignores `num_return_sequences` here.
     Results come back keyed by request, in the order sent. `generate_batch` logs a failed request
     instead of raising: a missing or failed sequence is refused here."""
-    from transformers.generation import ContinuousBatchingConfig  # lazy: heavy
+    from transformers.generation import ContinuousBatchingConfig
 
     requests = [list(ids) for ids in prompt_ids for _ in range(request.n)]
     outputs = model.generate_batch(
@@ -307,7 +306,7 @@ def paged_cache(model: Any, sequence_tokens: list[int]) -> dict[str, Any]:
 def _page_size_field() -> str:
     """The name of tokens-per-cache-block: `page_size` in transformers 5.23 (the lock), `block_size` in
     5.17 (the lent GPU machine's; 5.23 still accepts it, with a deprecation warning)."""
-    from transformers.generation import ContinuousBatchingConfig  # lazy: heavy
+    from transformers.generation import ContinuousBatchingConfig
 
     names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     return "page_size" if "page_size" in names else "block_size"
@@ -332,8 +331,8 @@ def _vllm(
         raise ValueError("engine 'vllm' needs its EngineConfig (vllm_mode, ...)")
     generator = _VLLM_ENGINES.get(model)
     if generator is None:
-        from accelerate import Accelerator  # lazy: heavy
-        from trl.generation.vllm_generation import VLLMGeneration  # lazy: vllm is optional
+        from accelerate import Accelerator
+        from trl.generation.vllm_generation import VLLMGeneration
 
         url = options.vllm_server_url
         generator = VLLMGeneration(

@@ -123,7 +123,6 @@ def run(
 
     `chat` runs lm-eval with `apply_chat_template=True` (the model folder's own template).
     """
-    # lazy: heavy optional library (lm-eval pulls in torch, datasets, evaluate)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

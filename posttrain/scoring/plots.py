@@ -22,11 +22,9 @@ from posttrain.scoring.report import EvalReport
 
 
 def _pyplot() -> Any:
-    # lazy: matplotlib costs ~1 s to import; only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")
-    # lazy: matplotlib costs ~1 s to import; only plotting needs it
     import matplotlib.pyplot as plt
 
     return plt
@@ -73,7 +71,6 @@ def score_rows(report: EvalReport) -> list[dict[str, Any]]:
 
 
 def plot_scores(report: EvalReport, folder: Path) -> list[Path]:
-    # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
     rows = score_rows(report)
@@ -109,7 +106,6 @@ def plot_scores(report: EvalReport, folder: Path) -> list[Path]:
 
 
 def plot_forgetting(report: EvalReport, folder: Path) -> list[Path]:
-    # lazy: numpy: only plotting needs it here (keeps the module cheap)
     import numpy as np
 
     stages, domains = report.stages, report.domains

@@ -144,7 +144,6 @@ def check_tracking_server(
 def check_credentials(uri: str, source: str, experiment: str) -> None:
     """A server with auth (e.g. `mlflow server --app-name basic-auth`) that refuses us fails here, before
     training, naming what to set; the credentials themselves are never part of the message."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -193,7 +192,6 @@ def connect(params: Params, root: Path, wait: float = 0.0) -> MlflowClient:
     """A client on the resolved tracking and registry URI; also sets MLflow's global URIs, which
     `log_model` and `load_model("models:/...")` read. `wait`: seconds to wait for a server that
     cannot be reached (`check_tracking_server`)."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     import mlflow
     from mlflow import MlflowClient
 
@@ -204,7 +202,6 @@ def connect(params: Params, root: Path, wait: float = 0.0) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, params: Params) -> str:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     name = params.tracking.experiment

@@ -83,7 +83,6 @@ def registered_model_name(params: Params) -> str:
 
 
 def _exists(client: MlflowClient, name: str) -> bool:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -114,7 +113,6 @@ def _check_not_legacy(client: MlflowClient, params: Params) -> None:
 
 
 def _ensure_registered_model(client: MlflowClient, params: Params) -> str:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     name = registered_model_name(params)
@@ -179,7 +177,6 @@ def _pip_requirements() -> list[str]:
 
 def _signature() -> Any:
     """Text in, text out, with generation settings accepted at predict time by the pyfunc flavour."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -212,7 +209,6 @@ def register_stage_model(
     text-generation pipeline (`mlflow.pyfunc.load_model` also works; `predict` takes
     `params={"max_new_tokens": ...}`).
     """
-    # lazy: mlflow, huggingface_hub, transformers are heavy to import; only this path needs them
     import mlflow
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,7 +274,6 @@ def load_registered_model(model_uri: str) -> Any:
     with (tag `posttrain.chat_template_fingerprint`, from lineage.json). A template swapped in the registry's
     copy would make the model chat in a format it was never trained on. Uses MLflow's current tracking and
     registry URIs (`mlflow.set_tracking_uri`, `MLFLOW_TRACKING_URI`)."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     import mlflow
     from mlflow import MlflowClient
     from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -303,7 +298,6 @@ def load_registered_model(model_uri: str) -> Any:
 
 
 def _alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -390,7 +384,6 @@ def record_evaluation(
 
 def _downloaded_report(client: MlflowClient, run_id: str) -> EvalReport | None:
     """The eval.json the evaluate run `run_id` logged (None when it has none)."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory() as folder:
@@ -468,7 +461,6 @@ def _move_champion(client: MlflowClient, name: str, version: str, before: ModelV
 
 
 def _get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -503,7 +495,6 @@ def workspace_candidate(client: MlflowClient, params: Params, layout: Layout, st
 def promotion_lock(client: MlflowClient, name: str, wait_seconds: float = 60.0) -> Iterator[None]:
     """Serialise promotions of `name` across machines: the lock is a registered model `<name>.promotion-lock`,
     which the tracking store creates at most once (its name is unique), deleted on release."""
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     lock = name + LOCK_SUFFIX

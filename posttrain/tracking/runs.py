@@ -172,7 +172,6 @@ def _code_dirty(root: Path) -> bool:
 
 
 def _log_params(client: MlflowClient, run_id: str, values: dict[str, str]) -> None:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.entities import Param
 
     # MLflow refuses '@' in keys; variants (`mixtures.sft@arith`) are logged as `mixtures.sft:arith`.
@@ -208,7 +207,6 @@ def start_pipeline_run(params: Params, root: Path, key: str | None = None, name:
 def _pipeline_run(
     client: MlflowClient, experiment: str, params: Params, root: Path, key: str, name: str | None = None
 ) -> str:
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.exceptions import MlflowException
 
     if re.fullmatch(r"[0-9a-f]{32}", key):  # the flow exported an MLflow run id
@@ -298,7 +296,6 @@ def record_stage(stage: str, params: Params, layout: Layout, result: StageResult
 
     Raises TrackingError (a PipelineError) when MLflow cannot be written, naming the store.
     """
-    # lazy: mlflow takes seconds to import; only tracking calls need it (the CLI imports this module for --help)
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
 

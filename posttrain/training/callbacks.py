@@ -52,7 +52,7 @@ def evaluate_domains(
     Leaves the model in the mode it found it and the RNG untouched, so evaluating during training
     does not change the training run.
     """
-    import torch  # lazy: only called with a model, i.e. torch already imported
+    import torch
 
     was_training = model.training
     model.eval()
@@ -82,7 +82,6 @@ def evaluate_domains(
 
 
 def all_finite(model: PreTrainedModel) -> bool:
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     return bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all())

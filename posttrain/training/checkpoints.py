@@ -188,7 +188,6 @@ class CheckpointMarker(TrainerCallback):
 
 
 def _barrier() -> None:
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -231,7 +230,6 @@ def training_series(checkpoint: Path, keys: tuple[str, ...], prefixes: tuple[str
 def average_last_checkpoints(model: Any, folder: Path, last_k: int) -> list[str]:
     """Load into `model` the uniform average of the last `last_k` complete checkpoints under `folder`
     (the stage's own run); returns their names. StageError when fewer than `last_k` exist."""
-    # lazy: torch and safetensors are heavy to import; only checkpoint averaging needs them here
     import torch
     from safetensors.torch import load_file
 

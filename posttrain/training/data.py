@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 def read_mixture(layout: Layout, stage: str, columns: Sequence[str]) -> datasets.Dataset:
     """The stage's training mixture with exactly `columns` (DataError naming a missing column)."""
-    # lazy: datasets, pandas are heavy to import; only this path needs them
     import datasets
     import pandas as pd
 
@@ -151,7 +150,7 @@ def load_sft_mixture(
       template; loss on the completion turns only;
     - plain prompt-completion: loss on the completion (+ EOS TRL appends) only.
     """
-    import datasets  # lazy: datasets is heavy to import; only this path needs it
+    import datasets
 
     if not is_conversational_mixture(layout, stage):
         return load_prompt_completion_mixture(layout, stage, tokenizer, section), {"completion_only_loss": True}

@@ -113,7 +113,7 @@ def peak_gpu_mb(runtime: Runtime) -> float | None:
     """Peak GPU memory held by tensors in this process (torch's allocator), None off CUDA."""
     if runtime.device != "cuda":
         return None
-    import torch  # lazy: loaded already by the trainer; only CUDA runs ask
+    import torch
 
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 

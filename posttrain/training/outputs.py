@@ -78,13 +78,12 @@ def pyplot() -> Any | None:
     """matplotlib's pyplot (Agg backend), or None where matplotlib is not installed: a lean GPU machine
     (docs/gpu.md) trains without it; the plot's JSON rows are still written, only the PNG is skipped."""
     try:
-        # lazy: matplotlib costs ~1 s to import and only stages with a series draw.
         import matplotlib
     except ImportError:
         log.warning("matplotlib is not installed: plot images skipped (their JSON rows are written)")
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
+    import matplotlib.pyplot as plt
 
     return plt
 

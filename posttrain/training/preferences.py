@@ -182,7 +182,7 @@ def training_pairs(
 
 def pair_dataset(rows: Sequence[dict[str, str]], tokenizer: Any, section: DPOStageConfig, where: str) -> Any:
     """The DPO training set (`prompt`, `chosen`, `rejected`) after checking both sides' lengths."""
-    import datasets  # lazy: heavy, and the stage modules import this one at start-up
+    import datasets
 
     texts = [r["prompt"] + r[side] for side in ("chosen", "rejected") for r in rows]
     check_lengths(texts, [r["id"] for r in rows] * 2, tokenizer, section.max_length, section.on_too_long, where)
@@ -212,7 +212,6 @@ def completion_logps(
     where the tokenized prompt and prompt+completion diverge; doing the same here makes these
     numbers the policy side of TRL's implicit reward.
     """
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     eos = tokenizer.eos_token

@@ -105,7 +105,7 @@ def split_summary(steps: list[StepTiming]) -> dict[str, Any]:
 
 def _synchronize() -> None:
     """Wait for queued CUDA work, so a phase's seconds are its own (a no-op without CUDA)."""
-    import torch  # lazy: loaded already by the trainer
+    import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

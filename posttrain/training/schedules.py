@@ -143,7 +143,6 @@ def build_scheduler(
     The lambda is a closure (not a picklable object), so `LambdaLR.state_dict()` stores only the step
     counter: a checkpoint restores the position in the schedule, the shape comes from params.yaml.
     """
-    # lazy: torch takes seconds to import; only model code paths need it
     import torch
 
     def multiplier(step: int) -> float:
