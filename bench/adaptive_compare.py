@@ -1,4 +1,4 @@
-"""Adaptive data methods against their simple baselines, at equal budget, over seeds (issue 16, item 4).
+"""Adaptive data methods against their simple baselines, at equal budget, over seeds.
 
     python -m bench.adaptive_compare [--seeds 1 2 3] [--out artifacts/bench]
 

@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 23; docs/gpu.md): every trainer stage of the throughput recipe against the
+"""The prepared GPU check (docs/gpu.md): every trainer stage of the throughput recipe against the
 bare TRL script with the same settings, side by side in one run, then FSDP2 at world size 1; one JSON.
 
     bench/gpu_check.sh                                   # on the GPU machine: carried wheels, then this
@@ -54,7 +54,7 @@ DEFAULT_STEPS = {"pretrain": 2, "cpt": 20, "sft": 20, "dpo": 10, "grpo": 8}
 SMOKE_STEPS = {"pretrain": 2, "cpt": 3, "sft": 3, "dpo": 2, "grpo": 2}
 FSDP_STEPS = {"gpu": 4, "smoke": 2}
 RATIO_TARGET = 0.97
-# MFU targets of issue 23 per recipe (the ~1.5B and ~0.5B throughput models); DPO's holds for both.
+# The MFU targets (docs/gpu.md) per recipe (the ~1.5B and ~0.5B throughput models); DPO's holds for both.
 MFU_TARGETS = {
     "gpu-throughput-1.5b": {"cpt": 0.40, "sft": 0.40, "dpo": 0.25},
     "gpu-throughput-0.5b": {"cpt": 0.30, "sft": 0.30, "dpo": 0.25},
@@ -317,7 +317,7 @@ print(json.dumps({"parameters": sum(p.numel() for p in model.parameters()),
 
 
 def verdicts(result: dict[str, Any], recipe_name: str, device: str) -> dict[str, Any]:
-    """Each issue-23 target against what this run measured ('not measured' off CUDA)."""
+    """Each target of docs/gpu.md against what this run measured ('not measured' off CUDA)."""
     if device != "cuda":
         return {"note": "not measured: no CUDA device (a CPU run checks the code path at toy size, nothing else)"}
     out: dict[str, Any] = {}

@@ -9,7 +9,7 @@ Setup (the default recipe's data and its `cpt` model as the shared parent, `--pa
     validation prompts);
   - exact match on the first `--items` TEST items per domain (the evaluate stage's scoring).
 
-Criterion of issue 15 per seed: the merge is within 2 points of the better parent on every domain and
+The merge criterion, per seed: the merge is within 2 points of the better parent on every domain and
 above each parent on the mean over domains. Writes artifacts/bench/merge_compare.json and prints a
 Markdown table (README). Runs in a scratch workspace (`$BENCH_SCRATCH`/merge_compare_<setup>).
 
@@ -131,7 +131,7 @@ def merges(layout: Layout, work: Path, params: Any, val: dict[str, Any]) -> dict
 
 
 def verdict(scores: dict[str, dict[str, float]], method: str) -> dict[str, Any]:
-    """Issue 15's criterion for one merge in one seed: per-domain gap to the better parent, mean vs each parent."""
+    """The merge criterion for one merge in one seed: per-domain gap to the better parent, mean vs each parent."""
     parents = [f"sft@{name}" for name in VARIANTS]
     gaps = {d: scores[method][d] - max(scores[p][d] for p in parents) for d in DOMAINS}
     above = {p: scores[method]["mean"] - scores[p]["mean"] for p in parents}

@@ -1,4 +1,4 @@
-"""Continual pretraining flow: new data files arrive, the pipeline catches up, the gate decides.
+"""Continual pretraining flow: new data files arrive, the pipeline catches up, promotion decides.
 
 Each run looks in `orchestration.continual.incoming_dir` for data files it has not
 ingested yet (by content hash, recorded in `<store_dir>/<domain>.ingested.json`). With none it says
@@ -14,9 +14,9 @@ so and stops. With new files it
    `cpt` mixture weights the first time;
 3. runs the pipeline (DVC reruns prepare, mix, cpt and everything below; stages whose inputs did
    not change are skipped by DVC);
-4. applies the promotion gate (`posttrain.tracking.registry.promote`).
+4. applies the promotion rules (`posttrain.tracking.registry.promote`).
 
-A run whose pipeline or gate failed leaves the ingest "pending"; the next run finishes it even
+A run whose pipeline or promotion failed leaves the ingest "pending"; the next run finishes it even
 without new files.
 
 Scheduling: `posttrain deploy` registers this flow as a cron deployment on a local Prefect server
@@ -66,7 +66,7 @@ from posttrain.spec import sync_dvc_yaml
 
 log = logging.getLogger("posttrain.continual")
 
-DEFAULT_GATE = "posttrain.tracking.registry:promote"
+DEFAULT_PROMOTE = "posttrain.tracking.registry:promote"
 DEFAULT_POOL = "posttrain-process"
 
 
@@ -78,7 +78,7 @@ class Ingested:
     version: str | None = None  # content hash of the domain's data after the ingest
     path: str | None = None  # the versioned file, relative to the project root
     rows: int = 0
-    pending: bool = False  # an earlier ingest whose pipeline or gate has not finished
+    pending: bool = False  # an earlier ingest whose pipeline or promotion has not finished
 
 
 def _sha256(path: Path) -> str:
@@ -227,42 +227,42 @@ def ingest_task(root: str) -> Ingested:
     return Ingested()
 
 
-def load_gate(spec: str) -> Any:
+def load_promotion(spec: str) -> Any:
     """`module:function` -> the function (default: posttrain.tracking.registry.promote)."""
     module, _, name = spec.partition(":")
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as error:
-        raise PipelineError(f"promotion gate {spec!r} cannot be loaded ({error}); expected 'module:function'") from None
+        raise PipelineError(f"promotion {spec!r} cannot be loaded ({error}); expected 'module:function'") from None
 
 
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)
-def gate_task(root: str, gate: str) -> Any:
+def promote_task(root: str, promote: str) -> Any:
     project = Path(root)
-    return load_gate(gate)(load_params(project / "params.yaml"), project)
+    return load_promotion(promote)(load_params(project / "params.yaml"), project)
 
 
 @flow(name="continual", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=16))
 def continual_flow(
     root: str = ".",
     stages: list[str] | None = None,
-    gate: str | None = DEFAULT_GATE,
+    promote: str | None = DEFAULT_PROMOTE,
     wait: float = 600.0,
 ) -> dict[str, Any] | State:
-    """Ingest new data, rerun the pipeline (all stages, or `stages` with their upstream), apply the gate.
+    """Ingest new data, rerun the pipeline (all stages, or `stages` with their upstream), then promote.
 
-    `gate`: the promotion function as `module:function`, called as gate(params, root); None skips it.
+    `promote`: the promotion function as `module:function`, called as promote(params, root); None skips it.
     `wait`: seconds to wait for another pipeline run in the same workspace to finish.
     """
     project = Path(root).resolve()
     try:
         with pipeline_lock(project, wait_seconds=wait):
-            return _continual(project, stages, gate)
+            return _continual(project, stages, promote)
     except PipelineError as error:
         return Failed(message=str(error))
 
 
-def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dict[str, Any] | State:
+def _continual(project: Path, stages: list[str] | None, promote: str | None) -> dict[str, Any] | State:
     logger = get_run_logger()
     cfg = load_params(project / "params.yaml").orchestration.continual
     found = ingest_task(str(project))
@@ -278,21 +278,21 @@ def _continual(project: Path, stages: list[str] | None, gate: str | None) -> dic
     if result.failed:
         return failure_state(result)
     decision = None
-    if gate:
+    if promote:
         try:
-            outcome = gate_task(str(project), gate)
-        except Exception as error:  # the gate's own message is what the user needs
-            return Failed(message=f"promotion gate: {error}")
+            outcome = promote_task(str(project), promote)
+        except Exception as error:  # the promotion's own message is what the user needs
+            return Failed(message=f"promotion: {error}")
         # posttrain.tracking.registry.promote returns a PromotionResult; a refusal is a decision, not a failure.
         decision = outcome.summary() if callable(getattr(outcome, "summary", None)) else outcome
-        logger.info("continual: promotion gate: %s", decision)
+        logger.info("continual: promotion: %s", decision)
     mark_done(project, cfg)
     return {
         "new_files": found.files,
         "version": found.version,
         "ran": True,
         "stages": result.outcomes,
-        "gate": decision,
+        "promotion": decision,
     }
 
 

@@ -780,9 +780,9 @@ class PromotionConfig(Strict):
     # Domains on which the candidate may not be worse than any evaluated model of its own lineage
     # (beyond the confidence intervals and the seed spread); empty: every domain both were scored on.
     lineage_domains: list[str] = []
-    # The smallest regression the lineage gate must catch, as exact match (0.05 = 5 points): a candidate
+    # The smallest regression the lineage check must catch, as exact match (0.05 = 5 points): a candidate
     # may be worse than an ancestor by less than this. Where the comparison's uncertainty band is wider,
-    # the data cannot tell and the gate says "inconclusive" (with the items or seeds that would do).
+    # the data cannot tell and the check says "inconclusive" (with the items or seeds that would do).
     max_regression: Fraction = 0.05
     # Per-domain overrides of max_regression, e.g. {add: 0.02}.
     max_regression_per_domain: dict[str, Fraction] = {}
@@ -833,7 +833,7 @@ def _candidate_problems(promotion: PromotionConfig, domains: set[str], models: l
 
 
 class ContinualConfig(Strict):
-    # New data files dropped here trigger continual pretraining + downstream + evaluation + gate.
+    # New data files dropped here trigger continual pretraining + downstream + evaluation + check.
     incoming_dir: str = "data/incoming"
     # Domain the incoming files are registered under.
     domain: str = "incoming"
@@ -971,7 +971,7 @@ class Params(Strict):
         if self.promotion.final_stage not in MODEL_STAGES:
             problems.append(("promotion.final_stage", self.promotion.final_stage, f"one of {list(MODEL_STAGES)}"))
         elif self.tracking.enabled and self.promotion.final_stage not in self.evaluate.models:
-            # Promotion (MLflow only) gates on the final stage's evaluation scores.
+            # Promotion (MLflow only) checks on the final stage's evaluation scores.
             problems.append(
                 (
                     "promotion.final_stage",

@@ -19,7 +19,7 @@ from posttrain.runtime import setup_runtime
 from posttrain.scoring.engines import stage_engine
 from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
-from posttrain.training import data, measures, preferences
+from posttrain.training import inputs, measures, preferences
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "dpo"
@@ -31,7 +31,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     section = params.dpo
     runtime = setup_runtime(params.compute, params.seed, params.model.attn_implementation)
-    domains = data.mixture_domains(params.mixtures[STAGE].weights)
+    domains = inputs.mixture_domains(params.mixtures[STAGE].weights)
 
     # 1. The sft model as the policy (`dpo.lora`: a LoRA adapter on it) and the frozen reference: a second
     #    copy, or with an adapter the adapter-free base (TRL switches the adapter off when ref_model is None).
@@ -48,7 +48,7 @@ def run(params: Params, layout: Layout) -> StageResult:
     model, tokenizer = loaded.model, loaded.tokenizer
 
     # 2. Preference pairs: the mixture's offline pairs, or on-policy pairs from the sft model's samples.
-    rows, where = data.load_mixture_rows(layout, STAGE, preferences.PAIR_COLUMNS, tokenizer)  # chat pairs: templated
+    rows, where = inputs.load_mixture_rows(layout, STAGE, preferences.PAIR_COLUMNS, tokenizer)  # chat pairs: templated
     engine, engine_options = stage_engine(params, STAGE, runtime.device)
     rows, pair_metrics = preferences.training_pairs(
         section, model, tokenizer, rows, params.seed, engine, engine_options
@@ -56,9 +56,9 @@ def run(params: Params, layout: Layout) -> StageResult:
     train_dataset = preferences.pair_dataset(rows, tokenizer, section, where)  # both sides' lengths checked
 
     # 3. Held-out offline pairs (never trained on): the input model's margins now, the trained model's after.
-    items = data.first_validation_items(layout, domains, section.eval_items)
+    items = inputs.first_validation_items(layout, domains, section.eval_items)
     held_out = preferences.offline_pairs(
-        data.chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed
+        inputs.chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed
     )
     margins = measures.dpo_hook(model, tokenizer, held_out, section.beta, domains)
 
@@ -69,7 +69,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         model=model,
         tokenizer=tokenizer,
         train_dataset=train_dataset,
-        data_manifest=data.mixture_manifest(layout, STAGE),
+        data_manifest=inputs.mixture_manifest(layout, STAGE),
         config_cls=DPOConfig,
         trainer_cls=DPOTrainer,
         config_fields={"beta": section.beta},

@@ -100,7 +100,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     cfg = params.evaluate
     runtime = setup_runtime(params.compute, params.seed)
-    # One engine for every model: scores made by different engines are not compared (the gate checks).
+    # One engine for every model: scores made by different engines are not compared (promotion refuses to).
     engine, options = stage_engine(params, "evaluate", runtime.device)
     log.info("evaluate: generation engine %s (setting: %s)", engine, options.engine)
     domains = list(cfg.domains or params.data.domains)

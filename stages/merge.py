@@ -20,7 +20,7 @@ from posttrain.models.adamerging import adamerge
 from posttrain.models.merging import NEEDS_BASE, check_same_line, last_checkpoints, merge_models
 from posttrain.pipeline.entry import stage_main
 from posttrain.stage import StageResult
-from posttrain.training.data import first_validation_items
+from posttrain.training.inputs import first_validation_items
 
 log = logging.getLogger("posttrain.merge")
 

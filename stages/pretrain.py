@@ -30,7 +30,7 @@ from posttrain.runtime import Runtime, setup_runtime
 from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training.callbacks import evaluate_domains
-from posttrain.training.data import load_text_mixture, load_validation_sets, mixture_manifest
+from posttrain.training.inputs import load_text_mixture, load_validation_sets, mixture_manifest
 from posttrain.training.job import TrainingJob, run_training
 from posttrain.training.outputs import write_model_output
 

@@ -24,7 +24,7 @@ from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
-from posttrain.training.data import load_sft_mixture, mixture_manifest
+from posttrain.training.inputs import load_sft_mixture, mixture_manifest
 from posttrain.training.job import TrainingJob, run_training
 
 STAGE = "sft"

@@ -105,8 +105,8 @@ def run(
     no_prefect: Annotated[
         bool, typer.Option("--no-prefect", help="Run plain `dvc repro` (no Prefect server, no retries).")
     ] = False,
-    no_gate: Annotated[
-        bool, typer.Option("--no-gate", help="Do not apply the promotion gate after a whole-pipeline run.")
+    no_promote: Annotated[
+        bool, typer.Option("--no-promote", help="Do not apply the promotion rules after a whole-pipeline run.")
     ] = False,
     wait: WaitOption = 0.0,
     root: RootOption = None,
@@ -115,8 +115,8 @@ def run(
 
     Overrides are validated and written into params.yaml before anything runs, so DVC's lock,
     MLflow's params and the run agree (like `dvc exp run -S`, without an experiment ref).
-    A whole-pipeline run (no --stages) ends with the promotion gate and its verdict; exit code
-    GATE_REFUSED (3) when the gate refuses the candidate.
+    A whole-pipeline run (no --stages) ends with promotion: the rules' verdict on the candidate; exit code
+    EXIT_REFUSED (3) when they refuse it, EXIT_INCONCLUSIVE (4) when they cannot tell.
     """
     project = _root(root)
     targets = _split(stages)
@@ -131,24 +131,24 @@ def run(
             if not overrides:
                 check(params)
             _sync_dvc_yaml(params, project, if_managed=True)
-            _run_locked(project, targets, downstream, force, no_prefect, no_gate)
+            _run_locked(project, targets, downstream, force, no_prefect, no_promote)
     except PipelineError as error:
         _fail(str(error))
 
 
 def _run_locked(
-    project: Path, targets: list[str] | None, downstream: bool, force: bool, no_prefect: bool, no_gate: bool
+    project: Path, targets: list[str] | None, downstream: bool, force: bool, no_prefect: bool, no_promote: bool
 ) -> None:
     """The body of `posttrain run`, with the workspace lock held and params.yaml/dvc.yaml written."""
     if no_prefect:
         args = ["repro", *(targets or []), *(["--downstream"] if downstream else []), *(["--force"] if force else [])]
         code = subprocess.run(dag.dvc_command(*args), cwd=project).returncode
         if code == 0:
-            _gate_after_run(project, targets, no_gate)
+            _promote_after_run(project, targets, no_promote)
         raise typer.Exit(code)
     if not force and _nothing_to_run(project, targets, downstream):
         typer.echo("every selected stage is up to date (dvc status): nothing to run, Prefect not started")
-        _gate_after_run(project, targets, no_gate)
+        _promote_after_run(project, targets, no_promote)
         return
     # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
     from flows.pipeline import check_prefect_api, pipeline_flow
@@ -159,19 +159,19 @@ def _run_locked(
         _fail(state.message or "the pipeline flow failed")
     outcomes = state.result()
     typer.echo("  ".join(f"{stage}: {outcome}" for stage, outcome in outcomes.items()))
-    _gate_after_run(project, targets, no_gate, outcomes)
+    _promote_after_run(project, targets, no_promote, outcomes)
 
 
-GATE_REFUSED = 3  # `posttrain run` exit code when the promotion gate refuses the candidate (README)
-GATE_INCONCLUSIVE = 4  # ... when its data cannot tell (the default does not promote then)
+EXIT_REFUSED = 3  # `posttrain run` exit code when the promotion rules refuse the candidate (README)
+EXIT_INCONCLUSIVE = 4  # ... when its data cannot tell (the default does not promote then)
 
 
-def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, stages: Any = None) -> None:
-    """A whole-pipeline run ends with the promotion gate: its verdict is printed, a refusal exits 3.
+def _promote_after_run(project: Path, targets: list[str] | None, no_promote: bool, stages: Any = None) -> None:
+    """A whole-pipeline run ends with promotion: the verdict is printed, a refusal exits 3 (inconclusive 4).
 
-    Only a DAG with an `evaluate` stage has scores to gate on (`stages`: its stage names, else read).
+    Only a DAG with an `evaluate` stage has scores to judge (`stages`: its stage names, else read).
     """
-    if targets or no_gate:
+    if targets or no_promote:
         return
     try:
         names = stages if stages is not None else dag.stage_graph(project)
@@ -179,12 +179,12 @@ def _gate_after_run(project: Path, targets: list[str] | None, no_gate: bool, sta
         _fail(str(error))
     if "evaluate" not in names:
         return
-    typer.echo("promotion gate:")
-    result = _registry_call("gate_verdict", _load_or_fail(project), project)
+    typer.echo("promotion:")
+    result = _registry_call("promotion_verdict", _load_or_fail(project), project)
     if not result.promoted:
-        code = GATE_INCONCLUSIVE if result.status == "inconclusive" else GATE_REFUSED
-        word = "could not decide on (INCONCLUSIVE)" if code == GATE_INCONCLUSIVE else "REFUSED"
-        typer.echo(f"promotion gate {word} the candidate: exit code {code}")
+        code = EXIT_INCONCLUSIVE if result.status == "inconclusive" else EXIT_REFUSED
+        word = "could not decide on (INCONCLUSIVE)" if code == EXIT_INCONCLUSIVE else "REFUSED"
+        typer.echo(f"promotion {word} the candidate: exit code {code}")
         raise typer.Exit(code)
 
 
@@ -298,8 +298,8 @@ def promote(
     version: Annotated[
         int | None, typer.Option("--version", help="Version of the recipe's model to promote (default: the candidate).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Promote even if the gate fails (needs --reason).")] = False,
-    reason: Annotated[str | None, typer.Option("--reason", help="Why the gate is overridden (recorded).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Promote even if the rules refuse (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="Why the rules are overridden (recorded).")] = None,
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for another promotion to finish.")] = 60.0,
     root: RootOption = None,
 ) -> None:
@@ -319,7 +319,7 @@ def promote(
         wait_seconds=wait,
     )  # fmt: skip
     if not result.promoted:
-        raise typer.Exit(GATE_INCONCLUSIVE if result.status == "inconclusive" else 1)
+        raise typer.Exit(EXIT_INCONCLUSIVE if result.status == "inconclusive" else 1)
 
 
 @app.command()
@@ -394,15 +394,15 @@ def deploy(
 @app.command()
 def continual(
     stages: StagesOption = None,
-    no_gate: Annotated[bool, typer.Option("--no-gate", help="Do not apply the promotion gate.")] = False,
+    no_promote: Annotated[bool, typer.Option("--no-promote", help="Do not apply the promotion rules.")] = False,
     wait: WaitOption = 600.0,
     root: RootOption = None,
 ) -> None:
-    """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion gate."""
+    """Run the continual flow once: ingest new files, rerun the pipeline, apply the promotion rules."""
     project = _root(root)
     _load_or_fail(project)
     # lazy: the flows layer (above this library) imports prefect, seconds; only the commands that start a flow need it
-    from flows.continual import DEFAULT_GATE, continual_flow
+    from flows.continual import DEFAULT_PROMOTE, continual_flow
     from flows.pipeline import check_prefect_api
 
     try:
@@ -411,7 +411,11 @@ def continual(
         _fail(str(error))
 
     state = continual_flow(
-        root=str(project), stages=_split(stages), gate=None if no_gate else DEFAULT_GATE, wait=wait, return_state=True
+        root=str(project),
+        stages=_split(stages),
+        promote=None if no_promote else DEFAULT_PROMOTE,
+        wait=wait,
+        return_state=True,
     )
     if state.is_failed():
         _fail(state.message or "the continual flow failed")
@@ -426,7 +430,7 @@ def seeds(
 ) -> None:
     """Run the recipe under N seeds as DVC experiments; write artifacts/metrics/seeds.json and a plot."""
     # lazy: keeps the CLI fast (the sweep imports DVC)
-    from posttrain.pipeline.seeds import run_sweep
+    from posttrain.pipeline.sweep import run_sweep
     from posttrain.scoring.seeds import PLOT_PATH, SEEDS_PATH
 
     project = _root(root)

@@ -287,7 +287,7 @@ def build_report(
             st, v = max(candidates, key=lambda item: item[1]["value"])
             worst[d] = {"stage": st, **v}
 
-    # Also per model, so a reader of one model's entry (e.g. the promotion gate) finds its forgetting.
+    # Also per model, so a reader of one model's entry (e.g. the promotion rules) finds its forgetting.
     for st in stages:
         models[st]["forgetting"] = {d: v for d, v in forgetting_by_stage[st].items() if v is not None}
 

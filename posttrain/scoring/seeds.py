@@ -1,6 +1,6 @@
 """Seed variance as a result: the eval.json documents of one recipe under N seeds, aggregated.
 
-`posttrain seeds N` (posttrain.pipeline.seeds) runs the recipe once per seed as DVC experiments and
+`posttrain seeds N` (posttrain.pipeline.sweep) runs the recipe once per seed as DVC experiments and
 hands their eval.json documents (docs/eval-schema.md) to `aggregate`, a pure function, which yields
 
     artifacts/metrics/seeds.json   per model x domain: mean, std, min, max of exact match over the

@@ -1,4 +1,4 @@
-"""Tracking: the MLflow connection (client), runs, the model registry with promotion gates, model cards.
+"""Tracking: the MLflow connection (client), runs, the model registry with promotion rules, model cards.
 
 Import-free on purpose: import the submodule you need; mlflow itself is imported inside functions.
 """

@@ -75,7 +75,7 @@ def build_model_card(name: str, version: str | None, tags: dict[str, str]) -> st
     if status:
         lines += ["", "## Promotion", "", f"- Status: {status}"]
         if tags.get(TAG + "promotion.forced") == "true":
-            lines.append("- Forced past the gates")
+            lines.append("- Forced past the checks")
         if tags.get(TAG + "promotion.reason"):
             lines.append(f"- Reason: {tags[TAG + 'promotion.reason']}")
         if tags.get(TAG + "promotion.previous_champion"):

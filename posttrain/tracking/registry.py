@@ -1,4 +1,4 @@
-"""Model registry: one registered model per recipe, a version per stage model, gated promotion of one champion.
+"""Model registry: one registered model per recipe, a version per stage model, promotion of one champion by rules.
 
 The recipe's registered model is `tracking.registered_model_prefix` (default `posttrain`). Every model a
 stage writes becomes a version of it, tagged with its stage (`posttrain.stage`: `sft`, `sft@arith`,
@@ -50,7 +50,7 @@ from posttrain.scoring.report import EvalReport, workspace_report
 from posttrain.spec import split_name
 from posttrain.tracking import modelcard
 from posttrain.tracking.client import TAG, connect, lineage_tags, retry_locked
-from posttrain.tracking.rules import Champion, Gate, Verdict, candidate_stage, decide, gates_for
+from posttrain.tracking.rules import Champion, Check, Verdict, candidate_stage, checks_for, decide
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -422,13 +422,13 @@ class PromotionResult:
     changed: bool
     forced: bool = False
     reason: str = ""
-    gates: list[Gate] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
     status: str = ""  # promote | refuse | inconclusive | unchanged | rolled-back
 
     def summary(self) -> str:
         marks = {"pass": "pass", "fail": "FAIL", "inconclusive": "????"}
         lines = [f"{self.name}: {self.reason}"]
-        lines += [f"  [{marks[g.status]}] {g.name}: {g.detail}" for g in self.gates]
+        lines += [f"  [{marks[g.status]}] {g.name}: {g.detail}" for g in self.checks]
         return "\n".join(lines)
 
 
@@ -548,7 +548,7 @@ def promote(
 ) -> PromotionResult:
     """Promote the candidate (`promotion.candidate` in the workspace, or `version`) to `champion` if the rules
     of posttrain.tracking.rules pass; `force` skips them and needs a `reason`, which is recorded. Prints the
-    decision and every gate."""
+    decision and every check."""
     if force and not (reason and reason.strip()):
         raise PromotionError("promote --force needs a reason (recorded on the version); e.g. --reason 'hotfix for ...'")
     client = connect(params, Path(root))
@@ -601,7 +601,7 @@ def _promote_locked(
         return result
     report = version_report(client, layout, target)
     if report is None:
-        gates = [Gate("evaluated", "fail", f"version {_ver(target)} ('{stage}') has no evaluation; run evaluate "
+        checks = [Check("evaluated", "fail", f"version {_ver(target)} ('{stage}') has no evaluation; run evaluate "
                       "with its model in the workspace (evaluate.models)")]  # fmt: skip
     else:
         spread, seed_std = _seed_terms(params, layout, stage)
@@ -610,20 +610,20 @@ def _promote_locked(
             served = Champion(
                 _ver(champion), champion.tags.get(STAGE_TAG) or "unknown", version_report(client, layout, champion)
             )
-        gates = gates_for(params.promotion, report, stage, served, spread, seed_std)
+        checks = checks_for(params.promotion, report, stage, served, spread, seed_std)
     if target.tags.get(ROLLED_BACK_TAG) == "true":
-        gates.append(Gate("not_rolled_back", "fail", f"version {_ver(target)} was rolled back; promote it again only "
+        checks.append(Check("not_rolled_back", "fail", f"version {_ver(target)} was rolled back; promote it again only "
                           "with --force and a reason"))  # fmt: skip
-    verdict = decide(gates, params.promotion)
-    gate_record = json.dumps([asdict(g) for g in gates], sort_keys=True)
+    verdict = decide(checks, params.promotion)
+    check_record = json.dumps([asdict(g) for g in checks], sort_keys=True)
     if verdict.promote or force:
         forced = force and not verdict.promote
-        why = reason.strip() if force and reason else "passed all gates"
+        why = reason.strip() if force and reason else "passed all checks"
         tags = {
             TAG + "promotion.status": "champion",
             TAG + "promotion.reason": why,
             TAG + "promotion.forced": "true" if forced else "false",
-            TAG + "promotion.gates": gate_record,
+            TAG + "promotion.checks": check_record,
         }
         if before:
             tags[TAG + "promotion.previous_champion"] = before
@@ -634,10 +634,10 @@ def _promote_locked(
         _move_champion(client, name, _ver(target), champion)
         _set_description(client, name, _ver(target))
         result = PromotionResult(
-            name, _ver(target), before, _ver(target), promoted=True, changed=True, forced=forced, gates=gates,
+            name, _ver(target), before, _ver(target), promoted=True, changed=True, forced=forced, checks=checks,
             status="promote",
             reason=f"version {_ver(target)} ('{stage}') is now the champion"
-            + (f" (FORCED past {verdict.status} gates: {why})" if forced else f" ({why})")
+            + (f" (FORCED past {verdict.status} checks: {why})" if forced else f" ({why})")
             + (f"; version {before} is previous-champion" if before else ""),
         )  # fmt: skip
     else:
@@ -649,13 +649,13 @@ def _promote_locked(
             {
                 TAG + "promotion.status": "inconclusive" if verdict.status == "inconclusive" else "refused",
                 TAG + "promotion.reason": verdict.reasons(),
-                TAG + "promotion.gates": gate_record,
+                TAG + "promotion.checks": check_record,
             },
         )
         if changed:
             _set_description(client, name, _ver(target))
         result = PromotionResult(
-            name, _ver(target), before, before, promoted=False, changed=changed, gates=gates, status=verdict.status,
+            name, _ver(target), before, before, promoted=False, changed=changed, checks=checks, status=verdict.status,
             reason=f"version {_ver(target)} ('{stage}') NOT promoted, {word} (champion stays {before or 'unset'}): "
             + verdict.reasons(),
         )  # fmt: skip
@@ -676,7 +676,7 @@ def _seed_terms(params: Params, layout: Layout, stage: str) -> tuple[Any, float 
     )
 
 
-def gate_verdict(params: Params, root: Path) -> PromotionResult:
+def promotion_verdict(params: Params, root: Path) -> PromotionResult:
     """The end of `posttrain run`: `promote` when tracking is on; otherwise the same rules on the workspace's
     eval.json (no champion to compare with), printed, nothing changed."""
     if params.tracking.enabled:
@@ -686,14 +686,14 @@ def gate_verdict(params: Params, root: Path) -> PromotionResult:
     stage, chosen_by = candidate_stage(params.promotion, report)
     print(f"candidate: '{stage}' (chosen by {chosen_by})")
     if report is None:
-        gates = [Gate("evaluated", "fail", f"{layout.metrics('eval')} does not exist; run the evaluate stage first")]
+        checks = [Check("evaluated", "fail", f"{layout.metrics('eval')} does not exist; run the evaluate stage first")]
     else:
         spread, _ = _seed_terms(params, layout, stage)
-        gates = gates_for(params.promotion, report, stage, None, spread)
-    verdict: Verdict = decide(gates, params.promotion)
-    shown = {"promote": "passes every gate", "refuse": "REFUSED", "inconclusive": "INCONCLUSIVE"}[verdict.status]
+        checks = checks_for(params.promotion, report, stage, None, spread)
+    verdict: Verdict = decide(checks, params.promotion)
+    shown = {"promote": "passes every check", "refuse": "REFUSED", "inconclusive": "INCONCLUSIVE"}[verdict.status]
     result = PromotionResult(
-        stage, None, None, None, promoted=verdict.promote, changed=False, gates=gates, status=verdict.status,
+        stage, None, None, None, promoted=verdict.promote, changed=False, checks=checks, status=verdict.status,
         reason=f"{shown}{': ' + verdict.reasons() if not verdict.promote else ''} (tracking.enabled is false: the "
         "registry is not touched; `posttrain promote` needs tracking on)",
     )  # fmt: skip

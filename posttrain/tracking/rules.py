@@ -13,21 +13,21 @@ Every comparison is a difference of exact match d = candidate - other on one dom
 quadrature. The models compared are this run's, scored on one set of test items: the items are the
 uncertainty. With `promotion.seed_spread` (and a seed sweep, `posttrain seeds N`) the interval is also
 widened on both sides by the standard deviation over seeds of that same difference: the rules then judge
-the recipe ("would another seed's run be this good?"), not only the models at hand. Each gate is pass,
+the recipe ("would another seed's run be this good?"), not only the models at hand. Each check is pass,
 fail or inconclusive:
 
 - thresholds: `min_exact_match[domain]` and `max_forgetting[domain]` on the candidate's own scores;
 - lineage: against every evaluated model it descends from, on each gated domain, with the margin
   m = `max_regression` (per domain: `max_regression_per_domain`): pass when low >= -m (not worse by m),
   fail when high < 0 and low < -m (worse beyond noise, possibly by more than m), else inconclusive:
-  the data cannot tell a regression of m from noise, and the gate says what would (items, seeds);
+  the data cannot tell a regression of m from noise, and the check says what would (items, seeds);
 - learning (`require_learning`): better than the first evaluated model of its lineage (the base) on at
   least one domain, low > 0; a chain that learned nothing is never promoted;
 - champion (`compare_domain`, when a champion exists): pass when low > `min_improvement`, fail when
   high <= `min_improvement`, else inconclusive; evaluations by different generation engines are not
   compared unless `allow_engine_mismatch`.
 
-The verdict: promote when every gate passes; refuse when any fails; inconclusive otherwise, which
+The verdict: promote when every check passes; refuse when any fails; inconclusive otherwise, which
 refuses unless `on_inconclusive: promote`.
 """
 
@@ -49,7 +49,7 @@ Status = Literal["pass", "fail", "inconclusive"]
 
 
 @dataclass
-class Gate:
+class Check:
     name: str
     status: Status
     detail: str
@@ -61,25 +61,25 @@ class Gate:
 
 @dataclass
 class Verdict:
-    """promote | refuse | inconclusive, with every gate behind it."""
+    """promote | refuse | inconclusive, with every check behind it."""
 
     status: Literal["promote", "refuse", "inconclusive"]
-    gates: list[Gate] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
 
     @property
     def promote(self) -> bool:
         return self.status == "promote"
 
     def reasons(self) -> str:
-        return "; ".join(f"{g.name}: {g.detail}" for g in self.gates if not g.passed)
+        return "; ".join(f"{g.name}: {g.detail}" for g in self.checks if not g.passed)
 
 
-def decide(gates: list[Gate], promotion: PromotionConfig) -> Verdict:
-    if any(g.status == "fail" for g in gates):
-        return Verdict("refuse", gates)
-    if any(g.status == "inconclusive" for g in gates):
-        return Verdict("promote" if promotion.on_inconclusive == "promote" else "inconclusive", gates)
-    return Verdict("promote", gates)
+def decide(checks: list[Check], promotion: PromotionConfig) -> Verdict:
+    if any(g.status == "fail" for g in checks):
+        return Verdict("refuse", checks)
+    if any(g.status == "inconclusive" for g in checks):
+        return Verdict("promote" if promotion.on_inconclusive == "promote" else "inconclusive", checks)
+    return Verdict("promote", checks)
 
 
 # --------------------------------------------------------------------------- the candidate
@@ -181,30 +181,30 @@ def _above(score: Score) -> float:
     return score.ci_high - score.mean if score.ci_high is not None else 0.0
 
 
-# --------------------------------------------------------------------------- gates
+# --------------------------------------------------------------------------- checks
 
 
-def threshold_gates(promotion: PromotionConfig, report: EvalReport, stage: str) -> list[Gate]:
+def threshold_checks(promotion: PromotionConfig, report: EvalReport, stage: str) -> list[Check]:
     """`min_exact_match` and `max_forgetting` on the candidate's own scores."""
     exact = report.exact_match(stage)
     model = report.model(stage)
     forgetting = {d: _forgetting_value(v) for d, v in (model.forgetting if model else {}).items()}
-    gates = []
+    checks = []
     for domain, threshold in sorted(promotion.min_exact_match.items()):
         score = exact.get(domain)
         if score is None:
-            gates.append(Gate(f"min_exact_match.{domain}", "fail", f"no exact-match score for domain '{domain}'"))
+            checks.append(Check(f"min_exact_match.{domain}", "fail", f"no exact-match score for domain '{domain}'"))
         else:
             status: Status = "pass" if score.mean >= threshold else "fail"
-            gates.append(Gate(f"min_exact_match.{domain}", status, f"{score.mean:.4f} (needs >= {threshold})"))
+            checks.append(Check(f"min_exact_match.{domain}", status, f"{score.mean:.4f} (needs >= {threshold})"))
     for domain, threshold in sorted(promotion.max_forgetting.items()):
         value = forgetting.get(domain)
         if value is None:
-            gates.append(Gate(f"max_forgetting.{domain}", "fail", f"no forgetting score for domain '{domain}'"))
+            checks.append(Check(f"max_forgetting.{domain}", "fail", f"no forgetting score for domain '{domain}'"))
         else:
             status = "pass" if value <= threshold else "fail"
-            gates.append(Gate(f"max_forgetting.{domain}", status, f"{value:.4f} (needs <= {threshold})"))
-    return gates
+            checks.append(Check(f"max_forgetting.{domain}", status, f"{value:.4f} (needs <= {threshold})"))
+    return checks
 
 
 def _forgetting_value(value: Any) -> float | None:
@@ -216,14 +216,16 @@ def _forgetting_value(value: Any) -> float | None:
 SpreadFn = Any  # (candidate stage, other stage, domain) -> seed std of the difference, or None
 
 
-def lineage_gates(
+def lineage_checks(
     promotion: PromotionConfig, report: EvalReport, stage: str, spread: SpreadFn | None = None
-) -> list[Gate]:
-    """One gate per (evaluated ancestor, gated domain): not worse than it by `max_regression`."""
+) -> list[Check]:
+    """One check per (evaluated ancestor, gated domain): not worse than it by `max_regression`."""
     model = report.model(stage)
     if model is None or not report.exact_match(stage):
-        return [Gate("lineage", "fail", f"'{stage}' has no exact-match scores in eval.json; add it to evaluate.models")]
-    gates: list[Gate] = []
+        return [
+            Check("lineage", "fail", f"'{stage}' has no exact-match scores in eval.json; add it to evaluate.models")
+        ]
+    checks: list[Check] = []
     for ancestor in model.lineage:
         name = ancestor.stage
         scores = report.exact_match(name)
@@ -236,36 +238,36 @@ def lineage_gates(
                 f"{relation} '{name}' was evaluated at content {evaluated[:12]} but the candidate descends from "
                 f"{ancestor.content_hash[:12]}; rerun evaluate"
             )
-            gates.append(Gate(f"not_worse_than.{name}", "fail", detail))
+            checks.append(Check(f"not_worse_than.{name}", "fail", detail))
             continue
         for domain in promotion.lineage_domains or sorted(set(report.exact_match(stage)) & set(scores)):
-            gate = f"not_worse_than.{name}.{domain}"
+            check = f"not_worse_than.{name}.{domain}"
             seed_std = (spread(stage, name, domain) if spread else None) or 0.0
             d = difference(report, stage, report, name, domain, seed_std)
             if d is None:
-                gates.append(Gate(gate, "fail", f"no '{domain}' exact match for the candidate or for '{name}'"))
+                checks.append(Check(check, "fail", f"no '{domain}' exact match for the candidate or for '{name}'"))
                 continue
             margin = promotion.regression_margin(domain)
             shown = f"{relation} '{name}' on {domain}: difference {d.shown()}, margin {margin}"
             if d.low >= -margin:
-                gates.append(Gate(gate, "pass", f"{shown}: not worse by the margin"))
+                checks.append(Check(check, "pass", f"{shown}: not worse by the margin"))
             elif d.high < 0:
-                gates.append(Gate(gate, "fail", f"{shown}: worse beyond noise, possibly by more than the margin"))
+                checks.append(Check(check, "fail", f"{shown}: worse beyond noise, possibly by more than the margin"))
             else:
-                gates.append(
-                    Gate(
-                        gate,
+                checks.append(
+                    Check(
+                        check,
                         "inconclusive",
                         f"{shown}: the data cannot tell a regression of {margin} from noise; "
                         f"that needs {d.advice(margin)}",
                     )  # fmt: skip
                 )
-    if not gates:
-        gates.append(Gate("lineage", "pass", f"no evaluated model in the lineage of '{stage}'"))
-    return gates
+    if not checks:
+        checks.append(Check("lineage", "pass", f"no evaluated model in the lineage of '{stage}'"))
+    return checks
 
 
-def learning_gate(promotion: PromotionConfig, report: EvalReport, stage: str) -> list[Gate]:
+def learning_check(promotion: PromotionConfig, report: EvalReport, stage: str) -> list[Check]:
     """Better than the base (the first evaluated model of its lineage) on at least one domain, beyond noise."""
     if not promotion.require_learning:
         return []
@@ -273,7 +275,7 @@ def learning_gate(promotion: PromotionConfig, report: EvalReport, stage: str) ->
     evaluated = [a.stage for a in (model.lineage if model else []) if report.exact_match(a.stage)]
     if not evaluated:
         return [
-            Gate(
+            Check(
                 "learned",
                 "inconclusive",
                 f"no evaluated model in the lineage of '{stage}' to show it learned "
@@ -287,10 +289,10 @@ def learning_gate(promotion: PromotionConfig, report: EvalReport, stage: str) ->
         if d is None:
             continue
         if d.low > 0:
-            return [Gate("learned", "pass", f"better than the base '{base}' on {domain}: {d.shown()}")]
+            return [Check("learned", "pass", f"better than the base '{base}' on {domain}: {d.shown()}")]
         shown.append(f"{domain} {d.shown()}")
     return [
-        Gate(
+        Check(
             "learned",
             "fail",
             f"not better than the base '{base}' on any domain beyond noise ({'; '.join(shown)}): "
@@ -301,33 +303,33 @@ def learning_gate(promotion: PromotionConfig, report: EvalReport, stage: str) ->
 
 @dataclass
 class Champion:
-    """The served model as the champion gate sees it: its version, stage and evaluation report."""
+    """The served model as the champion check sees it: its version, stage and evaluation report."""
 
     version: str
     stage: str
     report: EvalReport | None
 
 
-def champion_gate(
+def champion_check(
     promotion: PromotionConfig,
     report: EvalReport,
     stage: str,
     champion: Champion | None,
     seed_std: float | None = None,
-) -> list[Gate]:
+) -> list[Check]:
     """The candidate beats the current champion on `compare_domain` by more than `min_improvement`."""
     domain = promotion.compare_domain
     if not domain:
         return []
     name = f"beats_champion.{domain}"
     if champion is None:
-        return [Gate(name, "pass", "no champion yet: the first champion is judged on its own scores and lineage")]
+        return [Check(name, "pass", "no champion yet: the first champion is judged on its own scores and lineage")]
     if champion.report is None or champion.stage not in champion.report.models:
-        return [Gate(name, "fail", f"champion v{champion.version} has no evaluation to compare with; evaluate it")]
+        return [Check(name, "fail", f"champion v{champion.version} has no evaluation to compare with; evaluate it")]
     engines = report.engine_of(stage), champion.report.engine_of(champion.stage)
     if engines[0] != engines[1] and not promotion.allow_engine_mismatch:
         return [
-            Gate(
+            Check(
                 name,
                 "fail",
                 f"the candidate was evaluated with engine {engines[0]!r}, champion v{champion.version} "
@@ -337,32 +339,32 @@ def champion_gate(
         ]
     d = difference(report, stage, champion.report, champion.stage, domain, seed_std or 0.0)
     if d is None:
-        return [Gate(name, "fail", f"the candidate or champion v{champion.version} has no '{domain}' score")]
+        return [Check(name, "fail", f"the candidate or champion v{champion.version} has no '{domain}' score")]
     target = promotion.min_improvement
     shown = f"candidate - champion v{champion.version} ({champion.stage}) = {d.shown()}, needs > {target}"
     if report.prepared_manifest_hash != champion.report.prepared_manifest_hash:
         shown += "; the two were scored on different prepared data"
     if d.low > target:
-        return [Gate(name, "pass", shown)]
+        return [Check(name, "pass", shown)]
     if d.high <= target:
-        return [Gate(name, "fail", f"{shown}: not better")]
-    return [Gate(name, "inconclusive", f"{shown}: cannot tell; that needs {d.advice(max(abs(d.value), 0.01))}")]
+        return [Check(name, "fail", f"{shown}: not better")]
+    return [Check(name, "inconclusive", f"{shown}: cannot tell; that needs {d.advice(max(abs(d.value), 0.01))}")]
 
 
-def gates_for(
+def checks_for(
     promotion: PromotionConfig,
     report: EvalReport,
     stage: str,
     champion: Champion | None = None,
     spread: SpreadFn | None = None,
     seed_std: float | None = None,
-) -> list[Gate]:
-    """Every gate of the rule for `stage` in `report`, in the order they are printed."""
+) -> list[Check]:
+    """Every check of the rule for `stage` in `report`, in the order they are printed."""
     if report.model(stage) is None:
-        return [Gate("evaluated", "fail", f"'{stage}' has no evaluation scores; run the evaluate stage first")]
-    gates = [Gate("evaluated", "pass", f"scores of '{stage}' in eval.json")]
-    gates += threshold_gates(promotion, report, stage)
-    gates += learning_gate(promotion, report, stage)
-    gates += lineage_gates(promotion, report, stage, spread)
-    gates += champion_gate(promotion, report, stage, champion, seed_std)
-    return gates
+        return [Check("evaluated", "fail", f"'{stage}' has no evaluation scores; run the evaluate stage first")]
+    checks = [Check("evaluated", "pass", f"scores of '{stage}' in eval.json")]
+    checks += threshold_checks(promotion, report, stage)
+    checks += learning_check(promotion, report, stage)
+    checks += lineage_checks(promotion, report, stage, spread)
+    checks += champion_check(promotion, report, stage, champion, seed_std)
+    return checks

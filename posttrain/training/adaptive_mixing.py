@@ -38,7 +38,7 @@ from posttrain.errors import ParamsError, StageError
 from posttrain.io import read_json
 from posttrain.layout import Layout
 from posttrain.scoring.loss import mean_token_loss
-from posttrain.training.data import load_validation_sets, mixture_manifest, read_mixture
+from posttrain.training.inputs import load_validation_sets, mixture_manifest, read_mixture
 from posttrain.training.outputs import write_proportions_plot
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from posttrain.io import write_json_atomic
 from posttrain.scoring.generation import answer_budget, generate
 from posttrain.scoring.loss import mean_token_loss
 from posttrain.training.checkpoints import CheckpointMarker
-from posttrain.training.data import ValidationSet
+from posttrain.training.inputs import ValidationSet
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,7 +1,7 @@
 """A training stage run: `TrainingJob` describes it, `run_training` trains, measures and writes it.
 
 A trainer stage reads as: load the input model (posttrain.models.loading) -> its data
-(posttrain.training.data) -> a `TrainingJob` -> `run_training`. Everything a trainer stage has in
+(posttrain.training.inputs) -> a `TrainingJob` -> `run_training`. Everything a trainer stage has in
 common happens in this package, once:
 
     trl_config.py    our stage section -> SFTConfig / DPOConfig / GRPOConfig; LR schedules
@@ -48,8 +48,8 @@ from posttrain.training.checkpoints import (
     prepare_folder,
     tokens_at,
 )
-from posttrain.training.data import load_validation_sets
 from posttrain.training.flops import ModelShape, device_peak, throughput_metrics, trainer_passes
+from posttrain.training.inputs import load_validation_sets
 from posttrain.training.outputs import write_model_output
 from posttrain.training.trl_config import trl_config, with_schedule
 

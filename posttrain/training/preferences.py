@@ -24,7 +24,7 @@ from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
 from posttrain.scoring.engines import GenerationStats
 from posttrain.scoring.generation import answer_budget, generate
-from posttrain.training.data import check_lengths
+from posttrain.training.inputs import check_lengths
 
 log = logging.getLogger(__name__)
 

@@ -178,7 +178,7 @@ def stage_runs(client: Any, experiment: str = "posttrain") -> list[Any]:
 
 def all_versions(client: Any, prefix: str = "posttrain") -> list[Any]:
     """Every registered version of the recipe's model(s): `<prefix>` or `<prefix>-<stage>`, whichever the
-    registry names them (issue 27 moves from one model per stage to one per recipe)."""
+    registry names them (one registered model per recipe)."""
     names = [m.name for m in client.search_registered_models(max_results=1000)]
     mine = [n for n in names if n == prefix or n.startswith(prefix + "-")]
     return [v for n in mine for v in client.search_model_versions(f"name = '{n}'", max_results=1000)]

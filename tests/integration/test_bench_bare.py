@@ -92,7 +92,7 @@ def test_throughput_steps_and_summary() -> None:
 
 def test_conversational_mixtures_reach_trl_as_the_stage_gives_them(tmp_path) -> None:
     """SFT `messages` as TRL's lists with assistant-only loss; DPO/GRPO prompts through the chat template and
-    chosen/rejected as their assistant turn's text (what posttrain.training.data gives the trainers)."""
+    chosen/rejected as their assistant turn's text (what posttrain.training.inputs gives the trainers)."""
     import json
 
     import pandas as pd
@@ -100,7 +100,7 @@ def test_conversational_mixtures_reach_trl_as_the_stage_gives_them(tmp_path) -> 
 
     from posttrain.data.formats import canonical_json
     from posttrain.models import chat_template
-    from posttrain.training.data import chat_mixture_row
+    from posttrain.training.inputs import chat_mixture_row
 
     def write(stage: str, rows: list[dict]) -> None:
         folder = tmp_path / "artifacts" / "data" / "mixtures" / stage

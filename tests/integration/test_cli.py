@@ -145,7 +145,7 @@ def test_no_change_run_answers_from_dvc_status_without_starting_prefect(toy: Pat
 
 
 def test_whole_run_ends_with_the_gate_and_exit_code_3_when_it_refuses(tmp_path: Path) -> None:
-    """A DAG with an `evaluate` stage: after `posttrain run`, the gate's verdict; a regression exits 3."""
+    """A DAG with an `evaluate` stage: after `posttrain run`, the check's verdict; a regression exits 3."""
     from helpers.tiny import tiny_raw
 
     root = tmp_path / "project"
@@ -171,7 +171,7 @@ def test_whole_run_ends_with_the_gate_and_exit_code_3_when_it_refuses(tmp_path: 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", toy_env()["PATH"])
         result = runner.invoke(app, ["run", "--no-prefect", "--root", str(root)])
-        skipped = runner.invoke(app, ["run", "--no-prefect", "--no-gate", "--root", str(root)])
+        skipped = runner.invoke(app, ["run", "--no-prefect", "--no-promote", "--root", str(root)])
     assert result.exit_code == 3, result.output
     assert "[FAIL] not_worse_than.grpo.add3: parent 'grpo'" in result.output and "exit code 3" in result.output
     assert skipped.exit_code == 0, skipped.output

@@ -65,11 +65,11 @@ def uncovered(files: list[str], deps: list[str]) -> list[str]:
 
 
 def test_the_checker_finds_a_missing_dep() -> None:
-    files = ["stages/sft.py", "posttrain/config.py", "posttrain/training/job.py", "posttrain/training/data.py"]
+    files = ["stages/sft.py", "posttrain/config.py", "posttrain/training/job.py", "posttrain/training/inputs.py"]
     assert uncovered(files, ["stages/sft.py", "posttrain/config.py", "posttrain/training"]) == []
     assert uncovered(files, ["stages/sft.py", "posttrain/training/job.py"]) == [
         "posttrain/config.py",
-        "posttrain/training/data.py",
+        "posttrain/training/inputs.py",
     ]
     assert uncovered(["posttrain/trainingx.py"], ["posttrain/training"]) == ["posttrain/trainingx.py"]
 

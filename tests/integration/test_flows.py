@@ -33,12 +33,12 @@ from flows.pipeline import pipeline_flow  # noqa: E402
 from posttrain.config import load_params  # noqa: E402
 from posttrain.pipeline import dag  # noqa: E402
 
-GATE_CALLS: list[tuple[object, Path]] = []
+PROMOTE_CALLS: list[tuple[object, Path]] = []
 
 
-def record_gate(params: object, root: Path) -> str:
-    """Stands in for posttrain.tracking.registry.promote: records that the gate ran, with what."""
-    GATE_CALLS.append((params, root))
+def record_promotion(params: object, root: Path) -> str:
+    """Stands in for posttrain.tracking.registry.promote: records that promotion ran, with what."""
+    PROMOTE_CALLS.append((params, root))
     return "promoted"
 
 
@@ -137,20 +137,20 @@ def test_bad_override_fails_before_any_stage_runs(toy: Path) -> None:
 
 
 def test_continual_flow_waits_for_data_then_ingests_and_runs_downstream(toy: Path) -> None:
-    gate = "test_flows:record_gate"
-    GATE_CALLS.clear()
+    promote = "test_flows:record_promotion"
+    PROMOTE_CALLS.clear()
     pipeline_flow(str(toy))
     params_before = (toy / "params.yaml").read_text()
 
-    assert continual_flow(str(toy), gate=gate) == {"new_files": [], "ran": False}
-    assert (toy / "params.yaml").read_text() == params_before and not GATE_CALLS
+    assert continual_flow(str(toy), promote=promote) == {"new_files": [], "ran": False}
+    assert (toy / "params.yaml").read_text() == params_before and not PROMOTE_CALLS
 
     incoming = toy / "incoming"
     incoming.mkdir()
     (incoming / "batch1.csv").write_text("prompt,answer\n1+1=,2\n2+2=,4\n")
     (incoming / "notes.txt").write_text("not data")
-    result = continual_flow(str(toy), gate=gate)
-    assert result["new_files"] == ["batch1.csv"] and result["gate"] == "promoted"
+    result = continual_flow(str(toy), promote=promote)
+    assert result["new_files"] == ["batch1.csv"] and result["promotion"] == "promoted"
     assert result["stages"] == dict.fromkeys(["source", "left", "right", "join"], "ran")
     params = load_params(toy / "params.yaml")
     domain = params.data.domains["fresh"]
@@ -158,13 +158,13 @@ def test_continual_flow_waits_for_data_then_ingests_and_runs_downstream(toy: Pat
     assert params.mixtures["cpt"].weights["fresh"] == 1.0
     assert (toy / "data" / "continual" / "fresh.dvc").is_file()  # versioned with `dvc add`
     assert "domain=fresh kind=file" in (toy / "out" / "source.txt").read_text()
-    assert len(GATE_CALLS) == 1 and GATE_CALLS[0][1] == toy.resolve()
+    assert len(PROMOTE_CALLS) == 1 and PROMOTE_CALLS[0][1] == toy.resolve()
     assert dag.stale_stages(toy) == {}
 
     # The same files again: nothing new. A second batch: appended, a new version, downstream reruns.
-    assert continual_flow(str(toy), gate=gate)["ran"] is False
+    assert continual_flow(str(toy), promote=promote)["ran"] is False
     (incoming / "batch2.jsonl").write_text('{"prompt": "3+3=", "answer": "6"}\n')
-    second = continual_flow(str(toy), gate=gate)
+    second = continual_flow(str(toy), promote=promote)
     assert second["new_files"] == ["batch2.jsonl"] and second["version"] != result["version"]
     assert read_state(toy, params.orchestration.continual)["current"]["rows"] == 3
     assert len(list((toy / "data" / "continual" / "fresh").glob("*.jsonl"))) == 1
@@ -176,7 +176,7 @@ def test_continual_flow_waits_for_data_then_ingests_and_runs_downstream(toy: Pat
     chat = [{"role": "user", "content": "4+4="}]
     (incoming / "batch3.ndjson").write_text(json.dumps({"prompt": chat, "answer": "8"}) + "\n")
     pq.write_table(pa.Table.from_pylist([{"prompt": "5+5=", "answer": 10}]), incoming / "batch4.pq")
-    third = continual_flow(str(toy), gate=gate)
+    third = continual_flow(str(toy), promote=promote)
     assert sorted(third["new_files"]) == ["batch3.ndjson", "batch4.pq"]
     stored = (toy / load_params(toy / "params.yaml").data.domains["fresh"].path).read_text().splitlines()
     rows = [json.loads(line) for line in stored]
@@ -188,12 +188,12 @@ def test_continual_failure_leaves_ingest_pending_and_next_run_finishes_it(toy: P
     (toy / "incoming" / "a.jsonl").write_text('{"text": "hello"}\n')
     original = (toy / "toy" / "join.py").read_text()
     plant_failure(toy, "join")
-    state = continual_flow(str(toy), gate=None, return_state=True)
+    state = continual_flow(str(toy), promote=None, return_state=True)
     assert state.is_failed() and state.message.startswith("error: stage join: planted failure")
     (toy / "toy" / "join.py").write_text(original)
-    again = continual_flow(str(toy), gate=None)  # no new files, but the last ingest is unfinished
+    again = continual_flow(str(toy), promote=None)  # no new files, but the last ingest is unfinished
     assert again["ran"] is True and again["stages"]["join"] == "ran"
-    assert continual_flow(str(toy), gate=None)["ran"] is False
+    assert continual_flow(str(toy), promote=None)["ran"] is False
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Issue 18, cases 1-3, end to end through real DVC (and MLflow for case 2):
+"""Hostile inputs, cases 1-3 of docs/reliability.md, end to end through real DVC (and MLflow for case 2):
 
 1. an edited user data file makes `prepare` stale and `dvc repro` reruns it;
 2. after DVC's run cache restores an older `merge` output, promotion follows the workspace model;

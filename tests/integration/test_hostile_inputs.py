@@ -1,4 +1,4 @@
-"""Issue 18, cases 4-12: hostile inputs refused early with one line naming the input, or handled.
+"""Hostile inputs (cases 4-12 of docs/reliability.md) refused early with one line naming the input, or handled.
 
 Cases 1-3 (stale data, promotion after a run-cache restore, params edited mid-stage) are end to
 end in tests/test_hostile_e2e.py.
@@ -214,7 +214,7 @@ def test_seed_out_of_range(tiny_params: dict[str, Any], seed: int) -> None:
 def test_truncation_that_leaves_no_completion_is_refused() -> None:
     from posttrain.config import TokenizerConfig
     from posttrain.models.build import train_tokenizer
-    from posttrain.training.data import check_completion_room
+    from posttrain.training.inputs import check_completion_room
 
     tokenizer = train_tokenizer([f"{a}+{b}={a + b}" for a in range(30) for b in range(30)], TokenizerConfig())
     prompts = ["12+34=", "1+2="]

@@ -24,7 +24,7 @@ from posttrain.config import Params
 from posttrain.layout import Layout
 
 NAME = "posttrain"  # tracking.registered_model_prefix: the recipe's one registered model
-# The default recipe's thresholds; these candidates have no evaluated base, so the learning gate is off here
+# The default recipe's thresholds; these candidates have no evaluated base, so the learning check is off here
 # (tests/unit/test_promotion_rules.py covers it).
 GATES = {"min_exact_match": {"add": 0.5}, "max_forgetting": {"add": 0.2}, "require_learning": False}
 
@@ -166,8 +166,8 @@ def test_a_candidate_within_noise_of_the_champion_is_inconclusive_and_not_promot
     new_candidate(layout, params, seed=32, add=0.80, add3=0.52)  # +0.02 with +-0.02 intervals
     result = registry.promote(params, layout.root)
     assert not result.promoted and result.status == "inconclusive" and aliases(params)["champion"] == v1
-    gate = next(g for g in result.gates if g.name == "beats_champion.add3")
-    assert gate.status == "inconclusive" and f"champion v{v1} (merge)" in gate.detail
+    check = next(g for g in result.checks if g.name == "beats_champion.add3")
+    assert check.status == "inconclusive" and f"champion v{v1} (merge)" in check.detail
 
 
 def test_unevaluated_candidate_is_refused(project: tuple[Layout, Params]) -> None:
@@ -207,8 +207,8 @@ def test_the_first_champion_of_a_stage_is_compared_with_the_served_model(project
     grpo = new_model(layout, params, "grpo", seed=82)
     evaluate(layout, params, {"grpo": {"add": 0.9, "add3": 0.40}})
     result = registry.promote(params, layout.root, version=grpo)
-    gate = next(g for g in result.gates if g.name == "beats_champion.add3")
-    assert gate.status == "fail" and f"champion v{merge} (merge)" in gate.detail
+    check = next(g for g in result.checks if g.name == "beats_champion.add3")
+    assert check.status == "fail" and f"champion v{merge} (merge)" in check.detail
     assert not result.promoted and aliases(params)["champion"] == merge
 
 
@@ -339,7 +339,7 @@ def test_candidate_worse_than_its_parent_is_refused(
     evaluate(layout, params, {"grpo": {"add": 0.938, "add3": 0.52}, "merge": {"add": 0.93, "add3": 0.068}})
     result = registry.promote(params, layout.root)
     assert not result.promoted and "champion" not in aliases(params)
-    failed = [g for g in result.gates if g.status == "fail"]
+    failed = [g for g in result.checks if g.status == "fail"]
     assert [g.name for g in failed] == ["not_worse_than.grpo.add3"]
     out = capsys.readouterr().out
     assert "candidate: 'merge'" in out and "parent 'grpo' on add: difference -0.0080" in out

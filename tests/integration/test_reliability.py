@@ -30,7 +30,7 @@ from posttrain.config import parse_params
 from posttrain.errors import DataError, StageError
 from posttrain.lineage import file_hashes
 from posttrain.scoring import rewards
-from posttrain.training.data import check_lengths
+from posttrain.training.inputs import check_lengths
 
 SECRET = "hf_S3CRETvalue0123456789"
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from posttrain.pipeline.seeds import run_sweep
+from posttrain.pipeline.sweep import run_sweep
 from posttrain.scoring import seeds
 
 

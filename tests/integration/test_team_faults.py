@@ -148,7 +148,7 @@ def test_postgres_restart_between_stages_loses_no_run(team: Team, workspace: Pat
     services.restart_postgres(team.state())  # fast shutdown: the servers' pooled connections are cut
     restart = time.perf_counter() - started
     # The next stage through both servers: Prefect (flow and task runs) and MLflow (runs, registry).
-    done = ok(team.run([*CLI, "run", "--stages", "sft", "--no-gate"], workspace))
+    done = ok(team.run([*CLI, "run", "--stages", "sft", "--no-promote"], workspace))
     ran = re.findall(r"(\S+): ran", done.stdout.strip().splitlines()[-1])
     assert "sft" in ran, done.stdout[-3000:]
     after = stage_runs(client)

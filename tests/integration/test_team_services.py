@@ -84,7 +84,7 @@ def two_users(team: Team, tmp_path_factory: pytest.TempPathFactory) -> Users:
         team.up(root, label=f"up for {root.name}")  # the workspace's DVC remote
     started = time.perf_counter()
     logs = {root.name: root / "run.log" for root in (a, c)}
-    running = {root.name: team.start([*CLI, "run", "--no-gate"], root, logs[root.name]) for root in (a, c)}
+    running = {root.name: team.start([*CLI, "run", "--no-promote"], root, logs[root.name]) for root in (a, c)}
     seconds: dict[str, float] = {}
     while len(seconds) < len(running):  # each user's own wall time
         for name, process in running.items():

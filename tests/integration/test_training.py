@@ -21,7 +21,7 @@ from posttrain.runtime import setup_runtime
 from posttrain.training import outputs
 from posttrain.training.callbacks import SERIES_FILE
 from posttrain.training.checkpoints import COMPLETE_MARKER, find_resume_checkpoint
-from posttrain.training.data import load_prompt_completion_mixture, load_text_mixture, read_mixture
+from posttrain.training.inputs import load_prompt_completion_mixture, load_text_mixture, read_mixture
 from posttrain.training.trl_config import trl_config, with_schedule
 
 STAGES = ("pretrain", "cpt", "sft")

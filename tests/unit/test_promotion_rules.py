@@ -67,8 +67,8 @@ def promotion(**values: Any) -> PromotionConfig:
     return PromotionConfig(**values)
 
 
-def statuses(gates: list[rules.Gate]) -> dict[str, str]:
-    return {g.name: g.status for g in gates}
+def statuses(checks: list[rules.Check]) -> dict[str, str]:
+    return {g.name: g.status for g in checks}
 
 
 BASE = items(500, 100)
@@ -103,8 +103,8 @@ def test_a_regression_beyond_the_margin_is_refused_naming_ancestor_and_domain() 
             "grpo": {"add": flip(BASE, lose=60)},
         }
     )
-    gates = rules.lineage_gates(promotion(), data, "grpo")
-    by_name = {g.name: g for g in gates}
+    checks = rules.lineage_checks(promotion(), data, "grpo")
+    by_name = {g.name: g for g in checks}
     assert by_name["not_worse_than.dpo.add"].status == "fail"
     assert "parent 'dpo' on add" in by_name["not_worse_than.dpo.add"].detail
     assert by_name["not_worse_than.sft.add"].status == "fail"
@@ -114,7 +114,7 @@ def test_a_regression_beyond_the_margin_is_refused_naming_ancestor_and_domain() 
 
 def test_a_regression_smaller_than_the_margin_passes() -> None:
     data = report({"dpo": {"add": BASE}, "grpo": {"add": flip(BASE, lose=3)}})
-    assert statuses(rules.lineage_gates(promotion(max_regression=0.05), data, "grpo")) == {
+    assert statuses(rules.lineage_checks(promotion(max_regression=0.05), data, "grpo")) == {
         "not_worse_than.dpo.add": "pass"
     }
 
@@ -123,18 +123,18 @@ def test_a_band_wider_than_the_margin_is_inconclusive_and_says_what_would_do() -
     """20 test items cannot tell a 5-point regression from noise: the verdict is inconclusive, not a pass."""
     small = items(20, 10)
     data = report({"dpo": {"add": small}, "grpo": {"add": flip(small, lose=1)}})
-    (gate,) = rules.lineage_gates(promotion(max_regression=0.05), data, "grpo")
-    assert gate.status == "inconclusive"
-    assert "cannot tell a regression of 0.05" in gate.detail and "test items per domain (now 20)" in gate.detail
-    verdict = rules.decide([gate], promotion())
+    (check,) = rules.lineage_checks(promotion(max_regression=0.05), data, "grpo")
+    assert check.status == "inconclusive"
+    assert "cannot tell a regression of 0.05" in check.detail and "test items per domain (now 20)" in check.detail
+    verdict = rules.decide([check], promotion())
     assert verdict.status == "inconclusive" and not verdict.promote  # the default does not promote
-    assert rules.decide([gate], promotion(on_inconclusive="promote")).promote
+    assert rules.decide([check], promotion(on_inconclusive="promote")).promote
 
 
 def test_the_margin_is_per_domain() -> None:
     data = report({"dpo": {"add": BASE, "rev": BASE}, "grpo": {"add": flip(BASE, lose=15), "rev": flip(BASE, lose=15)}})
-    gates = rules.lineage_gates(promotion(max_regression=0.05, max_regression_per_domain={"rev": 0.01}), data, "grpo")
-    assert statuses(gates) == {"not_worse_than.dpo.add": "pass", "not_worse_than.dpo.rev": "fail"}
+    checks = rules.lineage_checks(promotion(max_regression=0.05, max_regression_per_domain={"rev": 0.01}), data, "grpo")
+    assert statuses(checks) == {"not_worse_than.dpo.add": "pass", "not_worse_than.dpo.rev": "fail"}
 
 
 def test_the_seed_spread_of_the_difference_not_of_the_level_widens_the_band() -> None:
@@ -151,18 +151,20 @@ def test_the_seed_spread_of_the_difference_not_of_the_level_widens_the_band() ->
     spread = seeds.difference_spread(summary, "grpo", "dpo", "add3")
     assert spread == pytest.approx(np.std([0.02, 0.02, 0.01], ddof=1))
     data = report({"dpo": {"add3": BASE}, "grpo": {"add3": flip(BASE, lose=40)}})
-    (gate,) = rules.lineage_gates(promotion(), data, "grpo", lambda c, a, d: seeds.difference_spread(summary, c, a, d))
-    assert gate.status == "fail" and "seed spread" in gate.detail
+    (check,) = rules.lineage_checks(
+        promotion(), data, "grpo", lambda c, a, d: seeds.difference_spread(summary, c, a, d)
+    )
+    assert check.status == "fail" and "seed spread" in check.detail
 
 
 def test_a_chain_that_learned_nothing_is_refused() -> None:
-    """The held-out-model defect: every stage at 0.000 exact match, promoted with 'passed all gates'."""
+    """The held-out-model defect: every stage at 0.000 exact match, promoted with 'passed all checks'."""
     zeros = "0" * 200
     data = report({"pretrain": {"add": zeros}, "sft": {"add": zeros}, "dpo": {"add": zeros}, "grpo": {"add": zeros}})
-    gates = rules.gates_for(promotion(), data, "grpo")
-    assert statuses(gates)["learned"] == "fail"
-    assert "learned nothing" in next(g for g in gates if g.name == "learned").detail
-    assert not rules.decide(gates, promotion()).promote
+    checks = rules.checks_for(promotion(), data, "grpo")
+    assert statuses(checks)["learned"] == "fail"
+    assert "learned nothing" in next(g for g in checks if g.name == "learned").detail
+    assert not rules.decide(checks, promotion()).promote
     learned = report(
         {
             "pretrain": {"add": zeros},
@@ -171,8 +173,8 @@ def test_a_chain_that_learned_nothing_is_refused() -> None:
             "grpo": {"add": items(200, 50)},
         }
     )
-    assert statuses(rules.learning_gate(promotion(), learned, "grpo")) == {"learned": "pass"}
-    assert rules.learning_gate(promotion(require_learning=False), data, "grpo") == []
+    assert statuses(rules.learning_check(promotion(), learned, "grpo")) == {"learned": "pass"}
+    assert rules.learning_check(promotion(require_learning=False), data, "grpo") == []
 
 
 def test_champion_gate_pass_fail_inconclusive_and_engines() -> None:
@@ -182,28 +184,30 @@ def test_champion_gate_pass_fail_inconclusive_and_engines() -> None:
     worse = report({"grpo": {"add": flip(BASE, lose=60)}}, chain={})
     same = report({"grpo": {"add": flip(BASE, lose=1, gain=1)}}, chain={})
     champion = rules.Champion("3", "merge", champion_report)
-    assert statuses(rules.champion_gate(rule, better, "grpo", champion)) == {"beats_champion.add": "pass"}
-    assert statuses(rules.champion_gate(rule, worse, "grpo", champion)) == {"beats_champion.add": "fail"}
-    assert statuses(rules.champion_gate(rule, same, "grpo", champion)) == {"beats_champion.add": "inconclusive"}
-    assert statuses(rules.champion_gate(rule, better, "grpo", None)) == {"beats_champion.add": "pass"}  # first champion
+    assert statuses(rules.champion_check(rule, better, "grpo", champion)) == {"beats_champion.add": "pass"}
+    assert statuses(rules.champion_check(rule, worse, "grpo", champion)) == {"beats_champion.add": "fail"}
+    assert statuses(rules.champion_check(rule, same, "grpo", champion)) == {"beats_champion.add": "inconclusive"}
+    assert statuses(rules.champion_check(rule, better, "grpo", None)) == {
+        "beats_champion.add": "pass"
+    }  # first champion
     paged = better.model_copy(update={"generation": {"engine": "paged"}})
-    (gate,) = rules.champion_gate(rule, paged, "grpo", champion)
-    assert gate.status == "fail" and "engine 'paged'" in gate.detail and "'hf'" in gate.detail
+    (check,) = rules.champion_check(rule, paged, "grpo", champion)
+    assert check.status == "fail" and "engine 'paged'" in check.detail and "'hf'" in check.detail
     allowed = promotion(compare_domain="add", allow_engine_mismatch=True)
-    assert statuses(rules.champion_gate(allowed, paged, "grpo", champion)) == {"beats_champion.add": "pass"}
+    assert statuses(rules.champion_check(allowed, paged, "grpo", champion)) == {"beats_champion.add": "pass"}
 
 
 def test_stale_evaluation_of_an_ancestor_fails() -> None:
     data = report({"dpo": {"add": BASE}, "grpo": {"add": BASE}})
     stale = data.models["dpo"].model_copy(update={"content_hash": "an-older-dpo"})
     data = data.model_copy(update={"models": {**data.models, "dpo": stale}})
-    (gate,) = rules.lineage_gates(promotion(), data, "grpo")
-    assert gate.status == "fail" and "rerun evaluate" in gate.detail
+    (check,) = rules.lineage_checks(promotion(), data, "grpo")
+    assert check.status == "fail" and "rerun evaluate" in check.detail
 
 
 def test_lineage_domains_limit_the_gate() -> None:
     data = report({"dpo": {"add": BASE, "rev": BASE}, "grpo": {"add": BASE, "rev": flip(BASE, lose=90)}})
-    assert [g.name for g in rules.lineage_gates(promotion(lineage_domains=["add"]), data, "grpo")] == [
+    assert [g.name for g in rules.lineage_checks(promotion(lineage_domains=["add"]), data, "grpo")] == [
         "not_worse_than.dpo.add"
     ]
 
@@ -259,13 +263,13 @@ def test_candidate_rule_errors_name_the_key(candidate: dict[str, Any], key: str)
 def test_verdict_without_tracking_applies_the_rules_to_the_workspace(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from posttrain.tracking.registry import gate_verdict
+    from posttrain.tracking.registry import promotion_verdict
 
     data = report({"pretrain": {"add": items(500, 5)}, "grpo": {"add": BASE}, "merge": {"add": flip(BASE, lose=80)}},
                   chain={"merge": ["grpo"], "grpo": ["pretrain"]})  # fmt: skip
     layout = Layout(tmp_path)
     layout.metrics("eval").parent.mkdir(parents=True)
     layout.metrics("eval").write_text(data.model_dump_json())
-    result = gate_verdict(tiny_params(), layout.root)
+    result = promotion_verdict(tiny_params(), layout.root)
     assert not result.promoted and result.status == "refuse" and "not_worse_than.grpo.add" in result.reason
     assert "[FAIL] not_worse_than.grpo.add" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Seed sweep, the pure parts: aggregation, the stage targets, the plot, and the promotion gate's seed rule."""
+"""Seed sweep, the pure parts: aggregation, the stage targets, the plot, and the promotion rules's seed rule."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_plot_is_written(tmp_path):
 def test_champion_gate_requires_improvement_beyond_seed_std():
     from posttrain.config import PromotionConfig
     from posttrain.scoring.report import EvalReport
-    from posttrain.tracking.rules import Champion, champion_gate
+    from posttrain.tracking.rules import Champion, champion_check
 
     def report(stage: str, add3: float) -> EvalReport:
         return EvalReport.parse({"models": {stage: {"domains": {"add3": {"exact_match": score(add3, 0.01)}}}}})
@@ -103,8 +103,8 @@ def test_champion_gate_requires_improvement_beyond_seed_std():
     champion = Champion("1", "merge", report("merge", 0.50))
 
     def beats(seed_std: float | None) -> bool:
-        (gate,) = champion_gate(rule, report("grpo", 0.56), "grpo", champion, seed_std=seed_std)
-        return gate.passed
+        (check,) = champion_check(rule, report("grpo", 0.56), "grpo", champion, seed_std=seed_std)
+        return check.passed
 
     # +0.06 with CIs of +-0.01: beyond one run's noise ...
     assert beats(None)
