@@ -364,6 +364,18 @@ def full_root() -> Path:
     return Path(e2e["full_run"]["root"])
 
 
+def word_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer over `vocab_size` ids (t0 = pad, t1 = eos, t2 = unk) for benchmarks whose data are
+    synthetic ids: a real tokenizer's output layer would dominate a toy-sized model's cost."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     n = len(ordered)

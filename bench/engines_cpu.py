@@ -202,7 +202,7 @@ def default_recipe_calls(repeats: int) -> dict[str, Any]:
 
     import torch
 
-    from bench.gpu import word_tokenizer
+    from bench.common import word_tokenizer
     from posttrain.config import load_params
     from posttrain.models.build import build_scratch_model
     from posttrain.scoring.engines import GenerationRequest, GenerationStats, timed_run

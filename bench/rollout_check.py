@@ -64,12 +64,12 @@ TOKENIZERS = (REPO / ".whl" / "rollout" / "tokenizer", REPO / "models" / "smollm
 
 def load_tokenizer(path: Path | None, smoke: bool, vocab: int = 512) -> Any:
     """`path`, else: the SmolLM2 tokenizer (the first of TOKENIZERS that exists) on a GPU, a word-level
-    tokenizer of `vocab` ids for the smoke (bench.gpu.word_tokenizer: a 49k-token output layer would
+    tokenizer of `vocab` ids for the smoke (bench.common.word_tokenizer: a 49k-token output layer would
     be most of a toy model's time)."""
     from transformers import AutoTokenizer
 
     if smoke and path is None:
-        from bench.gpu import word_tokenizer
+        from bench.common import word_tokenizer
 
         return word_tokenizer(vocab)
     found = path or next((p for p in TOKENIZERS if (p / "tokenizer.json").is_file()), None)
@@ -304,7 +304,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "config": config,
         "parameters": parameters,
-        "tokenizer": getattr(tokenizer, "name_or_path", "") or "word-level (bench.gpu.word_tokenizer)",
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or "word-level (bench.common.word_tokenizer)",
         "vllm": "not measured: vLLM's wheel (hundreds of MB, with its own CUDA torch) cannot travel with the check",
     }
     result["rollouts"] = measure_rollouts(model, tokenizer, config)

@@ -16,9 +16,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS="${ROLLOUT_WHEELS:-.whl/rollout}"
 # "site-packages" in the name matters: dill (datasets' fingerprints) pickles modules from any other
 # folder by value, and pickling pyarrow's that way fails (Can't pickle <class 'MonthDayNano'>).
-SITE="$(cd "$(dirname "$WHEELS")" && pwd)/$(basename "$WHEELS").site-packages"
 if ! "$PYTHON" -c "import trl, datasets" 2>/dev/null; then
   [ -d "$WHEELS" ] || { echo "rollout_check: TRL/datasets not importable and no $WHEELS/ (run bench/rollout_wheels.sh)" >&2; exit 2; }
+  SITE="$(cd "$(dirname "$WHEELS")" && pwd)/$(basename "$WHEELS").site-packages"
   rm -rf "$SITE" && mkdir -p "$SITE"
   for wheel in "$WHEELS"/*.whl; do
     "$PYTHON" -m zipfile -e "$wheel" "$SITE"

@@ -72,7 +72,7 @@ class EngineConfig(Strict):
     # auto: on CUDA the fastest engine installed (vllm, then paged, then hf); on CPU hf.
     engine: Literal["auto", "hf", "paged", "vllm"] = "auto"
     # vllm only. colocate: vLLM inside the stage's process, on its GPU; server: requests go to a
-    # running `trl vllm-serve` (vllm_server_url, default http://0.0.0.0:8000).
+    # running `trl vllm-serve` (vllm_server_url, TRL's default is port 8000 on this host).
     vllm_mode: Literal["colocate", "server"] = "colocate"
     # colocate: vLLM frees its weights and KV cache between generations (the training step needs the memory).
     vllm_sleep_mode: bool = True

@@ -206,9 +206,9 @@ def test_prefect_server_restart_while_the_worker_holds_a_scheduled_run(team: Tea
     ok(team.run([*CLI, "deploy", "--root", str(toy), "--cron", "0 3 * * *", "--pool", services.WORK_POOL], toy))
     api = team.client_env()["PREFECT_API_URL"]
     deployment = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()[0]
-    # A run of the scheduled deployment, due now (the toy project has no registry: no gate).
+    # A run of the scheduled deployment, due now (the toy project has no registry: promote=None skips the promotion rules).
     flow_run = httpx.post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": {"gate": None}}, timeout=30
+        f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": {"promote": None}}, timeout=30
     ).json()
 
     def state() -> str | None:
