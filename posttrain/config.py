@@ -83,6 +83,9 @@ class TokenizerConfig(Strict):
     # Listed explicitly, a domain added later (e.g. for CPT) leaves pretrain untouched; its
     # characters must then already be covered by these domains (others map to <unk>).
     domains: list[str] | None = None
+    # Put a BOS token (`<s>`) in front of every text on encode, as the tokenizers of Llama 2/3, Mistral
+    # and Gemma do (posttrain.models.encoding); off: no special tokens are added on encode.
+    bos: bool = False
 
 
 class ArchitectureConfig(Strict):

@@ -14,6 +14,7 @@ from typing import Any
 
 from posttrain.data.formats import Message, full_conversation, prompt_turns
 from posttrain.errors import StageError
+from posttrain.models.encoding import encode, strip_bos
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ def _require_template(tokenizer: Any) -> None:
 
 
 def chat_prompt(tokenizer: Any, turns: list[Message]) -> str:
-    """Prompt turns through the tokenizer's chat template, ending with the assistant's generation prompt."""
+    """Prompt turns through the tokenizer's chat template, ending with the assistant's generation prompt
+    (BOS-free: `encode` puts the tokenizer's BOS back once, posttrain.models.encoding)."""
     _require_template(tokenizer)
-    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return strip_bos(tokenizer, tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
 
 
 def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
     if not record.get("messages"):
         return record
     _require_template(tokenizer)
-    text = tokenizer.apply_chat_template(full_conversation(record), tokenize=False)
+    text = strip_bos(tokenizer, tokenizer.apply_chat_template(full_conversation(record), tokenize=False))
     return {**record, "prompt": chat_prompt(tokenizer, prompt_turns(record)), "text": text}
 
 
@@ -52,20 +54,9 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, as the model saw prompts in training (tokenizer's special tokens).
-
-    A tokenizer whose post-processor appends EOS to every text would end each prompt with "stop";
-    that trailing EOS is dropped so the model continues the prompt instead.
-    """
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    out: list[list[int]] = []
-    for ids in encoded:
-        ids = list(ids)
-        if eos is not None and len(ids) > 1 and ids[-1] == eos:
-            ids = ids[:-1]
-        out.append(ids)
-    return out
+    """Token ids of each prompt as the model saw prompts in training: the tokenizer's BOS once where it
+    adds one, and no EOS after the prompt (the model must continue it), posttrain.models.encoding."""
+    return encode(tokenizer, prompts)
 
 
 def generate(

@@ -21,6 +21,7 @@ from posttrain.data.formats import Message, decode_messages, trl_row
 from posttrain.errors import DataError
 from posttrain.layout import Layout
 from posttrain.models import chat_template
+from posttrain.models.encoding import encode, strip_bos
 from posttrain.scoring.generation import chat_prompt, chat_record
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def check_completion_room(
     """
     if not prompts:
         return
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in encode(tokenizer, prompts)]
     if all(n >= max_length for n in lengths):
         shortest = min(lengths)
         raise DataError(
@@ -82,11 +83,11 @@ def check_lengths(
     on_too_long: Literal["truncate", "refuse"],
     where: str,
 ) -> int:
-    """Count examples longer than `max_length` tokens (EOS included); with `refuse`, fail on the first.
+    """Count examples longer than `max_length` tokens (BOS and EOS included); with `refuse`, fail on the first.
 
     TRL truncates silently; a cut example loses its answer or its EOS, so by default we refuse.
     """
-    lengths = [len(ids_) + 1 for ids_ in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids_) + 1 for ids_ in encode(tokenizer, texts)]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and on_too_long == "refuse":
         i = too_long[0]
@@ -131,13 +132,14 @@ def is_conversational_mixture(layout: Layout, stage: str) -> bool:
 
 
 def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]], where: str) -> list[str]:
-    """Whole conversations rendered by the tokenizer's chat template (what training sees; for length checks)."""
+    """Whole conversations rendered by the tokenizer's chat template (what training sees; for length checks),
+    BOS-free like every string of the pipeline (`encode` counts the BOS once)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{where}: a conversational mixture needs a chat template, but the model's tokenizer has none; "
             "expected model.chat_template to be set ('base', 'chatml' or a Jinja file)"
         )
-    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    return [strip_bos(tokenizer, tokenizer.apply_chat_template(c, tokenize=False)) for c in conversations]
 
 
 def load_sft_mixture(

@@ -22,6 +22,7 @@ from posttrain.config import DPOStageConfig
 from posttrain.data.domains import wrong_answer
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
+from posttrain.models.encoding import encode
 from posttrain.scoring.generation import answer_budget, generate
 from posttrain.training.data import check_lengths
 
@@ -185,8 +186,9 @@ def completion_logps(
 ) -> list[float]:
     """Sum of log p(completion + EOS | prompt) per pair, tokenized the way TRL's DPOTrainer does.
 
-    DPOTrainer appends the EOS token to the completion text and takes the completion to start
-    where the tokenized prompt and prompt+completion diverge; doing the same here makes these
+    DPOTrainer appends the EOS token to the completion text, tokenizes with the tokenizer's special
+    tokens (the BOS once on the pipeline's BOS-free strings, `encode`) and takes the completion to
+    start where the tokenized prompt and prompt+completion diverge; doing the same here makes these
     numbers the policy side of TRL's implicit reward.
     """
     # lazy: torch takes seconds to import; only model code paths need it
@@ -195,8 +197,7 @@ def completion_logps(
     eos = tokenizer.eos_token
     sequences: list[tuple[list[int], int]] = []
     for prompt, completion in zip(prompts, completions, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(prompt + completion + eos)["input_ids"]
+        prompt_ids, full_ids = encode(tokenizer, [prompt, prompt + completion + eos])
         start = 0
         while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
             start += 1
