@@ -421,6 +421,33 @@ class LoRAConfig(Strict):
     quantization: Literal["4bit", "8bit"] | None = None
 
 
+class NoLearningConfig(Strict):
+    """What a training stage does when it measures that it did not learn (posttrain.training.no_learning).
+
+    Defaults measured on healthy runs (docs/real-model.md, "A stage that learned nothing"): the toy
+    recipe's stages move their training loss by 12% (DPO) to 93% (SFT) from first to last log; a stage
+    that cannot learn moves it by 0% (1 step at lr 1e-9) and writes the weights it read.
+    """
+
+    # warn: log it and record it in metrics.json; fail: stop the stage (no model written).
+    action: Literal["warn", "fail"] = "warn"
+    # The trained weights are bit-identical to the input model's (the same digest).
+    unchanged_weights: bool = True
+    # |first - last| / |first| of the training loss (means of the first and last logged losses, up to 3
+    # each) below which the loss "did not move"; null: not checked.
+    min_loss_change: Fraction | None = 0.01
+
+
+class GRPONoLearningConfig(NoLearningConfig):
+    """GRPO's loss is no learning signal (~0 by construction with beta 0): off by default. Before training,
+    the share of held-out prompts whose `num_generations` sampled completions all get the same reward:
+    such groups have zero advantage and give no gradient."""
+
+    min_loss_change: Fraction | None = None
+    # Above this share GRPO cannot learn (issue 26: 91% measured before a run that changed no weight); null: off.
+    max_zero_variance_groups: Fraction | None = 0.9
+
+
 class TrainStageConfig(Strict):
     trainer: TrainerArgs = TrainerArgs()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -439,6 +466,8 @@ class TrainStageConfig(Strict):
     # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
     # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
     average_last: NonNegInt = 0
+    # Checks that the stage learned something, and whether a failed check warns or stops the stage.
+    no_learning: NoLearningConfig = NoLearningConfig()
 
     @model_validator(mode="after")
     def _averaging_needs_constant_lr(self) -> TrainStageConfig:
@@ -494,6 +523,7 @@ class HybridConfig(Strict):
 
 
 class GRPOStageConfig(TrainStageConfig):
+    no_learning: GRPONoLearningConfig = GRPONoLearningConfig()
     # null: TRL's shuffled order; else a curriculum picks each batch's prompts.
     curriculum: CurriculumConfig | None = None
     # null: GRPO only; else SFT on prompts whose rollouts fail (posttrain.training.hybrid).

@@ -20,7 +20,7 @@ from posttrain.runtime import setup_runtime
 from posttrain.scoring import rewards
 from posttrain.scoring.generation import chat_record
 from posttrain.stage import StageResult
-from posttrain.training import data, measures
+from posttrain.training import data, measures, no_learning
 from posttrain.training.grpo_options import with_options
 from posttrain.training.job import TrainingJob, run_training
 
@@ -46,9 +46,15 @@ def run(params: Params, layout: Layout) -> StageResult:
     # 2. Prompts (chat ones through the template) + gold `answer` (TRL passes it to the reward functions).
     rows = data.load_prompt_answer_rows(layout, STAGE, tokenizer, section)
 
-    # 3. Rewards on held-out prompts: the input model's now, the trained model's after training.
+    # 3. Rewards on held-out prompts: the input model's now, the trained model's after training. Where most
+    #    groups of samples all score the same, GRPO has no gradient: say so, or stop here (grpo.no_learning).
     held_out = [chat_record(tokenizer, r) for r in data.first_validation_items(layout, domains, section.eval_items)]
-    scores = measures.grpo_hook(model, tokenizer, section, held_out, params.seed, layout, STAGE)
+    before = measures.grpo_before(model, tokenizer, section, held_out, params.seed, STAGE)
+    scores = measures.grpo_hook(section, held_out, before, params.seed, layout, STAGE)
+    zero_variance = no_learning.zero_variance_check(
+        section.no_learning, before["sampled_zero_variance_groups"], len(held_out)
+    )
+    no_learning.enforce(STAGE, section.no_learning, [zero_variance])
 
     # 4. Optional curriculum / hybrid SFT<->RL (posttrain.training.grpo_options).
     trainer_cls, trainer_kwargs, hooks = with_options(GRPOTrainer, section, rows, layout, STAGE)
@@ -71,6 +77,7 @@ def run(params: Params, layout: Layout) -> StageResult:
         adapter=loaded.adapter,
         metrics_extra={"grpo_domains": domains, "rewards": [s.model_dump() for s in section.rewards]},
         measure=[scores, *hooks],
+        learning_checks=[zero_variance],
     )
     return run_training(job, params, layout, runtime)
 

@@ -8,7 +8,7 @@ what the hook returns into metrics.json before its single write.
     DPO    log-probability margin log p(chosen) - log p(rejected) on held-out offline pairs, the implicit
            reward margin beta * (after - before), preference accuracy, TRL's rewards/margins curve
     GRPO   mean combined reward of greedy and sampled completions, greedy exact match, share of sampled
-           groups with zero reward variance; TRL's reward curve (also written for `dvc plots`)
+           groups (of num_generations) with zero reward variance; TRL's reward curve (also for `dvc plots`)
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 DPO_SERIES = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 GRPO_SERIES = ("loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "kl")
-# Sampled completions per held-out prompt when scoring a model (the rewards' spread shows in these).
-EVAL_SAMPLES = 4
 
 
 def dpo_hook(
@@ -68,8 +66,9 @@ def dpo_hook(
 def score_policy(
     model: Any, tokenizer: Any, section: GRPOStageConfig, prompts: list[str], answers: list[str], seed: int
 ) -> dict[str, float]:
-    """Mean combined reward of greedy and sampled completions, greedy exact match, zero-variance share."""
-    budget = section.max_completion_length
+    """Mean combined reward of greedy and sampled completions, greedy exact match, and the share of prompts
+    whose `num_generations` sampled completions (a training group's size) all get the same reward."""
+    budget, samples = section.max_completion_length, section.num_generations
     greedy = [c[0] for c in generate(model, tokenizer, prompts, max_new_tokens=budget)]
     sampled = generate(
         model,
@@ -78,13 +77,13 @@ def score_policy(
         max_new_tokens=budget,
         do_sample=True,
         temperature=section.temperature,
-        num_return_sequences=EVAL_SAMPLES,
+        num_return_sequences=samples,
         seed=seed,
     )
     flat = [c for group in sampled for c in group]
-    flat_answers = [a for a in answers for _ in range(EVAL_SAMPLES)]
+    flat_answers = [a for a in answers for _ in range(samples)]
     sampled_rewards = rewards.combined_reward(section.rewards, flat, flat_answers)
-    groups = [sampled_rewards[i : i + EVAL_SAMPLES] for i in range(0, len(flat), EVAL_SAMPLES)]
+    groups = [sampled_rewards[i : i + samples] for i in range(0, len(flat), samples)]
     return {
         "greedy_reward": statistics.fmean(rewards.combined_reward(section.rewards, greedy, answers)),
         "sampled_reward": statistics.fmean(sampled_rewards),
@@ -93,19 +92,26 @@ def score_policy(
     }
 
 
+def grpo_before(
+    model: Any, tokenizer: Any, section: GRPOStageConfig, held_out: Sequence[dict[str, str]], seed: int, stage: str
+) -> dict[str, float]:
+    """`score_policy` of the input model on the held-out prompts (GRPO's "before")."""
+    prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
+    before = score_policy(model, tokenizer, section, prompts, answers, seed)
+    log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
+    return before
+
+
 def grpo_hook(
-    model: Any,
-    tokenizer: Any,
     section: GRPOStageConfig,
     held_out: Sequence[dict[str, str]],
+    before: dict[str, float],
     seed: int,
     layout: Layout,
     stage: str,
 ) -> MeasureHook:
-    """Rewards of `model` on the held-out prompts now; the hook scores the trained model on the same prompts."""
+    """A hook that scores the trained model on the held-out prompts `before` (grpo_before) was measured on."""
     prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
-    before = score_policy(model, tokenizer, section, prompts, answers, seed)
-    log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
 
     def measure(run: TrainedRun) -> dict[str, Any]:
         after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed)
