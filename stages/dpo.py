@@ -16,6 +16,8 @@ from posttrain.layout import Layout
 from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
+from posttrain.scoring.generation import chat_validation_items
+from posttrain.scoring.preference import offline_pairs
 from posttrain.stage import StageResult
 from posttrain.training import data, measures, preferences
 from posttrain.training.job import TrainingJob, run_training
@@ -46,9 +48,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 3. Held-out offline pairs (never trained on): the input model's margins now, the trained model's after.
     items = data.first_validation_items(layout, domains, section.eval_items)
-    held_out = preferences.offline_pairs(
-        data.chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed
-    )
+    held_out = offline_pairs(chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed)
     margins = measures.dpo_hook(model, tokenizer, held_out, section.beta, domains)
 
     # 4. DPO through the shared trainer set-up (checkpoints, resume, guards, atomic save, lineage).

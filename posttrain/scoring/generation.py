@@ -10,10 +10,11 @@ decoding (position ids come from the attention mask inside `generate`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from posttrain.data.formats import Message, full_conversation, prompt_turns
-from posttrain.errors import StageError
+from posttrain.data.formats import Message, decode_messages, full_conversation, prompt_turns
+from posttrain.errors import DataError, StageError
 from posttrain.models.encoding import encode, strip_bos
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,31 @@ def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
     _require_template(tokenizer)
     text = strip_bos(tokenizer, tokenizer.apply_chat_template(full_conversation(record), tokenize=False))
     return {**record, "prompt": chat_prompt(tokenizer, prompt_turns(record)), "text": text}
+
+
+def assistant_content(value: str, row_id: str | None, side: str, where: str) -> str:
+    """The content of the one assistant turn a stored `chosen`/`rejected` message list holds (DataError else)."""
+    turns = decode_messages(value)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: row {row_id!r} field {side!r} has {len(turns)} turn(s) ({[t['role'] for t in turns]}); "
+            "expected exactly one assistant turn"
+        )
+    return turns[0]["content"]
+
+
+def chat_validation_items(tokenizer: Any, records: Sequence[dict[str, Any]], where: str) -> list[dict[str, str]]:
+    """Validation records as the model sees them (`chat_record`); a conversational preference record's
+    `chosen`/`rejected` become their assistant turn's content, like `chat_mixture_row`."""
+    out = []
+    for record in records:
+        rendered = chat_record(tokenizer, record)
+        if record.get("messages"):
+            for side in ("chosen", "rejected"):
+                if record.get(side):
+                    rendered[side] = assistant_content(record[side], record.get("id"), side, where)
+        out.append(rendered)
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -22,7 +22,7 @@ from posttrain.errors import DataError
 from posttrain.layout import Layout
 from posttrain.models import chat_template
 from posttrain.models.encoding import encode, strip_bos
-from posttrain.scoring.generation import chat_prompt, chat_record
+from posttrain.scoring.generation import assistant_content, chat_prompt, chat_record
 
 if TYPE_CHECKING:
     import datasets
@@ -189,12 +189,25 @@ def mixture_manifest(layout: Layout, stage: str) -> Path:
 
 @dataclass
 class ValidationSet:
-    """First `eval_items` validation items of one domain: `text` for loss, `prompt`/`answer` for exact match."""
+    """First `eval_items` validation items of one domain: `text` for loss, `prompt`/`answer` for exact match,
+    `replies` (the demonstrated assistant turn: a worked solution, or the answer) for the generation budget."""
 
     domain: str
     texts: list[str]
     prompts: list[str]
     answers: list[str]
+    replies: list[str] = field(default_factory=list)
+    verifiers: list[str] = field(default_factory=list)  # each item's verifier name (default: exact)
+
+
+def reply_of(record: Record) -> str:
+    """The reply a record demonstrates: its assistant turn's content for a conversational prompt-completion
+    record (a worked solution ends in the answer), else its answer."""
+    if record.get("messages") and record.get("completion"):
+        turns = decode_messages(record["completion"])
+        if turns and turns[-1]["role"] == "assistant":
+            return turns[-1]["content"]
+    return record.get("answer") or ""
 
 
 def first_validation_items(
@@ -211,16 +224,6 @@ def first_validation_items(
     return records
 
 
-def _assistant_content(value: str, row_id: str | None, side: str, where: str) -> str:
-    turns = decode_messages(value)
-    if len(turns) != 1 or turns[0]["role"] != "assistant":
-        raise DataError(
-            f"{where}: row {row_id!r} field {side!r} has {len(turns)} turn(s) ({[t['role'] for t in turns]}); "
-            "expected exactly one assistant turn"
-        )
-    return turns[0]["content"]
-
-
 def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], where: str) -> dict[str, str]:
     """A conversational DPO/GRPO mixture row as the pipeline's string pairs: `prompt` = its prompt turns
     through the chat template (generation prompt on), `chosen`/`rejected` = the content of their one
@@ -229,7 +232,7 @@ def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], wh
     out = {**row, "prompt": chat_prompt(tokenizer, decode_messages(row["prompt"]))}
     for side in ("chosen", "rejected"):
         if row.get(side):
-            out[side] = _assistant_content(row[side], row.get("id"), side, where)
+            out[side] = assistant_content(row[side], row.get("id"), side, where)
     return out
 
 
@@ -263,22 +266,6 @@ def mixture_domains(weights: dict[str, float]) -> list[str]:
     return [domain for domain, weight in weights.items() if weight > 0]
 
 
-def chat_validation_items(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], where: str
-) -> list[dict[str, str]]:
-    """Validation records as the model sees them (`chat_record`); a conversational preference record's
-    `chosen`/`rejected` become their assistant turn's content, like `chat_mixture_row`."""
-    out = []
-    for record in records:
-        rendered = chat_record(tokenizer, record)
-        if record.get("messages"):
-            for side in ("chosen", "rejected"):
-                if record.get(side):
-                    rendered[side] = _assistant_content(record[side], record.get("id"), side, where)
-        out.append(rendered)
-    return out
-
-
 def load_validation_sets(
     layout: Layout, domains: Sequence[str], eval_items: int, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, ValidationSet]:
@@ -302,5 +289,7 @@ def load_validation_sets(
             texts=[row["text"] for row in rows],
             prompts=[row["prompt"] for row in verifiable],
             answers=[row["answer"] for row in verifiable],
+            replies=[reply_of(row) for row in verifiable],
+            verifiers=[row.get("verifier") or "exact" for row in verifiable],
         )
     return sets

@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from posttrain.config import GRPOStageConfig
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.io import write_json_atomic
 from posttrain.layout import Layout
 from posttrain.scoring import rewards
 from posttrain.scoring.generation import generate
+from posttrain.scoring.preference import preference_accuracy, preference_margins
 from posttrain.training.checkpoints import training_series
 from posttrain.training.job import MeasureHook, TrainedRun
-from posttrain.training.preferences import preference_margins
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def dpo_hook(
             "logp_margin_after": after,
             # beta * (policy log-ratio margin - reference log-ratio margin); 0 before training by definition.
             "reward_margin_after": beta * (after - before),
-            "preference_accuracy_before": statistics.fmean(m > 0 for m in margins_before),
-            "preference_accuracy_after": statistics.fmean(m > 0 for m in margins_after),
+            "preference_accuracy_before": preference_accuracy(margins_before),
+            "preference_accuracy_after": preference_accuracy(margins_after),
             "train_reward_margin_first": trl_margins[0] if trl_margins else None,
             "train_reward_margin_last": trl_margins[-1] if trl_margins else None,
             "train_series": series,
@@ -64,7 +65,13 @@ def dpo_hook(
 
 
 def score_policy(
-    model: Any, tokenizer: Any, section: GRPOStageConfig, prompts: list[str], answers: list[str], seed: int
+    model: Any,
+    tokenizer: Any,
+    section: GRPOStageConfig,
+    prompts: list[str],
+    answers: list[str],
+    seed: int,
+    verifiers: list[str] | None = None,
 ) -> dict[str, float]:
     """Mean combined reward of greedy and sampled completions, greedy exact match, and the share of prompts
     whose `num_generations` sampled completions (a training group's size) all get the same reward."""
@@ -87,7 +94,10 @@ def score_policy(
     return {
         "greedy_reward": statistics.fmean(rewards.combined_reward(section.rewards, greedy, answers)),
         "sampled_reward": statistics.fmean(sampled_rewards),
-        "greedy_exact_match": statistics.fmean(rewards.exact_match(greedy, answers)),
+        # Each item's own verifier (exact, numeric, math), as in the evaluate stage.
+        "greedy_exact_match": statistics.fmean(
+            VERIFIERS[v](c, a) for v, c, a in zip(verifiers or ["exact"] * len(answers), greedy, answers, strict=True)
+        ),
         "sampled_zero_variance_groups": statistics.fmean(max(g) == min(g) for g in groups),
     }
 
@@ -97,7 +107,7 @@ def grpo_before(
 ) -> dict[str, float]:
     """`score_policy` of the input model on the held-out prompts (GRPO's "before")."""
     prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
-    before = score_policy(model, tokenizer, section, prompts, answers, seed)
+    before = score_policy(model, tokenizer, section, prompts, answers, seed, [r["verifier"] for r in held_out])
     log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
     return before
 
@@ -114,7 +124,9 @@ def grpo_hook(
     prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
 
     def measure(run: TrainedRun) -> dict[str, Any]:
-        after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed)
+        after = score_policy(
+            run.model, run.tokenizer, section, prompts, answers, seed, [r["verifier"] for r in held_out]
+        )
         log.info("%s: output model on %d held-out prompts: %s", stage, len(prompts), after)
         series = training_series(run.final_checkpoint, GRPO_SERIES, prefixes=("rewards/",))
         curve_path = layout.plots / f"{stage}_rewards.json"

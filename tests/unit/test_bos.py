@@ -14,9 +14,9 @@ from posttrain.models import build, chat_template
 from posttrain.models.encoding import bos_id, encode, strip_bos
 from posttrain.scoring.generation import chat_prompt, chat_record, encode_prompts
 from posttrain.scoring.loss import token_losses
+from posttrain.scoring.preference import completion_logps
 from posttrain.training.data import chat_texts
 from posttrain.training.hybrid import demonstrations
-from posttrain.training.preferences import completion_logps
 
 TURNS = [{"role": "user", "content": "12+3="}]
 RECORD = {
