@@ -493,6 +493,8 @@ class TrainStageConfig(Strict):
     # Continual evaluation: every N optimizer steps (0 = off) score each domain's validation set.
     eval_every: NonNegInt = 0
     eval_items: PositiveInt = 64
+    # The domains continual evaluation scores (before and after training too); null: every domain.
+    eval_domains: list[str] | None = None
     # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
     # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
     average_last: NonNegInt = 0
@@ -921,6 +923,10 @@ class Params(Strict):
                 problems.append(
                     (f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, f"one of {sorted(self.mixtures)}")
                 )
+        for stage in TRAINING_STAGES:
+            for i, domain in enumerate(getattr(self, stage).eval_domains or []):
+                if domain not in domains:
+                    problems.append((f"{stage}.eval_domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         for i, domain in enumerate(self.model.tokenizer.domains or []):
             if domain not in domains:
                 problems.append((f"model.tokenizer.domains[{i}]", domain, f"a domain in {sorted(domains)}"))

@@ -165,7 +165,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     config = trl_config(job.config_cls or SFTConfig, stage, section, runtime, ckpt_dir, **job.config_fields)
     if online:
         config.max_steps = online.main_steps
-    domains = job.eval_domains or list(params.data.domains)
+    domains = job.eval_domains or section.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
         job.tokenizer, load_validation_sets(layout, domains, section.eval_items, job.tokenizer), section.eval_every
     )
