@@ -220,7 +220,8 @@ def ablation(name: str, out: Path) -> None:
         steps, every = SFT_ON_CHAIN["max_steps"], SFT_ON_CHAIN["eval_every"]
         batch = raw["sft"]["trainer"]["per_device_train_batch_size"]
         raw["mixtures"]["sft"] = {**raw["mixtures"]["sft"], "weights": {"chain": 1.0}, "total": steps * batch}
-        raw["sft"] = {**raw["sft"], "eval_every": every, "eval_domains": raw["grpo"]["eval_domains"],
+        # The items grpo scores itself on: its held-out prompts (chain) and its continual-evaluation domains.
+        raw["sft"] = {**raw["sft"], "eval_every": every, "eval_domains": ["chain", *raw["grpo"]["eval_domains"]],
                       "eval_items": raw["grpo"]["eval_items"],
                       "trainer": {**raw["sft"]["trainer"], "max_steps": steps, "save_steps": steps}}  # fmt: skip
         mix.run(parse_params(raw), layout)
@@ -399,7 +400,7 @@ def rl_vs_sft(runs: list[dict[str, Any]], soc: list[dict[str, Any]]) -> str:
     parts = []
     for run, sft_run in zip(runs, soc, strict=True):
         grpo = run["stages"]["grpo"]
-        gain = grpo["val_after"]["chain"]["exact_match"] - grpo["val_before"]["chain"]["exact_match"]
+        gain = grpo["greedy_exact_match_after"] - grpo["greedy_exact_match_before"]
         cost = grpo["val_after"]["chat"]["loss"] - grpo["val_before"]["chat"]["loss"]
         series = sorted({r["step"] for r in sft_run["series"]})
         at = {s: {r["domain"]: r for r in sft_run["series"] if r["step"] == s} for s in series}

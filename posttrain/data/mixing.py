@@ -23,7 +23,9 @@ from posttrain.data.formats import canonical_json, full_conversation, is_convers
 from posttrain.errors import DataError
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "text": ("id", "domain", "text"),
+    # `conversation`: a conversational record's whole conversation (canonical JSON), which language
+    # modelling renders through the chat template, as the chat model sees it; "" for plain text.
+    "text": ("id", "domain", "text", "conversation"),
     "prompt_completion": ("id", "domain", "prompt", "completion"),
     "preference": ("id", "domain", "prompt", "chosen", "rejected", "answer", "verifier"),
     "prompt_answer": ("id", "domain", "prompt", "answer", "verifier"),
@@ -143,7 +145,8 @@ def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random
     for r in records:
         prompt = r["messages"] if chat else r["prompt"]
         if fmt == "text":
-            rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"]})
+            conversation = canonical_json(full_conversation(r)) if is_conversational(r) else ""
+            rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"], "conversation": conversation})
         elif fmt == "conversational":
             rows.append({"id": r["id"], "domain": r["domain"], "messages": canonical_json(full_conversation(r))})
         elif fmt == "prompt_completion":

@@ -103,11 +103,22 @@ def check_lengths(
 def load_text_mixture(
     layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig
 ) -> datasets.Dataset:
-    """Language-modelling data: the mixture's `text` column, lengths checked (TRL appends EOS)."""
-    data = read_mixture(layout, stage, ["id", "text"])
+    """Language-modelling data: the mixture's `text` column, lengths checked (TRL appends EOS).
+
+    A conversational row (its `conversation` set) is modelled as the chat model sees conversations:
+    through the tokenizer's chat template (BOS-free, like every string of the pipeline), not as its
+    plain `role: content` rendering. Replaying general chat that way keeps the template's format too.
+    """
+    import datasets  # lazy: datasets is heavy to import; only this path needs it
+
+    data = read_mixture(layout, stage, ["id", "text", "conversation"])
     where = str(layout.mixture(stage) / "train.parquet")
-    check_lengths(data["text"], data["id"], tokenizer, section.max_length, section.on_too_long, where)
-    return data.select_columns(["text"])
+    texts = [
+        chat_texts(tokenizer, [decode_messages(conversation)], where)[0] if conversation else text
+        for text, conversation in zip(data["text"], data["conversation"], strict=True)
+    ]
+    check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
+    return datasets.Dataset.from_dict({"text": texts})
 
 
 def load_prompt_completion_mixture(
