@@ -17,7 +17,7 @@ Each seed's figures go to artifacts/bench/real_model/seed-<s>.json (scores from 
 ablations, wall seconds, the machine and its load); the seed's checkpoints, DVC cache and model folders
 are deleted afterwards (GBs per seed).
 
-    python bench/real_model.py run --seeds 1 2 3 [--work /tmp/real-model] [--skip-ablations]
+    python bench/real_model.py run --seeds 1 2 3 [--work /tmp/real-model] [--part chain|ablations|all]
     python bench/real_model.py render     # the tables of docs/real-model.md and the trade-off plot
 """
 
@@ -139,38 +139,50 @@ def stage_metrics(root: Path) -> dict[str, Any]:
     return out
 
 
-def run_seed(seed: int, work: Path, ablations: bool) -> dict[str, Any]:
+def run_seed(seed: int, work: Path, part: str) -> dict[str, Any]:
+    """`part` chain: clone and run the recipe; ablations: the ablations in that clone (the chain's models must
+    still be there); all: both. The seed's JSON is written after each part, heavy files deleted after the last."""
     import yaml
 
-    root = clean_clone(work, seed)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    result: dict[str, Any] = {"seed": seed, "commit": commit, "started_at": now(), "machine_start": machine_info()}
-    log(f"seed {seed}: posttrain run --no-prefect in {root} (commit {commit[:8]})")
-    posttrain = str(Path(PYTHON).parent / "posttrain")
-    result["chain_seconds"] = run_logged([posttrain, "run", "--no-prefect"], root, root / "chain.log")
-    result["load_after_chain"] = list(os.getloadavg())
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # 1.6 GB per saved step
-    report = read_json(root / "artifacts" / "metrics" / "eval.json")
-    result["eval"], result["forgetting"] = eval_scores(report), report["forgetting"]["forgetting"]
-    result["max_items"] = report["config"]["max_items"]
-    result["task_domains"] = yaml.safe_load((root / "params.yaml").read_text())["merge"]["wise_ft"]["task_domains"]
-    result["stages"] = stage_metrics(root)
-    if ablations:
+    path = OUT / f"seed-{seed}.json"
+    root = work / f"seed-{seed}"
+    if part in ("chain", "all"):
+        root = clean_clone(work, seed)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        result: dict[str, Any] = {"seed": seed, "commit": commit, "started_at": now(), "machine_start": machine_info()}
+        log(f"seed {seed}: posttrain run --no-prefect in {root} (commit {commit[:8]})")
+        posttrain = str(Path(PYTHON).parent / "posttrain")
+        result["chain_seconds"] = run_logged([posttrain, "run", "--no-prefect"], root, root / "chain.log")
+        result["load_after_chain"] = list(os.getloadavg())
+        shutil.rmtree(root / "checkpoints", ignore_errors=True)  # 1.6 GB per saved step
+        report = read_json(root / "artifacts" / "metrics" / "eval.json")
+        result["eval"], result["forgetting"] = eval_scores(report), report["forgetting"]["forgetting"]
+        result["max_items"] = report["config"]["max_items"]
+        result["task_domains"] = yaml.safe_load((root / "params.yaml").read_text())["merge"]["wise_ft"]["task_domains"]
+        result["stages"] = stage_metrics(root)
+        result["finished_at"] = now()
+        write_seed(path, result)
+    if part in ("ablations", "all"):
+        result = read_json(path)
         result["ablations"] = {}
         for name in ABLATIONS:
             log(f"seed {seed}: ablation {name}")
             out = root / "ablations" / f"{name}.json"
+            started = machine_info()["load_average"][0]
             seconds = run_logged([PYTHON, "bench/real_model.py", "ablation", name, "--out", str(out)], root,
                                  root / f"ablation-{name}.log")  # fmt: skip
-            result["ablations"][name] = {**read_json(out), "seconds": seconds}
+            result["ablations"][name] = {**read_json(out), "seconds": seconds, "load": [started, os.getloadavg()[0]]}
             shutil.rmtree(root / "ablations" / name, ignore_errors=True)
-    result["finished_at"], result["machine_end"] = now(), machine_info()
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"seed-{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
-    for heavy in ("checkpoints", ".dvc/cache", "artifacts/models"):
-        shutil.rmtree(root / heavy, ignore_errors=True)
-    log(f"seed {seed}: wrote {OUT / f'seed-{seed}.json'}")
-    return result
+            write_seed(path, result)
+        for heavy in ("checkpoints", ".dvc/cache", "artifacts/models"):
+            shutil.rmtree(root / heavy, ignore_errors=True)
+    return read_json(path)
+
+
+def write_seed(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"wrote {path}")
 
 
 # --------------------------------------------------------------------------- ablations (run inside a clone)
@@ -476,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run")
     run.add_argument("--seeds", type=int, nargs="+", required=True)
     run.add_argument("--work", type=Path, default=Path("/tmp/real-model"))
-    run.add_argument("--skip-ablations", action="store_true")
+    run.add_argument("--part", choices=("chain", "ablations", "all"), default="all")
     one = sub.add_parser("ablation")
     one.add_argument("name", choices=ABLATIONS)
     one.add_argument("--out", type=Path, required=True)
@@ -484,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "run":
         for seed in args.seeds:
-            run_seed(seed, args.work, not args.skip_ablations)
+            run_seed(seed, args.work, args.part)
     elif args.command == "ablation":
         ablation(args.name, args.out)
     else:

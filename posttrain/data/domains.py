@@ -410,6 +410,28 @@ def _letter_change(answer: str, rng: random.Random) -> str:
     return answer[:pos] + rng.choice(choices) + answer[pos + 1 :]
 
 
+def reply_of(record: Record) -> str:
+    """The reply a record demonstrates: its assistant turn's content for a conversational prompt-completion
+    record (a worked solution ends in the answer), else its answer."""
+    if record.get("messages") and record.get("completion"):
+        turns = json.loads(record["completion"])
+        if turns and turns[-1]["role"] == "assistant":
+            return turns[-1]["content"]
+    return record.get("answer") or ""
+
+
+def preference_replies(record: Record, rng: random.Random) -> tuple[str, str]:
+    """(chosen, rejected) replies for offline DPO: the demonstrated reply (`reply_of`) and the same reply with
+    its answer replaced, wherever it stands alone, by a plausible wrong answer (`wrong_answer`): a worked
+    solution that slips at the end, in the format the model was taught. A bare answer gives the wrong one."""
+    reply, answer, wrong = reply_of(record), record["answer"], wrong_answer(record, rng)
+    if reply == answer:
+        return reply, wrong
+    alone = re.compile(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])")
+    rejected = alone.sub(lambda _: wrong, reply)
+    return reply, rejected if rejected != reply else wrong
+
+
 def wrong_answer(record: Record, rng: random.Random) -> str:
     """A plausible wrong answer for `record` (offline DPO's `rejected`); never equal to the answer.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import TRAINING_STAGES, MixtureConfig
-from posttrain.data.domains import Record, is_verifiable, wrong_answer
+from posttrain.data.domains import Record, is_verifiable, preference_replies
 from posttrain.data.formats import canonical_json, full_conversation, is_conversational
 from posttrain.errors import DataError
 
@@ -153,10 +153,9 @@ def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random
             completion = r["completion"] or turn(r["answer"])
             rows.append({"id": r["id"], "domain": r["domain"], "prompt": prompt, "completion": completion})
         elif fmt == "preference":
-            # The user's own pairs when the source has them; else a generated wrong answer.
-            chosen, rejected = (
-                (r["chosen"], r["rejected"]) if r["chosen"] else (turn(r["answer"]), turn(wrong_answer(r, rng)))
-            )
+            # The user's own pairs when the source has them; else the demonstrated reply against the same
+            # reply ending in a plausible wrong answer.
+            chosen, rejected = (r["chosen"], r["rejected"]) if r["chosen"] else map(turn, preference_replies(r, rng))
             rows.append(
                 {
                     "id": r["id"],

@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from posttrain.data.domains import wrong_answer
+from posttrain.data.domains import preference_replies
 from posttrain.models.encoding import encode
 
 
@@ -79,14 +79,12 @@ def preference_margins(model: Any, tokenizer: Any, pairs: Sequence[dict[str, str
 
 
 def offline_pairs(records: Sequence[dict[str, str]], seed: int) -> list[dict[str, str]]:
-    """Offline pairs for held-out records: a user's own pair where the record has one, else chosen =
-    answer and rejected = the data layer's wrong answer."""
+    """Offline pairs for held-out records: a user's own pair where the record has one, else the data layer's
+    `preference_replies` (the demonstrated reply against the same reply ending in a plausible wrong answer)."""
     rng = random.Random(seed)
-    return [
-        {
-            **{c: r[c] for c in ("id", "domain", "prompt", "answer", "verifier")},
-            "chosen": r["chosen"] if r.get("chosen") else r["answer"],
-            "rejected": r["rejected"] if r.get("chosen") else wrong_answer(r, rng),
-        }
-        for r in records
-    ]
+    pairs = []
+    for r in records:
+        chosen, rejected = (r["chosen"], r["rejected"]) if r.get("chosen") else preference_replies(r, rng)
+        pairs.append({**{c: r[c] for c in ("id", "domain", "prompt", "answer", "verifier")}, "chosen": chosen,
+                      "rejected": rejected})  # fmt: skip
+    return pairs

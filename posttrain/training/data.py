@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from posttrain import io
 from posttrain.config import TrainStageConfig
-from posttrain.data.domains import RECORD_COLUMNS, Record
+from posttrain.data.domains import RECORD_COLUMNS, Record, reply_of
 from posttrain.data.formats import Message, decode_messages, trl_row
 from posttrain.errors import DataError
 from posttrain.layout import Layout
@@ -209,16 +209,6 @@ class ValidationSet:
     answers: list[str]
     replies: list[str] = field(default_factory=list)
     verifiers: list[str] = field(default_factory=list)  # each item's verifier name (default: exact)
-
-
-def reply_of(record: Record) -> str:
-    """The reply a record demonstrates: its assistant turn's content for a conversational prompt-completion
-    record (a worked solution ends in the answer), else its answer."""
-    if record.get("messages") and record.get("completion"):
-        turns = decode_messages(record["completion"])
-        if turns and turns[-1]["role"] == "assistant":
-            return turns[-1]["content"]
-    return record.get("answer") or ""
 
 
 def first_validation_items(

@@ -79,3 +79,22 @@ def test_new_domain_kinds_validate() -> None:
         tiny_params(data={"domains": {"lore": {"kind": "lore", "form": "poem"}}})
     with pytest.raises(ParamsError, match=r"max_terms \(2\) is less than terms \(3\)"):
         tiny_params(data={"domains": {"c": {"kind": "chain", "terms": 3, "max_terms": 2}}})
+
+
+def test_preference_pairs_of_worked_replies_slip_at_the_end() -> None:
+    import random
+
+    from posttrain.data.domains import preference_replies
+
+    (record,) = generate("add3", ChainDomain(kind="chain", digits=3, terms=2, n_items=1, chat=True), seed=0)
+    chosen, rejected = preference_replies(record, random.Random(0))
+    answer = record["answer"]
+    assert (
+        chosen == json.loads(record["completion"])[0]["content"] == f"{record['prompt']}{answer}. \\boxed{{{answer}}}"
+    )
+    wrong = re.search(r"\\boxed\{(\d+)\}", rejected).group(1)
+    assert wrong != answer and rejected == chosen.replace(answer, wrong)
+    assert not VERIFIERS["math"](rejected, answer) and VERIFIERS["math"](chosen, answer)
+    # A bare answer (no worked reply) pairs with a bare wrong answer, as before.
+    plain = {**record, "messages": "", "completion": ""}
+    assert preference_replies(plain, random.Random(0)) == (answer, wrong)
