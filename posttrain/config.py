@@ -124,6 +124,9 @@ class TokenizerConfig(Strict):
     # Listed explicitly, a domain added later (e.g. for CPT) leaves pretrain untouched; its
     # characters must then already be covered by these domains (others map to <unk>).
     domains: list[str] | None = None
+    # Put a BOS token (`<s>`) in front of every text on encode, as the tokenizers of Llama 2/3, Mistral
+    # and Gemma do (posttrain.models.encoding); off: no special tokens are added on encode.
+    bos: bool = False
 
 
 class ArchitectureConfig(Strict):
@@ -263,6 +266,36 @@ class ReverseDomain(_SyntheticDomain):
         return self
 
 
+class ChainDomain(_SyntheticDomain):
+    """Multi-step addition (`23+45+17=`); with `chat: true` the reply is a worked solution ending in
+    `\\boxed{answer}`, checked by the `math` verifier (math-verify) by default."""
+
+    kind: Literal["chain"]
+    digits: Annotated[int, Field(ge=1, le=6)] = 2
+    terms: Annotated[int, Field(ge=2, le=8)] = 3
+    # Difficulty buckets: chains of terms..max_terms operands, equal shares per length. null: `terms` only.
+    max_terms: Annotated[int, Field(ge=2, le=8)] | None = None
+    n_items: PositiveInt = 4000
+
+    @model_validator(mode="after")
+    def _terms_ordered(self) -> ChainDomain:
+        if self.max_terms is not None and self.max_terms < self.terms:
+            raise ValueError(f"max_terms ({self.max_terms}) is less than terms ({self.terms})")
+        return self
+
+
+class LoreDomain(_SyntheticDomain):
+    """A fictional world of people (posttrain.data.lore), the same for every domain naming the same `world`
+    and `entities`: `form: text` gives encyclopedia passages about them (new-domain text for CPT), `form: qa`
+    one question per fact (held-out questions test what CPT taught)."""
+
+    kind: Literal["lore"]
+    form: Literal["text", "qa"]
+    # The world's name seeds it (with data.seed): change it for another set of people and facts.
+    world: str = "lore"
+    entities: Annotated[int, Field(ge=1, le=512)] = 48
+
+
 class FileDomain(_DomainBase):
     """A local JSONL, CSV or Parquet file. Columns are mapped onto the record schema."""
 
@@ -296,7 +329,7 @@ class HubDomain(_DomainBase):
 
 
 DomainConfig = Annotated[
-    AdditionDomain | SubtractionDomain | ReverseDomain | FileDomain | HubDomain,
+    AdditionDomain | SubtractionDomain | ReverseDomain | ChainDomain | LoreDomain | FileDomain | HubDomain,
     Field(discriminator="kind"),
 ]
 
@@ -495,6 +528,33 @@ ENGINE_TRAINER_KEYS = (
 )
 
 
+class NoLearningConfig(Strict):
+    """What a training stage does when it measures that it did not learn (posttrain.training.no_learning).
+
+    Defaults measured on healthy runs (docs/real-model.md, "A stage that learned nothing"): the toy
+    recipe's stages move their training loss by 12% (DPO) to 93% (SFT) from first to last log; a stage
+    that cannot learn moves it by 0% (1 step at lr 1e-9) and writes the weights it read.
+    """
+
+    # warn: log it and record it in metrics.json; fail: stop the stage (no model written).
+    action: Literal["warn", "fail"] = "warn"
+    # The trained weights are bit-identical to the input model's (the same digest).
+    unchanged_weights: bool = True
+    # |first - last| / |first| of the training loss (means of the first and last logged losses, up to 3
+    # each) below which the loss "did not move"; null: not checked.
+    min_loss_change: Fraction | None = 0.01
+
+
+class GRPONoLearningConfig(NoLearningConfig):
+    """GRPO's loss is no learning signal (~0 by construction with beta 0): off by default. Before training,
+    the share of held-out prompts whose `num_generations` sampled completions all get the same reward:
+    such groups have zero advantage and give no gradient."""
+
+    min_loss_change: Fraction | None = None
+    # Above this share GRPO cannot learn (91% was measured before a run that changed no weight); null: off.
+    max_zero_variance_groups: Fraction | None = 0.9
+
+
 class TrainStageConfig(Strict):
     # The model stage this one trains on; null: the default chain (pretrain > cpt > sft > dpo > grpo,
     # each on the one before). `sft.parent: pretrain` skips cpt, `grpo.parent: sft` skips dpo: a stage
@@ -516,12 +576,16 @@ class TrainStageConfig(Strict):
     # Continual evaluation: every N optimizer steps (0 = off) score each domain's validation set.
     eval_every: NonNegInt = 0
     eval_items: PositiveInt = 64
+    # The domains continual evaluation scores (before and after training too); null: every domain.
+    eval_domains: list[str] | None = None
     # Checkpoint averaging in place of LR decay: train at a constant LR (schedule.name constant) and
     # write the average of the run's last K complete checkpoints as the stage's model; 0 = off.
     average_last: NonNegInt = 0
     # null: compute.generation. The engine of this stage's generation (continual evaluation; DPO's
     # on-policy samples; GRPO's rollouts and held-out rewards).
     generation: EngineConfig | None = None
+    # Checks that the stage learned something, and whether a failed check warns or stops the stage.
+    no_learning: NoLearningConfig = NoLearningConfig()
 
     @model_validator(mode="after")
     def _engine_not_in_trainer(self) -> TrainStageConfig:
@@ -588,6 +652,7 @@ class HybridConfig(Strict):
 
 
 class GRPOStageConfig(TrainStageConfig):
+    no_learning: GRPONoLearningConfig = GRPONoLearningConfig()
     # null: TRL's shuffled order; else a curriculum picks each batch's prompts.
     curriculum: CurriculumConfig | None = None
     # null: GRPO only; else SFT on prompts whose rollouts fail (posttrain.training.hybrid).
@@ -646,9 +711,41 @@ class AdaMergingConfig(Strict):
     max_new_tokens: PositiveInt = 8
 
 
+class WiseFTConfig(Strict):
+    """merge.method wise_ft: theta(alpha) = alpha * final + (1 - alpha) * base for merge.models = [final, base]
+    (WiSE-FT, Wortsman et al. 2022), alpha chosen on VALIDATION items only (posttrain.models.wise_ft)."""
+
+    # Interpolation weights of the final model tried, 0 (the base) and 1 (the final model) included.
+    alphas: list[Fraction] = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # Exact match on these domains' validation items: the gain over the base to keep.
+    task_domains: list[str] = []
+    # Loss on this domain's validation items: the forgetting to recover (e.g. a general-chat probe).
+    probe_domain: str | None = None
+    # The chosen alpha keeps at least this share of the final model's validation gain and, among those
+    # that do, has the lowest probe loss.
+    min_gain_kept: Fraction = 0.9
+    eval_items: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _ends_included(self) -> WiseFTConfig:
+        if 0.0 not in self.alphas or 1.0 not in self.alphas:
+            raise ValueError(f"alphas {self.alphas} must include 0.0 (the base) and 1.0 (the final model)")
+        if not self.task_domains or self.probe_domain is None:
+            raise ValueError("wise_ft needs task_domains (the gain to keep) and probe_domain (the loss to recover)")
+        return self
+
+
 class MergeConfig(Strict):
     method: Literal[
-        "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "checkpoint_average", "adamerging"
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "slerp",
+        "checkpoint_average",
+        "adamerging",
+        "wise_ft",
     ] = "linear"
     # Stages whose output models are merged (same architecture, one fine-tuning line).
     models: list[str] = ["sft", "grpo"]
@@ -663,6 +760,8 @@ class MergeConfig(Strict):
     last_k: PositiveInt = 3
     seed: Seed = 0
     adamerging: AdaMergingConfig = AdaMergingConfig()
+    # Only for method wise_ft (null otherwise).
+    wise_ft: WiseFTConfig | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> MergeConfig:
@@ -676,6 +775,11 @@ class MergeConfig(Strict):
             raise ValueError("merge.weights are all zero; expected at least one weight > 0")
         if self.method == "slerp" and len(self.models) != 2:
             raise ValueError(f"slerp merges exactly two models; got {len(self.models)}")
+        if self.method == "wise_ft" and (len(self.models) != 2 or self.wise_ft is None):
+            raise ValueError(
+                f"wise_ft interpolates merge.models = [final, base] (got {self.models}) and needs merge.wise_ft "
+                f"(got {self.wise_ft!r})"
+            )
         if self.method in MERGE_NEEDS_BASE and not self.base:
             raise ValueError(f"merge method '{self.method}' needs merge.base (the common ancestor stage)")
         return self
@@ -727,6 +831,9 @@ class EvaluateConfig(Strict):
     lm_eval: LmEvalConfig | None = None
     # null: compute.generation. The engine of greedy exact match and pass@k sampling.
     generation: EngineConfig | None = None
+    # Domains whose test items are also scored as preference pairs (chosen = the gold answer, or the file's
+    # own chosen; rejected = the file's, or a plausible wrong answer): accuracy = chosen more likely.
+    preference_domains: list[str] = []
 
 
 # --------------------------------------------------------------------------- tracking and promotion
@@ -946,6 +1053,10 @@ class Params(Strict):
                 problems.append(
                     (f"mixtures.{name}.replay.from_stage", mixture.replay.from_stage, f"one of {sorted(self.mixtures)}")
                 )
+        for stage in TRAINING_STAGES:
+            for i, domain in enumerate(getattr(self, stage).eval_domains or []):
+                if domain not in domains:
+                    problems.append((f"{stage}.eval_domains[{i}]", domain, f"a domain in {sorted(domains)}"))
         for i, domain in enumerate(self.model.tokenizer.domains or []):
             if domain not in domains:
                 problems.append((f"model.tokenizer.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
@@ -958,12 +1069,24 @@ class Params(Strict):
         for i, domain in enumerate(self.merge.adamerging.domains):
             if domain not in domains:
                 problems.append((f"merge.adamerging.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+        wise = self.merge.wise_ft
+        for key, domain in [(f"task_domains[{i}]", d) for i, d in enumerate(wise.task_domains if wise else [])] + (
+            [("probe_domain", wise.probe_domain)] if wise else []
+        ):
+            if domain not in domains:
+                problems.append((f"merge.wise_ft.{key}", domain, f"a domain in {sorted(domains)}"))
         for i, stage in enumerate(self.evaluate.models):
             if stage not in models:
                 problems.append((f"evaluate.models[{i}]", stage, f"one of {models}"))
         for i, domain in enumerate(self.evaluate.domains):
             if domain not in domains:
                 problems.append((f"evaluate.domains[{i}]", domain, f"a domain in {sorted(domains)}"))
+        evaluated = self.evaluate.domains or list(domains)
+        for i, domain in enumerate(self.evaluate.preference_domains):
+            if domain not in evaluated:
+                problems.append(
+                    (f"evaluate.preference_domains[{i}]", domain, f"an evaluated domain, one of {sorted(evaluated)}")
+                )
         for key in ("min_exact_match", "max_forgetting"):
             for domain in getattr(self.promotion, key):
                 if domain not in domains:
@@ -1122,14 +1245,20 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     Pydantic puts the discriminator's tag into the location of union members; drop it.
     """
     parts: list[str] = []
+    previous: Any = None
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-            continue
-        if item in ("addition", "subtraction", "reverse", "file", "hub") and parts and parts[-1] != "kind":
-            continue
-        parts.append(("." if parts else "") + str(item))
+        # The item right after `domains` is the domain's own name, which may equal a tag (a domain named lore).
+        elif item in DOMAIN_KINDS and parts and previous not in ("kind", "domains"):
+            pass
+        else:
+            parts.append(("." if parts else "") + str(item))
+        previous = item
     return "".join(parts)
+
+
+DOMAIN_KINDS = ("addition", "subtraction", "reverse", "chain", "lore", "file", "hub")
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

@@ -17,6 +17,8 @@ from posttrain.models import loading
 from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring.engines import stage_engine
+from posttrain.scoring.generation import chat_validation_items
+from posttrain.scoring.preference import offline_pairs
 from posttrain.spec import stage_spec
 from posttrain.stage import StageResult
 from posttrain.training import inputs, measures, preferences
@@ -57,9 +59,7 @@ def run(params: Params, layout: Layout) -> StageResult:
 
     # 3. Held-out offline pairs (never trained on): the input model's margins now, the trained model's after.
     items = inputs.first_validation_items(layout, domains, section.eval_items)
-    held_out = preferences.offline_pairs(
-        inputs.chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed
-    )
+    held_out = offline_pairs(chat_validation_items(tokenizer, items, "dpo held-out pairs"), params.seed)
     margins = measures.dpo_hook(model, tokenizer, held_out, section.beta, domains)
 
     # 4. DPO through the shared trainer set-up (checkpoints, resume, guards, atomic save, lineage).

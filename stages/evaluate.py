@@ -26,10 +26,11 @@ from posttrain.pipeline.entry import stage_main
 from posttrain.runtime import setup_runtime
 from posttrain.scoring import lm_eval_tasks
 from posttrain.scoring.engines import stage_engine
-from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain
-from posttrain.scoring.generation import chat_record
+from posttrain.scoring.evaluation import EvalSettings, ModelAnswerer, build_report, evaluate_domain, preference_entry
+from posttrain.scoring.generation import chat_record, chat_validation_items
 from posttrain.scoring.lm_eval_tasks import TaskSpec
 from posttrain.scoring.plots import plot_forgetting, plot_scores, plot_stability_gap
+from posttrain.scoring.preference import offline_pairs, preference_margins
 from posttrain.scoring.report import lineage_of, write_report
 from posttrain.stage import StageResult
 
@@ -94,6 +95,14 @@ def run_lm_eval(
     return {t: {k: (None if math.isnan(v) else v) for k, v in m.items()} for t, m in scores.items()}
 
 
+def score_preferences(model: Any, tokenizer: Any, frame: Any, seed: int, settings: EvalSettings) -> dict[str, Any]:
+    """Preference accuracy and margin on a domain's test items as pairs (the same pairs for every model:
+    the wrong answers are drawn with `evaluate.seed`)."""
+    records = chat_validation_items(tokenizer, frame.fillna("").to_dict("records"), "evaluate.preference_domains")
+    pairs = offline_pairs(records, seed)
+    return {**preference_entry(preference_margins(model, tokenizer, pairs), settings), "n_pairs": len(pairs)}
+
+
 def run(params: Params, layout: Layout) -> StageResult:
     import pandas as pd
     import torch
@@ -150,6 +159,8 @@ def run(params: Params, layout: Layout) -> StageResult:
             # Conversational items are scored through the model's chat template (the one the pipeline checked).
             frame = pd.DataFrame([chat_record(loaded.tokenizer, r) for r in frame.fillna("").to_dict("records")])
             entry, vectors = evaluate_domain(answerer, frame, VERIFIERS, settings)
+            if domain in cfg.preference_domains:
+                entry["preference"] = score_preferences(model, loaded.tokenizer, tests[domain], cfg.seed, settings)
             results[stage][domain], per_item[stage][domain] = entry, vectors
             em = entry["exact_match"]
             log.info(

@@ -16,7 +16,7 @@ from typing import Any
 
 from posttrain import io
 from posttrain.config import DataConfig, DomainConfig, Params
-from posttrain.data import decontamination, domains, sources, splits, userdeps
+from posttrain.data import decontamination, domains, lore, sources, splits, userdeps
 from posttrain.data.domains import Record
 from posttrain.errors import DataError
 from posttrain.layout import Layout
@@ -30,6 +30,14 @@ def build_domain(
     name: str, config: DomainConfig, data: DataConfig, layout: Layout
 ) -> tuple[list[Record], dict[str, Any]]:
     """All records of one domain and a description of where they came from."""
+    if config.kind == "lore":
+        records = lore.generate(name, config.form, data.seed, config.world, config.entities, config.chat,
+                                config.verifier or "exact")  # fmt: skip
+        return records, {
+            "kind": "lore",
+            "generator": config.model_dump(exclude={"kind", "verifier"}),
+            "produced": len(records),
+        }
     if config.kind in domains.GENERATOR_KINDS:
         records = domains.generate(name, config, data.seed, config.verifier)
         knobs = config.model_dump(exclude={"kind", "verifier", "n_items"})

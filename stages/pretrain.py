@@ -96,7 +96,8 @@ def run(params: Params, layout: Layout) -> StageResult:
 def use_given_base(params: Params, layout: Layout, runtime: Runtime) -> StageResult:
     """No training: re-save the configured base so every later stage reads one verified folder."""
     loaded = build.load_base(params.model, layout.root)
-    sets = load_validation_sets(layout, params.pretrain_domains(), params.pretrain.eval_items, loaded.tokenizer)
+    domains = params.pretrain.eval_domains or params.pretrain_domains()
+    sets = load_validation_sets(layout, domains, params.pretrain.eval_items, loaded.tokenizer)
     scores = evaluate_domains(loaded.model, loaded.tokenizer, sets)
     parents = [parent_entry(loaded.path, layout.root)] if loaded.path else []
     log.info("model.base is %r: no pretraining, the base is written out as the pretrain model", params.model.base)

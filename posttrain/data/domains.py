@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 from posttrain.data.formats import CONVERSATION_COLUMNS, chat_fields, render_plain
 
 if TYPE_CHECKING:  # annotations only: config's domain classes
-    from posttrain.config import AdditionDomain, ReverseDomain, SubtractionDomain
+    from posttrain.config import AdditionDomain, ChainDomain, ReverseDomain, SubtractionDomain
 
-    SyntheticDomain = AdditionDomain | SubtractionDomain | ReverseDomain
+    SyntheticDomain = AdditionDomain | SubtractionDomain | ReverseDomain | ChainDomain
 
 log = logging.getLogger("posttrain.data")
 
@@ -77,9 +77,10 @@ def make_record(
     }
 
 
-def chat_record(record: Record) -> Record:
-    """The conversational rendering of a prompt/answer record (the `chat: true` option of a domain)."""
-    fields = chat_fields(record["prompt"], record["answer"])
+def chat_record(record: Record, reply: str | None = None) -> Record:
+    """The conversational rendering of a prompt/answer record (the `chat: true` option of a domain): the
+    assistant turn is `reply` (a worked solution ending in the answer) or else the answer itself."""
+    fields = chat_fields(record["prompt"], reply or record["answer"])
     text = render_plain([*json.loads(fields["messages"]), *json.loads(fields["completion"])])
     return make_record(
         record["domain"],
@@ -119,6 +120,11 @@ class Generator:
 
     def item(self, index: int) -> tuple[str, str]:
         raise NotImplementedError
+
+    def worked(self, index: int) -> str | None:
+        """A worked solution of item `index` that ends in its answer (the chat reply SFT learns); None: the
+        answer alone is the reply."""
+        return None
 
 
 class AdditionGenerator(Generator):
@@ -185,12 +191,51 @@ class ReverseGenerator(Generator):
         raise IndexError("index beyond the item space")
 
 
+class ChainGenerator(Generator):
+    """Multi-step addition: `terms` operands of `digits` digits, e.g. `23+45+17=` -> `85`.
+
+    The worked solution adds left to right, one sum per step, and boxes the answer for math-verify:
+    `23+45=68. 68+17=85. \\boxed{85}`.
+    """
+
+    kind = "chain"
+    default_verifier = "math"
+
+    def __init__(self, digits: int, terms: int) -> None:
+        self.lo, self.hi = _operand_range(digits)
+        self.m = self.hi - self.lo + 1
+        self.terms = terms
+
+    def size(self) -> int:
+        return self.m**self.terms
+
+    def operands(self, index: int) -> list[int]:
+        out = []
+        for _ in range(self.terms):
+            index, r = divmod(index, self.m)
+            out.append(self.lo + r)
+        return out
+
+    def item(self, index: int) -> tuple[str, str]:
+        numbers = self.operands(index)
+        return "+".join(map(str, numbers)) + "=", str(sum(numbers))
+
+    def worked(self, index: int) -> str:
+        numbers = self.operands(index)
+        steps, total = [], numbers[0]
+        for number in numbers[1:]:
+            steps.append(f"{total}+{number}={total + number}.")
+            total += number
+        return " ".join(steps) + f" \\boxed{{{total}}}"
+
+
 class BucketedGenerator(Generator):
     """Consecutive item spaces (one per difficulty bucket), each stratum getting an equal share."""
 
     def __init__(self, parts: list[Generator]) -> None:
         self.parts = parts
         self.kind = parts[0].kind
+        self.default_verifier = parts[0].default_verifier
 
     def size(self) -> int:
         return sum(part.size() for part in self.parts)
@@ -198,16 +243,28 @@ class BucketedGenerator(Generator):
     def strata(self) -> list[int]:
         return [part.size() for part in self.parts]
 
-    def item(self, index: int) -> tuple[str, str]:
+    def _locate(self, index: int) -> tuple[Generator, int]:
         for part in self.parts:
             if index < part.size():
-                return part.item(index)
+                return part, index
             index -= part.size()
         raise IndexError("index beyond the item space")
 
+    def item(self, index: int) -> tuple[str, str]:
+        part, local = self._locate(index)
+        return part.item(local)
+
+    def worked(self, index: int) -> str | None:
+        part, local = self._locate(index)
+        return part.worked(local)
+
 
 def make_generator(config: SyntheticDomain) -> Generator:
-    """The generator for a synthetic domain config (AdditionDomain, SubtractionDomain, ReverseDomain)."""
+    """The generator for a synthetic domain config (AdditionDomain, SubtractionDomain, ReverseDomain, ChainDomain)."""
+    if config.kind == "chain":
+        if config.max_terms is None or config.max_terms == config.terms:
+            return ChainGenerator(config.digits, config.terms)
+        return BucketedGenerator([ChainGenerator(config.digits, t) for t in range(config.terms, config.max_terms + 1)])
     if config.kind in ("addition", "subtraction"):
         cls = AdditionGenerator if config.kind == "addition" else SubtractionGenerator
         if config.max_digits is None or config.max_digits == config.digits:
@@ -218,17 +275,21 @@ def make_generator(config: SyntheticDomain) -> Generator:
     raise ValueError(f"domain kind {config.kind!r} is not a synthetic generator")
 
 
-GENERATOR_KINDS = ("addition", "subtraction", "reverse")
+GENERATOR_KINDS = ("addition", "subtraction", "reverse", "chain")
 
 _ARITHMETIC = re.compile(r"(\d+)([+-])(\d+)=")
+_CHAIN = re.compile(r"\d+(\+\d+){2,}=")
 _REVERSE = re.compile(r"rev:([a-z]+)=")
 
 
 def difficulty(prompt: str) -> str:
     """The difficulty bucket of an item, read from its prompt: `d<digits>` of the longer operand for
-    arithmetic, `len<letters>` for reverse, `all` for anything else (one bucket)."""
+    two-operand arithmetic, `t<terms>` for a chain of three or more, `len<letters>` for reverse, `all`
+    for anything else (one bucket)."""
     if m := _ARITHMETIC.fullmatch(prompt):
         return f"d{max(len(m.group(1)), len(m.group(3)))}"
+    if _CHAIN.fullmatch(prompt):
+        return f"t{prompt.count('+') + 1}"
     if m := _REVERSE.fullmatch(prompt):
         return f"len{len(m.group(1))}"
     return "all"
@@ -294,7 +355,7 @@ def generate(name: str, config: SyntheticDomain, seed: int, verifier: str | None
     for index in indices:
         prompt, answer = generator.item(index)
         record = make_record(name, prompt=prompt, answer=answer, verifier=verifier)
-        records.append(chat_record(record) if config.chat else record)
+        records.append(chat_record(record, generator.worked(index)) if config.chat else record)
     return records
 
 
@@ -347,6 +408,28 @@ def _letter_change(answer: str, rng: random.Random) -> str:
     pool = string.ascii_lowercase if answer[pos].isalpha() or not answer[pos].isdigit() else string.digits
     choices = [c for c in pool if c != answer[pos]]
     return answer[:pos] + rng.choice(choices) + answer[pos + 1 :]
+
+
+def reply_of(record: Record) -> str:
+    """The reply a record demonstrates: its assistant turn's content for a conversational prompt-completion
+    record (a worked solution ends in the answer), else its answer."""
+    if record.get("messages") and record.get("completion"):
+        turns = json.loads(record["completion"])
+        if turns and turns[-1]["role"] == "assistant":
+            return turns[-1]["content"]
+    return record.get("answer") or ""
+
+
+def preference_replies(record: Record, rng: random.Random) -> tuple[str, str]:
+    """(chosen, rejected) replies for offline DPO: the demonstrated reply (`reply_of`) and the same reply with
+    its answer replaced, wherever it stands alone, by a plausible wrong answer (`wrong_answer`): a worked
+    solution that slips at the end, in the format the model was taught. A bare answer gives the wrong one."""
+    reply, answer, wrong = reply_of(record), record["answer"], wrong_answer(record, rng)
+    if reply == answer:
+        return reply, wrong
+    alone = re.compile(rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])")
+    rejected = alone.sub(lambda _: wrong, reply)
+    return reply, rejected if rejected != reply else wrong
 
 
 def wrong_answer(record: Record, rng: random.Random) -> str:

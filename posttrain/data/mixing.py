@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posttrain.config import TRAINING_STAGES, MixtureConfig
-from posttrain.data.domains import Record, is_verifiable, wrong_answer
+from posttrain.data.domains import Record, is_verifiable, preference_replies
 from posttrain.data.formats import canonical_json, decode_messages, full_conversation, is_conversational
 from posttrain.errors import DataError
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "text": ("id", "domain", "text"),
+    # `conversation`: a conversational record's whole conversation (canonical JSON), which language
+    # modelling renders through the chat template, as the chat model sees it; "" for plain text.
+    "text": ("id", "domain", "text", "conversation"),
     "prompt_completion": ("id", "domain", "prompt", "completion"),
     "preference": ("id", "domain", "prompt", "chosen", "rejected", "answer", "verifier"),
     "prompt_answer": ("id", "domain", "prompt", "answer", "verifier"),
@@ -143,17 +145,17 @@ def _format_rows(stage: str, fmt: str, records: list[Record], rng: random.Random
     for r in records:
         prompt = r["messages"] if chat else r["prompt"]
         if fmt == "text":
-            rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"]})
+            conversation = canonical_json(full_conversation(r)) if is_conversational(r) else ""
+            rows.append({"id": r["id"], "domain": r["domain"], "text": r["text"], "conversation": conversation})
         elif fmt == "conversational":
             rows.append({"id": r["id"], "domain": r["domain"], "messages": canonical_json(full_conversation(r))})
         elif fmt == "prompt_completion":
             completion = r["completion"] or turn(r["answer"])
             rows.append({"id": r["id"], "domain": r["domain"], "prompt": prompt, "completion": completion})
         elif fmt == "preference":
-            # The user's own pairs when the source has them; else a generated wrong answer.
-            chosen, rejected = (
-                (r["chosen"], r["rejected"]) if r["chosen"] else (turn(r["answer"]), turn(wrong_answer(r, rng)))
-            )
+            # The user's own pairs when the source has them; else the demonstrated reply against the same
+            # reply ending in a plausible wrong answer.
+            chosen, rejected = (r["chosen"], r["rejected"]) if r["chosen"] else map(turn, preference_replies(r, rng))
             rows.append(
                 {
                     "id": r["id"],

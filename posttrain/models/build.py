@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "</s>"
 UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
 # Metaspace marks spaces as "▁" inside tokens, so decoding gives back the exact string.
 _SPACE = "\u2581"
@@ -58,11 +59,12 @@ def train_tokenizer(
     """Train a BPE tokenizer on `texts`: every digit its own token, punctuation isolated.
 
     `extra_special`: further special tokens trained in (a chat template's, `chat_template.special_tokens_of`).
+    `cfg.bos`: a post-processor puts `<s>` in front of every text encoded with special tokens.
 
     Isolating punctuation keeps merges from crossing `=` or `:`, so a prompt such as `12+34=`
     tokenizes to a prefix of `12+34=46`: the prompt/completion boundary is a token boundary.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
@@ -77,7 +79,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=[*SPECIAL_TOKENS, *extra_special],
+        special_tokens=[*SPECIAL_TOKENS, *([BOS_TOKEN] if cfg.bos else []), *extra_special],
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -88,11 +90,17 @@ def train_tokenizer(
             f"model.tokenizer.vocab_size: got {cfg.vocab_size}, but the training texts need "
             f"{tokenizer.get_vocab_size()} tokens (every character plus special tokens); expected at least that"
         )
+    if cfg.bos:
+        bos = tokenizer.token_to_id(BOS_TOKEN)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos)]
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN if cfg.bos else None,
         model_max_length=max_length,
         padding_side="right",
     )
@@ -142,8 +150,8 @@ def build_scratch_model(
         tie_word_embeddings=cfg.tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        # No BOS: prompts are plain text and the tokenizer adds no special tokens.
-        bos_token_id=None,
+        # The tokenizer's BOS, if it adds one (model.tokenizer.bos); None: it adds no special tokens.
+        bos_token_id=tokenizer.bos_token_id,
     )
     model = LlamaForCausalLM(config)
     if attn_implementation:
@@ -185,10 +193,37 @@ def install_template(
         return None
     added = chat_template.install(tokenizer, cfg.chat_template, root)
     if added:
-        model.resize_token_embeddings(len(tokenizer))
-        log.info("chat template %r: %d special token(s) added, embeddings resized", cfg.chat_template, added)
+        add_token_rows(model, len(tokenizer))
+        log.info(
+            "chat template %r: %d special token(s) added, their embedding rows set to the mean of the others",
+            cfg.chat_template,
+            added,
+        )
     _set_generation_ids(model, tokenizer)
     return chat_template.fingerprint(tokenizer)
+
+
+def add_token_rows(model: PreTrainedModel, size: int) -> None:
+    """Grow the embedding matrix (and an untied output head) to `size` rows, each new row the mean of the
+    existing rows.
+
+    A new token then starts as an average token: its logit is about the average logit, so the model
+    neither emits it everywhere nor can never learn to emit it, and its input vector sits inside the
+    distribution the layers were trained on (Hewitt, "Initializing new word embeddings for pretrained
+    language models", 2021). Set here explicitly rather than left to `resize_token_embeddings`' default,
+    which samples around the mean and may change between transformers versions.
+    """
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        layers = [model.get_input_embeddings()]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not layers[0].weight:
+            layers.append(head)
+        for layer in layers:
+            layer.weight[old:] = layer.weight[:old].mean(dim=0, keepdim=True)
 
 
 def load_base(cfg: ModelConfig, root: Path | None = None) -> LoadedModel:

@@ -13,6 +13,13 @@ included: TRL's `SFTConfig(assistant_only_loss=True)` needs those markers (TRL 1
 own training template only for model families it knows, and warns when the end-of-turn token is
 outside the mask, since the model then never learns to stop).
 
+On a tokenizer that adds a BOS on encode (Llama 2/3, Mistral, Gemma; posttrain.models.encoding),
+the installed template starts with `{{- bos_token -}}` unless it renders the BOS already: TRL's SFT
+tokenizes conversations with `apply_chat_template(tokenize=True)`, which adds no special tokens, so
+without it every SFT example would lack the BOS the model was pretrained with (issue 26: exact match
+stayed at 0 and general-chat perplexity near 8,000). Tokenizers that add none (GPT-2, Qwen2, SmolLM2)
+get the template unchanged.
+
 The fingerprint (sha256 of the template text and the ids of the tokenizer's special tokens) goes
 into lineage; every stage that consumes a model checks it against its parent's with
 `check_same_template`, so a model trained with one template is never served or scored with another.
@@ -22,12 +29,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import ParamsError
 from posttrain.errors import StageError
+from posttrain.models.encoding import bos_id
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -100,10 +111,34 @@ def install(tokenizer: PreTrainedTokenizerBase, choice: str, root: Path) -> int:
     text = template_text(choice, tokenizer, root)
     needed = [t for t in special_tokens_of(choice) if t not in tokenizer.get_vocab()]
     added = tokenizer.add_special_tokens({"additional_special_tokens": needed}) if needed else 0
-    tokenizer.chat_template = text
+    tokenizer.chat_template = with_bos(tokenizer, text, choice)
     if choice in BUILTIN:
         tokenizer.eos_token = BUILTIN[choice][2]
     return added
+
+
+BOS_PREFIX = "{{- bos_token -}}"
+_PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def with_bos(tokenizer: PreTrainedTokenizerBase, text: str, choice: str) -> str:
+    """`text`, starting with the tokenizer's BOS where the tokenizer adds one on encode and the template
+    does not render it already (a model's own template usually does: Llama 3's `{{ bos_token }}`)."""
+    if bos_id(tokenizer) is None:
+        return text
+    tokenizer.chat_template = text
+    rendered = tokenizer.apply_chat_template(_PROBE, tokenize=False)
+    if rendered.startswith(tokenizer.bos_token):
+        return text
+    if choice not in BUILTIN:
+        log.warning(
+            "model.chat_template = %r renders no %s, but the tokenizer puts it in front of every text; "
+            "the template is installed with %s in front",
+            choice,
+            tokenizer.bos_token,
+            BOS_PREFIX,
+        )
+    return BOS_PREFIX + text
 
 
 def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

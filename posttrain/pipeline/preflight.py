@@ -75,11 +75,12 @@ def vocab_problem(params: Params) -> str | None:
             split = params.data.split
             train = splits.split_records(records, split.salt, split.val_fraction, split.test_fraction)["train"]
             chars.update(*(record["text"] for record in train))
-    needed = len(chars) + len(SPECIAL_TOKENS)
+    specials = len(SPECIAL_TOKENS) + int(params.model.tokenizer.bos)
+    needed = len(chars) + specials
     if params.model.tokenizer.vocab_size < needed:
         return (
             f"model.tokenizer.vocab_size: got {params.model.tokenizer.vocab_size}, but the synthetic domains use "
-            f"{len(chars)} distinct characters plus {len(SPECIAL_TOKENS)} special tokens; expected at least {needed}"
+            f"{len(chars)} distinct characters plus {specials} special tokens; expected at least {needed}"
         )
     return None
 

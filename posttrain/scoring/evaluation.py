@@ -196,6 +196,17 @@ def evaluate_domain(
     return entry, per_item
 
 
+def preference_entry(margins: Sequence[float], settings: EvalSettings) -> dict[str, Any]:
+    """A domain's preference scores from its test pairs' margins (posttrain.scoring.preference): accuracy
+    (chosen strictly more likely than rejected) and the mean log-probability margin, each with a bootstrap CI."""
+    s = settings
+    wins = [1.0 if m > 0 else 0.0 for m in margins]
+    return {
+        "accuracy": mean_ci(wins, samples=s.bootstrap_samples, confidence=s.confidence, seed=s.seed),
+        "logp_margin": mean_ci(margins, samples=s.bootstrap_samples, confidence=s.confidence, seed=s.seed),
+    }
+
+
 def _safe_exp(x: float | None) -> float | None:
     if x is None:
         return None
@@ -303,6 +314,8 @@ def build_report(
             if entry["loss"] and entry["loss"]["mean"] is not None:
                 summary[f"{prefix}.loss"] = _round(entry["loss"]["mean"])
                 summary[f"{prefix}.perplexity"] = _round(entry["perplexity"]["mean"])
+            if entry.get("preference"):
+                summary[f"{prefix}.preference_accuracy"] = _round(entry["preference"]["accuracy"]["mean"])
             f = forgetting_by_stage[st].get(d)
             if f:
                 summary[f"{prefix}.forgetting"] = _round(f["value"])

@@ -11,10 +11,12 @@ this module turns text into token ids and back, the same for all of them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from posttrain.data.formats import Message, full_conversation, prompt_turns
-from posttrain.errors import StageError
+from posttrain.data.formats import Message, decode_messages, full_conversation, prompt_turns
+from posttrain.errors import DataError, StageError
+from posttrain.models.encoding import encode, strip_bos
 from posttrain.scoring.engines import GenerationRequest, GenerationStats, timed_run
 
 if TYPE_CHECKING:
@@ -32,9 +34,10 @@ def _require_template(tokenizer: Any) -> None:
 
 
 def chat_prompt(tokenizer: Any, turns: list[Message]) -> str:
-    """Prompt turns through the tokenizer's chat template, ending with the assistant's generation prompt."""
+    """Prompt turns through the tokenizer's chat template, ending with the assistant's generation prompt
+    (BOS-free: `encode` puts the tokenizer's BOS back once, posttrain.models.encoding)."""
     _require_template(tokenizer)
-    return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return strip_bos(tokenizer, tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False))
 
 
 def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +48,33 @@ def chat_record(tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
     if not record.get("messages"):
         return record
     _require_template(tokenizer)
-    text = tokenizer.apply_chat_template(full_conversation(record), tokenize=False)
+    text = strip_bos(tokenizer, tokenizer.apply_chat_template(full_conversation(record), tokenize=False))
     return {**record, "prompt": chat_prompt(tokenizer, prompt_turns(record)), "text": text}
+
+
+def assistant_content(value: str, row_id: str | None, side: str, where: str) -> str:
+    """The content of the one assistant turn a stored `chosen`/`rejected` message list holds (DataError else)."""
+    turns = decode_messages(value)
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(
+            f"{where}: row {row_id!r} field {side!r} has {len(turns)} turn(s) ({[t['role'] for t in turns]}); "
+            "expected exactly one assistant turn"
+        )
+    return turns[0]["content"]
+
+
+def chat_validation_items(tokenizer: Any, records: Sequence[dict[str, Any]], where: str) -> list[dict[str, str]]:
+    """Validation records as the model sees them (`chat_record`); a conversational preference record's
+    `chosen`/`rejected` become their assistant turn's content, like `chat_mixture_row`."""
+    out = []
+    for record in records:
+        rendered = chat_record(tokenizer, record)
+        if record.get("messages"):
+            for side in ("chosen", "rejected"):
+                if record.get(side):
+                    rendered[side] = assistant_content(record[side], record.get("id"), side, where)
+        out.append(rendered)
+    return out
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -57,20 +85,9 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, as the model saw prompts in training (tokenizer's special tokens).
-
-    A tokenizer whose post-processor appends EOS to every text would end each prompt with "stop";
-    that trailing EOS is dropped so the model continues the prompt instead.
-    """
-    eos = tokenizer.eos_token_id
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    out: list[list[int]] = []
-    for ids in encoded:
-        ids = list(ids)
-        if eos is not None and len(ids) > 1 and ids[-1] == eos:
-            ids = ids[:-1]
-        out.append(ids)
-    return out
+    """Token ids of each prompt as the model saw prompts in training: the tokenizer's BOS once where it
+    adds one, and no EOS after the prompt (the model must continue it), posttrain.models.encoding."""
+    return encode(tokenizer, prompts)
 
 
 def generate(

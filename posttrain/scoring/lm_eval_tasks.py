@@ -109,6 +109,21 @@ def write_task(spec: TaskSpec, folder: Path) -> str:
     return name
 
 
+def model_args(model_dir: Path, kind: str, device: str = "cpu") -> dict[str, Any]:
+    """lm-eval's HF model arguments for tasks of `kind`, with the tokenizer's BOS in front exactly once.
+
+    `generate`: lm-eval's default. A prompt rendered by a chat template that starts with the BOS is
+    encoded without special tokens, any other prompt with them (the tokenizer adds its BOS, if any).
+    `perplexity`: lm-eval conditions the first rolling window on its prefix token (the tokenizer's BOS
+    where it has one) and by default would also encode the text with the BOS in front, scoring a second
+    BOS as part of the text; `add_bos_token: False` leaves the prefix token the only one.
+    """
+    args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": "float32", "device": device}
+    if kind == "perplexity":
+        args["add_bos_token"] = False
+    return args
+
+
 def run(
     model_dir: Path,
     tasks: Sequence[TaskSpec],
@@ -129,23 +144,29 @@ def run(
     names = {write_task(spec, work_dir): spec for spec in tasks}
     # Only our folder is indexed: lm-eval's stock tasks (which download from the hub) are not even listed.
     manager = TaskManager(include_path=str(work_dir), include_defaults=False)
-    results = lm_eval.simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
-        tasks=list(names),
-        task_manager=manager,
-        batch_size=batch_size,
-        apply_chat_template=chat,
-        log_samples=False,
-        bootstrap_iters=1000,  # for bootstrapped metrics; lm-eval's default 100,000 takes minutes on CPU
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    results: dict[str, Any] = {}
+    for kind in METRICS:  # one lm-eval run per task kind: they need different BOS settings (model_args)
+        of_kind = [name for name, spec in names.items() if spec.kind == kind]
+        if not of_kind:
+            continue
+        run_results = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model_args(model_dir, kind, device),
+            tasks=of_kind,
+            task_manager=manager,
+            batch_size=batch_size,
+            apply_chat_template=chat,
+            log_samples=False,
+            bootstrap_iters=1000,  # for bootstrapped metrics; lm-eval's default 100,000 takes minutes on CPU
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        results.update(run_results["results"])
     scores: dict[str, dict[str, float]] = {}
     for name, spec in names.items():
-        raw = results["results"][name]
+        raw = results[name]
         entry: dict[str, float] = {"n": float(len(spec.records))}
         for metric in METRICS[spec.kind]:
             # lm-eval writes "N/A" where a metric has no standard error: NaN here.

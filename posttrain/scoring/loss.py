@@ -1,8 +1,9 @@
 """Token loss: the one definition of "loss on a text" used by training-time evaluation and the evaluate stage.
 
-Convention: the text is tokenized without special tokens and the tokenizer's EOS id is appended
-(as TRL's trainers end every training example), right padded so positions are those seen in
-training; the loss is the summed next-token NLL over the real tokens.
+Convention: the text is tokenized as training saw it, the tokenizer's BOS once where it adds one
+(posttrain.models.encoding.encode), and the tokenizer's EOS id is appended (as TRL's trainers end
+every training example), right padded so positions are those seen in training; the loss is the
+summed next-token NLL over the real tokens (the BOS is context, never predicted).
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from typing import Any
 
 import torch
 
+from posttrain.models.encoding import encode
+
 
 def token_losses(model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> tuple[list[float], list[int]]:
-    """Per text: summed next-token NLL over `text` + EOS, and the number of predicted tokens.
+    """Per text: summed next-token NLL over `text` + EOS (after the BOS, where the tokenizer adds one), and
+    the number of predicted tokens.
 
     Leaves the model in the mode it found it.
     """
     tok = tokenizer
     eos = tok.eos_token_id
-    rows = [ids + ([eos] if eos is not None else []) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    rows = [ids + ([eos] if eos is not None else []) for ids in encode(tok, texts)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (eos or 0)
     device = next(model.parameters()).device
     sums: list[float] = [0.0] * len(rows)

@@ -12,6 +12,7 @@ matplotlib is imported inside the functions (Agg backend: no display on servers)
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -227,3 +228,34 @@ def seeds_plot(summary: Mapping[str, Any], path: Path) -> Path:
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_tradeoff(
+    curves: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: Path,
+    *,
+    chosen: Mapping[str, float] | None = None,
+    title: str = "WiSE-FT: task exact match against general-chat perplexity",
+    x_label: str = "probe perplexity (lower: less forgotten)",
+    y_label: str = "task exact match",
+) -> list[Path]:
+    """One line per curve (e.g. per seed) of (exp(probe_loss), task_exact_match) points labelled by alpha,
+    the chosen alpha of each circled; the points as JSON beside the PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label, points in curves.items():
+        xs = [math.exp(p["probe_loss"]) for p in points]
+        ys = [p["task_exact_match"] for p in points]
+        (line,) = ax.plot(xs, ys, marker="o", label=label)
+        for p, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"{p['alpha']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if chosen and chosen.get(label) == p["alpha"]:
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors=line.get_color(), linewidths=2)
+    ax.set(title=title, xlabel=x_label, ylabel=y_label)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    data = path.with_suffix(".json")
+    write_json_atomic(data, {"curves": {k: list(v) for k, v in curves.items()}, "chosen": dict(chosen or {})})
+    return [path, data]

@@ -42,6 +42,12 @@ def exact_match(completions: list[str], answer: list[str], **_: Any) -> list[flo
     return [float(verifiers.exact_match(c, a)) for c, a in zip(completions, answer, strict=True)]
 
 
+def math_match(completions: list[str], answer: list[str], **_: Any) -> list[float]:
+    """1.0 when math-verify finds the completion's answer (a `\\boxed{}` value, or its last expression)
+    mathematically equal to the gold answer: the reward for worked solutions (posttrain.data.verifiers.verify_math)."""
+    return [float(verifiers.verify_math(c, a)) for c, a in zip(completions, answer, strict=True)]
+
+
 def _digit_score(predicted: str, gold: str) -> float:
     if not gold:
         return float(not predicted)
@@ -156,6 +162,7 @@ def python_output(completions: list[str], answer: list[str], **_: Any) -> list[f
 
 REWARDS: dict[str, RewardFunction] = {
     "exact_match": exact_match,
+    "math_match": math_match,
     "digit_match": digit_match,
     "format": format_reward,
     "length_penalty": length_penalty,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from posttrain.data.verifiers import exact_match
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import StageError
 from posttrain.io import write_json_atomic
 from posttrain.scoring.generation import answer_budget, generate
@@ -45,7 +45,8 @@ def evaluate_domains(
     engine: str = "hf",
     options: EngineConfig | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Per domain: mean token loss on `text` + EOS, and greedy exact match of `answer` given `prompt`.
+    """Per domain: mean token loss on `text` + EOS, and greedy exact match of `answer` given `prompt` (each
+    item's own verifier, as in the evaluate stage).
 
     The same token loss and exact match as the evaluate stage (posttrain.scoring), so the two agree.
 
@@ -63,7 +64,7 @@ def evaluate_domains(
                 loss = mean_token_loss(model, tokenizer, vset.texts, batch_size)
                 exact: float | None = None
                 if vset.prompts:
-                    max_new = answer_budget(tokenizer, vset.answers)
+                    max_new = answer_budget(tokenizer, vset.replies or vset.answers)
                     outputs = generate(
                         model,
                         tokenizer,
@@ -73,7 +74,8 @@ def evaluate_domains(
                         engine=engine,
                         options=options,
                     )
-                    hits = [exact_match(out[0], ans) for out, ans in zip(outputs, vset.answers, strict=False)]
+                    checks = [VERIFIERS[v] for v in vset.verifiers] or [VERIFIERS["exact"]] * len(vset.answers)
+                    hits = [check(out[0], ans) for check, out, ans in zip(checks, outputs, vset.answers, strict=True)]
                     exact = sum(hits) / len(hits)
                 results[domain] = {"loss": loss, "exact_match": exact}
     finally:

@@ -22,6 +22,7 @@ import torch
 
 from posttrain.config import HybridConfig
 from posttrain.data.verifiers import exact_match
+from posttrain.models.encoding import encode
 from posttrain.training.checkpoints import training_series
 from posttrain.training.job import MeasureHook, TrainedRun
 
@@ -38,11 +39,12 @@ def sft_rows(correct: Sequence[bool], group: int, threshold: float) -> list[bool
 
 
 def demonstrations(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Right-padded token ids of prompt + answer + EOS, with a loss mask on the answer and EOS."""
+    """Right-padded token ids of prompt + answer + EOS (the BOS once where the tokenizer adds one, as GRPO's
+    own prompts get it), with a loss mask on the answer and EOS."""
     rows, masks = [], []
     for prompt, answer in zip(prompts, answers, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_ids, full_ids = encode(tokenizer, [prompt, prompt + answer])
+        ids = full_ids + [tokenizer.eos_token_id]
         rows.append(ids)
         masks.append([0] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids)))
     width = max(len(r) for r in rows)

@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from posttrain import io
 from posttrain.config import TrainStageConfig
-from posttrain.data.domains import RECORD_COLUMNS, Record
+from posttrain.data.domains import RECORD_COLUMNS, Record, reply_of
 from posttrain.data.formats import Message, decode_messages, trl_row
 from posttrain.errors import DataError
 from posttrain.layout import Layout
 from posttrain.models import chat_template
-from posttrain.scoring.generation import chat_prompt, chat_record
+from posttrain.models.encoding import encode, strip_bos
+from posttrain.scoring.generation import assistant_content, chat_prompt, chat_record
 
 if TYPE_CHECKING:
     import datasets
@@ -63,7 +64,7 @@ def check_completion_room(
     """
     if not prompts:
         return
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in encode(tokenizer, prompts)]
     if all(n >= max_length for n in lengths):
         shortest = min(lengths)
         raise DataError(
@@ -81,11 +82,11 @@ def check_lengths(
     on_too_long: Literal["truncate", "refuse"],
     where: str,
 ) -> int:
-    """Count examples longer than `max_length` tokens (EOS included); with `refuse`, fail on the first.
+    """Count examples longer than `max_length` tokens (BOS and EOS included); with `refuse`, fail on the first.
 
     TRL truncates silently; a cut example loses its answer or its EOS, so by default we refuse.
     """
-    lengths = [len(ids_) + 1 for ids_ in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids_) + 1 for ids_ in encode(tokenizer, texts)]
     too_long = [i for i, n in enumerate(lengths) if n > max_length]
     if too_long and on_too_long == "refuse":
         i = too_long[0]
@@ -101,11 +102,22 @@ def check_lengths(
 def load_text_mixture(
     layout: Layout, stage: str, tokenizer: PreTrainedTokenizerBase, section: TrainStageConfig
 ) -> datasets.Dataset:
-    """Language-modelling data: the mixture's `text` column, lengths checked (TRL appends EOS)."""
-    data = read_mixture(layout, stage, ["id", "text"])
+    """Language-modelling data: the mixture's `text` column, lengths checked (TRL appends EOS).
+
+    A conversational row (its `conversation` set) is modelled as the chat model sees conversations:
+    through the tokenizer's chat template (BOS-free, like every string of the pipeline), not as its
+    plain `role: content` rendering. Replaying general chat that way keeps the template's format too.
+    """
+    import datasets
+
+    data = read_mixture(layout, stage, ["id", "text", "conversation"])
     where = str(layout.mixture(stage) / "train.parquet")
-    check_lengths(data["text"], data["id"], tokenizer, section.max_length, section.on_too_long, where)
-    return data.select_columns(["text"])
+    texts = [
+        chat_texts(tokenizer, [decode_messages(conversation)], where)[0] if conversation else text
+        for text, conversation in zip(data["text"], data["conversation"], strict=True)
+    ]
+    check_lengths(texts, data["id"], tokenizer, section.max_length, section.on_too_long, where)
+    return datasets.Dataset.from_dict({"text": texts})
 
 
 def load_prompt_completion_mixture(
@@ -130,13 +142,14 @@ def is_conversational_mixture(layout: Layout, stage: str) -> bool:
 
 
 def chat_texts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[Message]], where: str) -> list[str]:
-    """Whole conversations rendered by the tokenizer's chat template (what training sees; for length checks)."""
+    """Whole conversations rendered by the tokenizer's chat template (what training sees; for length checks),
+    BOS-free like every string of the pipeline (`encode` counts the BOS once)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{where}: a conversational mixture needs a chat template, but the model's tokenizer has none; "
             "expected model.chat_template to be set ('base', 'chatml' or a Jinja file)"
         )
-    return [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    return [strip_bos(tokenizer, tokenizer.apply_chat_template(c, tokenize=False)) for c in conversations]
 
 
 def load_sft_mixture(
@@ -186,12 +199,15 @@ def mixture_manifest(layout: Layout, stage: str) -> Path:
 
 @dataclass
 class ValidationSet:
-    """First `eval_items` validation items of one domain: `text` for loss, `prompt`/`answer` for exact match."""
+    """First `eval_items` validation items of one domain: `text` for loss, `prompt`/`answer` for exact match,
+    `replies` (the demonstrated assistant turn: a worked solution, or the answer) for the generation budget."""
 
     domain: str
     texts: list[str]
     prompts: list[str]
     answers: list[str]
+    replies: list[str] = field(default_factory=list)
+    verifiers: list[str] = field(default_factory=list)  # each item's verifier name (default: exact)
 
 
 def first_validation_items(
@@ -208,16 +224,6 @@ def first_validation_items(
     return records
 
 
-def _assistant_content(value: str, row_id: str | None, side: str, where: str) -> str:
-    turns = decode_messages(value)
-    if len(turns) != 1 or turns[0]["role"] != "assistant":
-        raise DataError(
-            f"{where}: row {row_id!r} field {side!r} has {len(turns)} turn(s) ({[t['role'] for t in turns]}); "
-            "expected exactly one assistant turn"
-        )
-    return turns[0]["content"]
-
-
 def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], where: str) -> dict[str, str]:
     """A conversational DPO/GRPO mixture row as the pipeline's string pairs: `prompt` = its prompt turns
     through the chat template (generation prompt on), `chosen`/`rejected` = the content of their one
@@ -226,7 +232,7 @@ def chat_mixture_row(tokenizer: PreTrainedTokenizerBase, row: dict[str, str], wh
     out = {**row, "prompt": chat_prompt(tokenizer, decode_messages(row["prompt"]))}
     for side in ("chosen", "rejected"):
         if row.get(side):
-            out[side] = _assistant_content(row[side], row.get("id"), side, where)
+            out[side] = assistant_content(row[side], row.get("id"), side, where)
     return out
 
 
@@ -260,22 +266,6 @@ def mixture_domains(weights: dict[str, float]) -> list[str]:
     return [domain for domain, weight in weights.items() if weight > 0]
 
 
-def chat_validation_items(
-    tokenizer: PreTrainedTokenizerBase, records: Sequence[Record], where: str
-) -> list[dict[str, str]]:
-    """Validation records as the model sees them (`chat_record`); a conversational preference record's
-    `chosen`/`rejected` become their assistant turn's content, like `chat_mixture_row`."""
-    out = []
-    for record in records:
-        rendered = chat_record(tokenizer, record)
-        if record.get("messages"):
-            for side in ("chosen", "rejected"):
-                if record.get(side):
-                    rendered[side] = _assistant_content(record[side], record.get("id"), side, where)
-        out.append(rendered)
-    return out
-
-
 def load_validation_sets(
     layout: Layout, domains: Sequence[str], eval_items: int, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, ValidationSet]:
@@ -299,5 +289,7 @@ def load_validation_sets(
             texts=[row["text"] for row in rows],
             prompts=[row["prompt"] for row in verifiable],
             answers=[row["answer"] for row in verifiable],
+            replies=[reply_of(row) for row in verifiable],
+            verifiers=[row.get("verifier") or "exact" for row in verifiable],
         )
     return sets

@@ -50,6 +50,7 @@ from posttrain.training.checkpoints import (
 )
 from posttrain.training.flops import ModelShape, device_peak, throughput_metrics, trainer_passes
 from posttrain.training.inputs import load_validation_sets
+from posttrain.training.no_learning import Check, after_training_checks, enforce, weights_digest
 from posttrain.training.outputs import write_model_output
 from posttrain.training.trl_config import trl_config, with_schedule
 
@@ -107,6 +108,9 @@ class TrainingJob:
     # Seconds of the optimizer updates alone within trainer.train(), when a stage splits its time (GRPO:
     # generation and rewards apart); called after training. Adds update_mfu to the MFU fields (flops.py).
     update_seconds: Callable[[], float | None] | None = None
+    # What the stage measured before training about whether it can learn (GRPO's zero-variance groups),
+    # already enforced by the stage; recorded with the checks after training (posttrain.training.no_learning).
+    learning_checks: list[Check] = field(default_factory=list)
 
 
 def peak_gpu_mb(runtime: Runtime) -> float | None:
@@ -171,7 +175,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
     apply_kernels(job.model, runtime.kernels)
     if online:
         config.max_steps = online.main_steps
-    domains = job.eval_domains or list(params.data.domains)
+    domains = job.eval_domains or section.eval_domains or list(params.data.domains)
     evaluation = ContinualEvaluation(
         job.tokenizer,
         load_validation_sets(layout, domains, section.eval_items, job.tokenizer),
@@ -203,6 +207,8 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
 
     # Scored on the input model: the same "before" whether or not the run resumes.
     before = evaluation.record(0, model)
+    policy = section.no_learning
+    digest_before = weights_digest(model) if policy.unchanged_weights else None
     if resume is not None:
         log.info("%s: resuming from %s (step %s)", stage, resume, resume.name.split("-")[-1])
         evaluation.load(resume)
@@ -234,6 +240,10 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         after = evaluation.at(state.global_step) or evaluation.record(state.global_step, model)
 
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+    digest_after = weights_digest(model) if policy.unchanged_weights else None
+    checks = after_training_checks(policy, losses, digest_before, digest_after)
+    # Before anything is written: with action fail, a stage that learned nothing leaves no model behind.
+    learning = enforce(stage, policy, checks, earlier=job.learning_checks)
     steps_run = state.global_step - (int(resume.name.split("-")[-1]) if resume else 0)
     # GRPO: TRL logs the tokens it processed (prompt + completion) as `num_tokens`, cumulative.
     logged_tokens = max((int(e["num_tokens"]) for e in state.log_history if "num_tokens" in e), default=0)
@@ -293,6 +303,7 @@ def run_training(job: TrainingJob, params: Params, layout: Layout, runtime: Runt
         "checkpoints": ckpt_shown,
         "world_size": config.world_size,
         "averaged_checkpoints": averaged,
+        "no_learning": learning,
         **job.metrics_extra,
     }
     # FSDP / DeepSpeed hold shards: gather the full weights (a collective, so every rank calls it).

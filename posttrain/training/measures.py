@@ -8,7 +8,7 @@ what the hook returns into metrics.json before its single write.
     DPO    log-probability margin log p(chosen) - log p(rejected) on held-out offline pairs, the implicit
            reward margin beta * (after - before), preference accuracy, TRL's rewards/margins curve
     GRPO   mean combined reward of greedy and sampled completions, greedy exact match, share of sampled
-           groups with zero reward variance; TRL's reward curve (also written for `dvc plots`)
+           groups (of num_generations) with zero reward variance; TRL's reward curve (also for `dvc plots`)
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ from collections.abc import Sequence
 from typing import Any
 
 from posttrain.config import EngineConfig, GRPOStageConfig
+from posttrain.data.verifiers import VERIFIERS
 from posttrain.io import write_json_atomic
 from posttrain.layout import Layout
 from posttrain.scoring import rewards
 from posttrain.scoring.generation import generate
+from posttrain.scoring.preference import preference_accuracy, preference_margins
 from posttrain.training.checkpoints import training_series
 from posttrain.training.job import MeasureHook, TrainedRun
-from posttrain.training.preferences import preference_margins
 
 log = logging.getLogger(__name__)
 
 DPO_SERIES = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
 GRPO_SERIES = ("loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "kl")
-# Sampled completions per held-out prompt when scoring a model (the rewards' spread shows in these).
-EVAL_SAMPLES = 4
 
 
 def dpo_hook(
@@ -53,8 +52,8 @@ def dpo_hook(
             "logp_margin_after": after,
             # beta * (policy log-ratio margin - reference log-ratio margin); 0 before training by definition.
             "reward_margin_after": beta * (after - before),
-            "preference_accuracy_before": statistics.fmean(m > 0 for m in margins_before),
-            "preference_accuracy_after": statistics.fmean(m > 0 for m in margins_after),
+            "preference_accuracy_before": preference_accuracy(margins_before),
+            "preference_accuracy_after": preference_accuracy(margins_after),
             "train_reward_margin_first": trl_margins[0] if trl_margins else None,
             "train_reward_margin_last": trl_margins[-1] if trl_margins else None,
             "train_series": series,
@@ -72,11 +71,13 @@ def score_policy(
     prompts: list[str],
     answers: list[str],
     seed: int,
+    verifiers: list[str] | None = None,
     engine: str = "hf",
     options: EngineConfig | None = None,
 ) -> dict[str, float]:
-    """Mean combined reward of greedy and sampled completions, greedy exact match, zero-variance share."""
-    budget = section.max_completion_length
+    """Mean combined reward of greedy and sampled completions, greedy exact match, and the share of prompts
+    whose `num_generations` sampled completions (a training group's size) all get the same reward."""
+    budget, samples = section.max_completion_length, section.num_generations
     through = {"engine": engine, "options": options}
     greedy = [c[0] for c in generate(model, tokenizer, prompts, max_new_tokens=budget, **through)]
     sampled = generate(
@@ -86,40 +87,59 @@ def score_policy(
         max_new_tokens=budget,
         do_sample=True,
         temperature=section.temperature,
-        num_return_sequences=EVAL_SAMPLES,
+        num_return_sequences=samples,
         seed=seed,
         **through,
     )
     flat = [c for group in sampled for c in group]
-    flat_answers = [a for a in answers for _ in range(EVAL_SAMPLES)]
+    flat_answers = [a for a in answers for _ in range(samples)]
     sampled_rewards = rewards.combined_reward(section.rewards, flat, flat_answers)
-    groups = [sampled_rewards[i : i + EVAL_SAMPLES] for i in range(0, len(flat), EVAL_SAMPLES)]
+    groups = [sampled_rewards[i : i + samples] for i in range(0, len(flat), samples)]
     return {
         "greedy_reward": statistics.fmean(rewards.combined_reward(section.rewards, greedy, answers)),
         "sampled_reward": statistics.fmean(sampled_rewards),
-        "greedy_exact_match": statistics.fmean(rewards.exact_match(greedy, answers)),
+        # Each item's own verifier (exact, numeric, math), as in the evaluate stage.
+        "greedy_exact_match": statistics.fmean(
+            VERIFIERS[v](c, a) for v, c, a in zip(verifiers or ["exact"] * len(answers), greedy, answers, strict=True)
+        ),
         "sampled_zero_variance_groups": statistics.fmean(max(g) == min(g) for g in groups),
     }
 
 
-def grpo_hook(
+def grpo_before(
     model: Any,
     tokenizer: Any,
     section: GRPOStageConfig,
     held_out: Sequence[dict[str, str]],
+    seed: int,
+    stage: str,
+    engine: str = "hf",
+    options: EngineConfig | None = None,
+) -> dict[str, float]:
+    """`score_policy` of the input model on the held-out prompts (GRPO's "before")."""
+    prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
+    verifiers = [r["verifier"] for r in held_out]
+    before = score_policy(model, tokenizer, section, prompts, answers, seed, verifiers, engine, options)
+    log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
+    return before
+
+
+def grpo_hook(
+    section: GRPOStageConfig,
+    held_out: Sequence[dict[str, str]],
+    before: dict[str, float],
     seed: int,
     layout: Layout,
     stage: str,
     engine: str = "hf",
     options: EngineConfig | None = None,
 ) -> MeasureHook:
-    """Rewards of `model` on the held-out prompts now; the hook scores the trained model on the same prompts."""
+    """A hook that scores the trained model on the held-out prompts `before` (grpo_before) was measured on."""
     prompts, answers = [r["prompt"] for r in held_out], [r["answer"] for r in held_out]
-    before = score_policy(model, tokenizer, section, prompts, answers, seed, engine, options)
-    log.info("%s: input model on %d held-out prompts: %s", stage, len(prompts), before)
+    verifiers = [r["verifier"] for r in held_out]
 
     def measure(run: TrainedRun) -> dict[str, Any]:
-        after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed, engine, options)
+        after = score_policy(run.model, run.tokenizer, section, prompts, answers, seed, verifiers, engine, options)
         log.info("%s: output model on %d held-out prompts: %s", stage, len(prompts), after)
         series = training_series(run.final_checkpoint, GRPO_SERIES, prefixes=("rewards/",))
         curve_path = layout.plots / f"{stage}_rewards.json"

@@ -11,7 +11,6 @@ the mixture (chosen = answer, rejected = the data layer's `wrong_answer`). Both 
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,7 +18,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from posttrain.config import DPOStageConfig, EngineConfig
-from posttrain.data.domains import wrong_answer
 from posttrain.data.verifiers import VERIFIERS
 from posttrain.errors import DataError
 from posttrain.scoring.engines import GenerationStats
@@ -187,71 +185,3 @@ def pair_dataset(rows: Sequence[dict[str, str]], tokenizer: Any, section: DPOSta
     texts = [r["prompt"] + r[side] for side in ("chosen", "rejected") for r in rows]
     check_lengths(texts, [r["id"] for r in rows] * 2, tokenizer, section.max_length, section.on_too_long, where)
     return datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
-
-
-def offline_pairs(records: Sequence[dict[str, str]], seed: int) -> list[dict[str, str]]:
-    """Offline pairs for held-out records: a user's own pair where the record has one, else chosen =
-    answer and rejected = the data layer's wrong answer."""
-    rng = random.Random(seed)
-    return [
-        {
-            **{c: r[c] for c in ("id", "domain", "prompt", "answer", "verifier")},
-            "chosen": r["chosen"] if r.get("chosen") else r["answer"],
-            "rejected": r["rejected"] if r.get("chosen") else wrong_answer(r, rng),
-        }
-        for r in records
-    ]
-
-
-def completion_logps(
-    model: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 64
-) -> list[float]:
-    """Sum of log p(completion + EOS | prompt) per pair, tokenized the way TRL's DPOTrainer does.
-
-    DPOTrainer appends the EOS token to the completion text and takes the completion to start
-    where the tokenized prompt and prompt+completion diverge; doing the same here makes these
-    numbers the policy side of TRL's implicit reward.
-    """
-    import torch
-
-    eos = tokenizer.eos_token
-    sequences: list[tuple[list[int], int]] = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(prompt + completion + eos)["input_ids"]
-        start = 0
-        while start < min(len(prompt_ids), len(full_ids)) and prompt_ids[start] == full_ids[start]:
-            start += 1
-        sequences.append((full_ids, start))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[float] = []
-    try:
-        with torch.no_grad():
-            for begin in range(0, len(sequences), batch_size):
-                chunk = sequences[begin : begin + batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                scored = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for row, (ids, start) in enumerate(chunk):  # right padding: positions as in training
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    mask[row, : len(ids)] = 1
-                    scored[row, max(start, 1) : len(ids)] = True
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
-                logps = torch.log_softmax(logits[:, :-1], dim=-1)
-                token_logps = logps.gather(-1, input_ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-                out.extend((token_logps * scored[:, 1:].to(device)).sum(dim=1).tolist())
-    finally:
-        model.train(was_training)
-    return out
-
-
-def preference_margins(model: Any, tokenizer: Any, pairs: Sequence[dict[str, str]]) -> list[float]:
-    """log p(chosen) - log p(rejected) under `model`, per pair (positive: the model prefers chosen)."""
-    prompts = [p["prompt"] for p in pairs]
-    chosen = completion_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs])
-    rejected = completion_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs])
-    return [c - r for c, r in zip(chosen, rejected, strict=True)]

@@ -104,7 +104,7 @@ def write_mixture(layout: Layout, stage: str, records: list[dict[str, str]], fmt
     folder = layout.mixture(stage)
     folder.mkdir(parents=True, exist_ok=True)
     if fmt == "text":
-        rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"]} for r in records]
+        rows = [{"id": r["id"], "domain": r["domain"], "text": r["text"], "conversation": ""} for r in records]
     else:
         rows = [
             {"id": r["id"], "domain": r["domain"], "prompt": r["prompt"], "completion": r["answer"]} for r in records

@@ -119,3 +119,21 @@ def save_tiny(folder: Path, model: Any, tokenizer: Any) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# --------------------------------------------------------------------------- a BOS-requiring tokenizer
+
+BOS_TEXTS = [f"{a}+{b}={a + b}" for a in range(30) for b in range(30)] + ["hello there", "what is the sum"]
+
+
+def bos_tokenizer(template: str | None = "chatml") -> Any:
+    """A scratch BPE tokenizer that puts `<s>` in front of every text on encode, as Llama/Mistral/Gemma
+    tokenizers do (`model.tokenizer.bos`), with `template` installed (None: no chat template)."""
+    from posttrain.config import TokenizerConfig
+    from posttrain.models import chat_template
+    from posttrain.models.build import train_tokenizer
+
+    tokenizer = train_tokenizer(BOS_TEXTS, TokenizerConfig(vocab_size=96, min_frequency=2, bos=True), max_length=64)
+    if template is not None:
+        chat_template.install(tokenizer, template, REPO)
+    return tokenizer

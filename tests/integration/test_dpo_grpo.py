@@ -77,7 +77,7 @@ def test_dpo_margin_matches_trl_reward_definition(project, dpo_result) -> None:
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.models import loading
-    from posttrain.training import preferences
+    from posttrain.scoring import preference as preferences
 
     params, layout = project
     policy = loading.load_stage_model(layout.model("dpo"))

@@ -239,3 +239,27 @@ def test_group_with_online_mixing_is_refused() -> None:
 
     with pytest.raises(ValidationError, match="online mixing re-draws single items per domain, expected group: 1"):
         MixtureConfig(weights={"add": 1.0}, group=2, adaptive={})
+
+
+def test_text_mixture_models_a_conversation_through_the_chat_template(tmp_path) -> None:
+    """CPT replaying general chat sees it as the chat model does: the template's rendering, not `user: ...`."""
+    from helpers.tiny import bos_tokenizer
+
+    from posttrain import io
+    from posttrain.config import TrainStageConfig
+    from posttrain.data.domains import chat_record as chat_form
+    from posttrain.data.domains import make_record
+    from posttrain.layout import Layout
+    from posttrain.training.inputs import chat_texts, load_text_mixture
+
+    plain = make_record("lore", text="Velka lives in Brinnos.")
+    chat = chat_form(make_record("chat", prompt="12+3=", answer="15", verifier="exact"))
+    mixture = build_mixture("cpt", MixtureConfig(weights={"lore": 1.0, "chat": 1.0}, total=2, format="text"),
+                            {"lore": [plain], "chat": [chat]})  # fmt: skip
+    layout = Layout(tmp_path)
+    io.write_parquet(mixture.rows, layout.mixture("cpt") / "train.parquet", mixture.columns)
+    tokenizer = bos_tokenizer()
+    texts = load_text_mixture(layout, "cpt", tokenizer, TrainStageConfig(max_length=64))["text"]
+    conversation = [{"role": "user", "content": "12+3="}, {"role": "assistant", "content": "15"}]
+    assert sorted(texts) == sorted([plain["text"], chat_texts(tokenizer, [conversation], "t")[0]])
+    assert any(t.startswith("<|im_start|>user\n12+3=") for t in texts)  # BOS-free: the tokenizer adds it
