@@ -142,7 +142,6 @@ def stage_metrics(root: Path) -> dict[str, Any]:
 def run_seed(seed: int, work: Path, part: str) -> dict[str, Any]:
     """`part` chain: clone and run the recipe; ablations: the ablations in that clone (the chain's models must
     still be there); all: both. The seed's JSON is written after each part, heavy files deleted after the last."""
-    import yaml
 
     path = OUT / f"seed-{seed}.json"
     root = work / f"seed-{seed}"
@@ -150,18 +149,12 @@ def run_seed(seed: int, work: Path, part: str) -> dict[str, Any]:
         root = clean_clone(work, seed)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
         result: dict[str, Any] = {"seed": seed, "commit": commit, "started_at": now(), "machine_start": machine_info()}
-        log(f"seed {seed}: posttrain run --no-prefect in {root} (commit {commit[:8]})")
+        log(f"seed {seed}: posttrain run --no-prefect --no-promote in {root} (commit {commit[:8]})")
         posttrain = str(Path(PYTHON).parent / "posttrain")
-        result["chain_seconds"] = run_logged([posttrain, "run", "--no-prefect"], root, root / "chain.log")
-        result["load_after_chain"] = list(os.getloadavg())
-        shutil.rmtree(root / "checkpoints", ignore_errors=True)  # 1.6 GB per saved step
-        report = read_json(root / "artifacts" / "metrics" / "eval.json")
-        result["eval"], result["forgetting"] = eval_scores(report), report["forgetting"]["forgetting"]
-        result["max_items"] = report["config"]["max_items"]
-        result["task_domains"] = yaml.safe_load((root / "params.yaml").read_text())["merge"]["wise_ft"]["task_domains"]
-        result["stages"] = stage_metrics(root)
-        result["finished_at"] = now()
-        write_seed(path, result)
+        # The stages are measured, not the promotion: its refusal (exit 3) is a verdict, not a failed chain.
+        command = [posttrain, "run", "--no-prefect", "--no-promote"]
+        result["chain_seconds"] = run_logged(command, root, root / "chain.log")
+        write_seed(path, finished_chain(root, result))
     if part in ("ablations", "all"):
         result = read_json(path)
         result["ablations"] = {}
@@ -177,6 +170,33 @@ def run_seed(seed: int, work: Path, part: str) -> dict[str, Any]:
         for heavy in ("checkpoints", ".dvc/cache", "artifacts/models"):
             shutil.rmtree(root / heavy, ignore_errors=True)
     return read_json(path)
+
+
+def finished_chain(root: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with what the finished chain in `root` measured: scores, forgetting, each stage's metrics."""
+    import yaml
+
+    result["load_after_chain"] = list(os.getloadavg())
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)  # 1.6 GB per saved step
+    report = read_json(root / "artifacts" / "metrics" / "eval.json")
+    result["eval"], result["forgetting"] = eval_scores(report), report["forgetting"]["forgetting"]
+    result["max_items"] = report["config"]["max_items"]
+    result["task_domains"] = yaml.safe_load((root / "params.yaml").read_text())["merge"]["wise_ft"]["task_domains"]
+    result["stages"] = stage_metrics(root)
+    result["finished_at"] = now()
+    return result
+
+
+def collect_seed(seed: int, work: Path, chain_seconds: float) -> None:
+    """The seed's JSON from a chain that finished in `work/seed-<seed>` but whose result was not written (the
+    script stopped after the run). The machine facts are read now, and the JSON says so."""
+    root = work / f"seed-{seed}"
+    if not (root / "artifacts" / "metrics" / "eval.json").is_file():
+        raise SystemExit(f"{root}: no artifacts/metrics/eval.json; the chain did not finish")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    result: dict[str, Any] = {"seed": seed, "commit": commit, "machine_start": machine_info(),
+                              "collected_after_the_run": True, "chain_seconds": chain_seconds}  # fmt: skip
+    write_seed(OUT / f"seed-{seed}.json", finished_chain(root, result))
 
 
 def write_seed(path: Path, result: dict[str, Any]) -> None:
@@ -321,7 +341,9 @@ def render(runs: list[dict[str, Any]]) -> str:
     seeds = [r["seed"] for r in runs]
     machine = runs[0]["machine_start"]
     loads = [
-        f"seed {r['seed']}: {r['machine_start']['load_average'][0]:.1f} -> {r['load_after_chain'][0]:.1f}" for r in runs
+        f"seed {r['seed']}: {r['machine_start']['load_average'][0]:.1f} -> {r['load_after_chain'][0]:.1f}"
+        + (" (read after the run, `collect`)" if r.get("collected_after_the_run") else "")
+        for r in runs
     ]
     lines = [
         f"Seeds {seeds}; committed code {sorted({r['commit'][:8] for r in runs})}, each from a clean clone "
@@ -492,11 +514,17 @@ def main(argv: list[str] | None = None) -> None:
     one = sub.add_parser("ablation")
     one.add_argument("name", choices=ABLATIONS)
     one.add_argument("--out", type=Path, required=True)
+    collect = sub.add_parser("collect", help="write a seed's JSON from its finished chain (no run)")
+    collect.add_argument("--seed", type=int, required=True)
+    collect.add_argument("--work", type=Path, default=Path("/tmp/real-model"))
+    collect.add_argument("--chain-seconds", type=float, required=True, help="the chain's wall time, from its log")
     sub.add_parser("render")
     args = parser.parse_args(argv)
     if args.command == "run":
         for seed in args.seeds:
             run_seed(seed, args.work, args.part)
+    elif args.command == "collect":
+        collect_seed(args.seed, args.work, args.chain_seconds)
     elif args.command == "ablation":
         ablation(args.name, args.out)
     else:
