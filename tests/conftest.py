@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.projects import make_small_project
-from helpers.tiny import tiny_raw
+from helpers.tiny import REPO, tiny_raw
 
 TESTS = Path(__file__).resolve().parent
 
@@ -33,3 +35,12 @@ def tiny_params() -> dict[str, Any]:
 def project_copy(tmp_path: Path, tiny_params: dict[str, Any]) -> Path:
     """A copy of the project (code, dvc.yaml, DVC config) with tiny params, in a fresh git repo."""
     return make_small_project(tmp_path, tiny_params)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct folder, fetched once by the project's own script where it is missing."""
+    model = REPO / "models" / "smollm2-135m-instruct"
+    if not (model / "model.safetensors").is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_smollm2.py")], check=True, timeout=900)
+    return model

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +16,7 @@ from helpers.tiny import REPO, deep_update
 from posttrain.config import parse_params
 from posttrain.layout import Layout
 
-MODEL = REPO / "models" / "smollm2-135m-instruct"
 SHORT = {"max_steps": 2, "logging_steps": 1, "save_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    if not (MODEL / "model.safetensors").is_file():
-        subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_smollm2.py")], check=True, timeout=900)
-    return MODEL
 
 
 @pytest.mark.timeout(3600)
